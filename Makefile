@@ -1,0 +1,65 @@
+# printer-connector: every entry point a developer or CI needs.
+# Each target does its own set-up (virtual environments with pinned packages,
+# the Debian packages the tests need), so `make demo` and `make test` work on
+# a fresh machine with nothing run first.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+MR_VENV     := .venv-moonraker
+BUILD_VENV  := .venv-build
+DEB_PACKAGES := busybox shellcheck dash
+
+.PHONY: all demo test test-fast lint binary pyz binary-all binary-mipsle bench soak clean venv deb-deps
+
+all: test
+
+$(VENV)/.stamp: requirements/runtime.txt requirements/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements/dev.txt
+	touch $@
+
+$(MR_VENV)/.stamp: requirements/moonraker.txt
+	$(PYTHON) -m venv $(MR_VENV)
+	$(MR_VENV)/bin/pip install -q --disable-pip-version-check -r requirements/moonraker.txt
+	touch $@
+
+venv: $(VENV)/.stamp
+
+deb-deps:
+	sh build/ensure-debian-packages.sh $(DEB_PACKAGES)
+
+# The product's main job end to end, on loopback: reference cloud, printer
+# simulator, a connector paired with a demo token, a few commands.
+demo: venv
+	$(PY) sim/demo.py
+
+# Everything CI checks. The host binary and the zipapp are built first so
+# the tests can run them in place of connector.py.
+test: venv $(MR_VENV)/.stamp deb-deps pyz binary
+	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q tests
+
+# The tests without the artifacts (quick loop while editing connector.py).
+test-fast: venv $(MR_VENV)/.stamp deb-deps
+	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q tests -m "not artifacts"
+
+pyz: venv
+	sh build/build-pyz.sh
+
+binary: deb-deps
+	sh build/build-binary.sh host
+
+binary-mipsle:
+	sh build/build-mipsle.sh
+
+binary-all:
+	sh build/build-all.sh
+
+bench: venv
+	$(PY) bench/bench.py
+
+soak: venv
+	$(PY) bench/bench.py --soak
+
+clean:
+	rm -rf dist build/work .pytest_cache
