@@ -1,0 +1,752 @@
+"""Reference cloud: the PrintDock API of PROTOCOL.md section 1, on loopback.
+
+Used in-process by the tests (``ReferenceCloud().start()``), by the demo and by
+the benchmark, and out of process through its CLI plus a small HTTP control
+surface under ``/_control``. It records everything it receives so tests can
+assert on what arrived, and it can be told to misbehave (``set_fault``).
+"""
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+HUGE_BODY_BYTES = 20 * 1024 * 1024
+FAULT_ENDPOINTS = ("register", "heartbeat", "commands", "complete", "snapshots",
+                   "webcam_requests", "webcam_upload")
+FAULT_MODES = ("503", "500", "html", "object", "notjson", "nulls", "huge", "drop", "401")
+VERBOSE = os.environ.get("SIM_VERBOSE") == "1"
+
+
+def utc_now_rfc3339():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------
+# Byte counting around the socket streams (for .stats(): bytes on the wire)
+# --------------------------------------------------------------------------
+
+class _CountingReader:
+    """Wraps the handler's rfile; counts every byte the handler consumes."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.count = 0
+
+    def readline(self, *args):
+        data = self._raw.readline(*args)
+        self.count += len(data)
+        return data
+
+    def read(self, *args):
+        data = self._raw.read(*args)
+        self.count += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+class _CountingWriter:
+    """Wraps the handler's wfile; counts every byte written to the socket."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.count = 0
+
+    def write(self, data):
+        written = self._raw.write(data)
+        self.count += len(data)
+        return written
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+# --------------------------------------------------------------------------
+# Routing: (method, regex) -> (endpoint name, handler method name)
+# --------------------------------------------------------------------------
+
+ROUTES = [
+    ("POST", r"/api/v1/connectors/register", "register", "_ep_register"),
+    ("POST", r"/api/v1/connectors/(?P<cid>[^/]+)/heartbeat", "heartbeat", "_ep_heartbeat"),
+    ("GET", r"/api/v1/connectors/(?P<cid>[^/]+)/commands", "commands", "_ep_commands"),
+    ("POST", r"/api/v1/commands/(?P<cmd>[^/]+)/complete", "complete", "_ep_complete"),
+    ("POST", r"/api/v1/snapshots/batch", "snapshots", "_ep_snapshots"),
+    ("GET", r"/api/v1/connectors/(?P<cid>[^/]+)/webcam_requests", "webcam_requests",
+     "_ep_webcam_requests"),
+    ("PUT", r"/api/v1/webcam_requests/(?P<wid>[^/]+)/upload", "webcam_upload", "_ep_webcam_upload"),
+    ("POST", r"/_control/pairing_tokens", "_control", "_ctl_pairing_token"),
+    ("POST", r"/_control/commands", "_control", "_ctl_command"),
+    ("POST", r"/_control/faults", "_control", "_ctl_fault"),
+    ("DELETE", r"/_control/faults", "_control", "_ctl_clear_faults"),
+    ("GET", r"/_control/state", "_control", "_ctl_state"),
+]
+_COMPILED_ROUTES = [(m, re.compile(p + r"\Z"), e, h) for m, p, e, h in ROUTES]
+# Endpoints whose answer is a JSON array in normal operation.
+LIST_ENDPOINTS = ("commands", "webcam_requests")
+
+
+def match_route(method, path):
+    """Returns (endpoint, handler name, path params) or (None, None, {})."""
+    for route_method, regex, endpoint, handler in _COMPILED_ROUTES:
+        found = regex.match(path)
+        if found:
+            if route_method != method:
+                return endpoint, "_method_not_allowed", found.groupdict()
+            return endpoint, handler, found.groupdict()
+    return None, None, {}
+
+
+class _Response(Exception):
+    """Raised by endpoint code to answer immediately (errors)."""
+
+    def __init__(self, status, body):
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+# --------------------------------------------------------------------------
+# The HTTP handler: parsing, faults, auth, then the cloud's endpoint methods
+# --------------------------------------------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "PrintDock/1.0"
+    timeout = 120
+
+    def version_string(self):
+        return self.server_version
+
+    # ---- plumbing ----
+    def setup(self):
+        super().setup()
+        self.rfile = _CountingReader(self.rfile)
+        self.wfile = _CountingWriter(self.wfile)
+        self.server.cloud._track_connection(self.connection, True)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.cloud._track_connection(self.connection, False)
+
+    def handle_one_request(self):
+        in_before, out_before = self.rfile.count, self.wfile.count
+        self._endpoint = None
+        try:
+            super().handle_one_request()
+        finally:
+            if self._endpoint is not None:
+                self.server.cloud._count_request(
+                    self._endpoint, self.rfile.count - in_before, self.wfile.count - out_before)
+
+    def log_message(self, fmt, *args):
+        if VERBOSE:
+            sys.stderr.write("cloud: " + (fmt % args) + "\n")
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
+
+    # ---- request handling ----
+    def _dispatch(self):
+        cloud = self.server.cloud
+        split = urlsplit(self.path)
+        endpoint, handler_name, params = match_route(self.command, split.path)
+        self._endpoint = endpoint or "unknown"
+        try:
+            body = self._read_body(endpoint)
+        except _Response as early:
+            cloud._record_request(self, endpoint, None, 0)
+            self._send_json(early.status, early.body)
+            self.close_connection = True
+            return
+        fault = cloud._take_fault(endpoint) if endpoint not in (None, "_control") else None
+        cloud._record_request(self, endpoint, fault, len(body))
+        if fault is not None and self._apply_fault(fault, endpoint):
+            return
+        if handler_name is None:
+            self._send_json(404, {"error": "Not found"})
+            return
+        query = {k: v[-1] for k, v in parse_qs(split.query).items()}
+        request = {"params": params, "query": query, "body": body, "headers": self.headers}
+        try:
+            status, payload = getattr(cloud, handler_name)(request)
+        except _Response as answer:
+            status, payload = answer.status, answer.body
+        except Exception as exc:  # a bug here must show as a 500, not a hang
+            if VERBOSE:
+                raise
+            status, payload = 500, {"error": "Internal server error: %s" % exc}
+        self._send_json(status, payload)
+
+    def _read_body(self, endpoint):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return self._read_chunked()
+        length = int(self.headers.get("Content-Length") or 0)
+        if endpoint == "webcam_upload" and length > MAX_UPLOAD_BYTES:
+            raise _Response(413, {"error": "Payload too large"})
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _read_chunked(self):
+        parts, total = [], 0
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > MAX_UPLOAD_BYTES + 1024 * 1024:
+                raise _Response(413, {"error": "Payload too large"})
+            parts.append(self.rfile.read(size))
+            self.rfile.readline()
+
+    def _send_bytes(self, status, body, content_type):
+        self.send_response(status)
+        if status != 204:
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if status != 204 and self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status, payload):
+        body = b"" if status == 204 else json.dumps(payload).encode("utf-8")
+        self._send_bytes(status, body, "application/json; charset=utf-8")
+
+    # ---- faults ----
+    def _apply_fault(self, mode, endpoint):
+        """Answers according to the fault mode; returns False to go on normally."""
+        if mode.startswith("slow:"):
+            time.sleep(float(mode.split(":", 1)[1]))
+            return False
+        if mode == "drop":
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return True
+        status, body, ctype = fault_response(mode, endpoint)
+        self._send_bytes(status, body, ctype)
+        return True
+
+
+def fault_response(mode, endpoint):
+    """(status, body bytes, content type) of a canned misbehaving answer."""
+    as_json = "application/json; charset=utf-8"
+    if mode == "503":
+        return 503, b'{"error": "Service temporarily unavailable"}', as_json
+    if mode == "500":
+        return 500, b'{"error": "Internal server error"}', as_json
+    if mode == "401":
+        return 401, b'{"error": "Unauthorized"}', as_json
+    if mode == "html":
+        page = (b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head>"
+                b"<body><h1>Bad Gateway</h1><p>The upstream is down for maintenance.</p></body></html>")
+        return 200, page, "text/html; charset=utf-8"
+    if mode == "object":
+        return 200, b'{"data": [], "unexpected": "object"}', as_json
+    if mode == "notjson":
+        return 200, b"not json", as_json
+    if mode == "nulls":
+        return 200, json.dumps(NULLS_BODIES.get(endpoint)).encode(), as_json
+    if mode == "huge":
+        pad = b"x" * (HUGE_BODY_BYTES - 4)
+        return 200, b'["' + pad + b'"]', as_json
+    raise ValueError("unknown fault mode %r" % mode)
+
+
+NULLS_BODIES = {
+    "commands": [
+        None,
+        {"id": None, "printer_id": None, "action": None, "params": None},
+        {"id": "cmd_bad_params", "printer_id": 1, "action": "start_print",
+         "params": "benchy.gcode"},
+        {"printer_id": 1, "action": "pause"},
+        42,
+        "cmd_string",
+    ],
+    "webcam_requests": [None, {"id": None, "printer_id": None, "created_at": None},
+                        {"printer_id": 1}, 7, "req"],
+}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        if VERBOSE:
+            super().handle_error(request, client_address)
+
+
+# --------------------------------------------------------------------------
+# The cloud: state, control API, endpoint implementations
+# --------------------------------------------------------------------------
+
+class ReferenceCloud:
+    def __init__(self, host="127.0.0.1", port=0):
+        self.host = host
+        self.port = port
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._server = None
+        self._thread = None
+        self._connections = set()
+        self._reset_state()
+
+    def _reset_state(self):
+        self._tokens = {}           # token -> {"polling": ..., "consumed": bool}
+        self._connectors = {}       # id str -> {"id", "secret", "site_name", "device", "printers"}
+        self._next_connector = 42
+        self._next_printer = 1
+        self._commands = {}         # str(id) -> command dict (insertion ordered)
+        self._next_command = 1
+        self._webcam_requests = {}  # int id -> dict
+        self._next_webcam = 1
+        self._faults = {}           # endpoint or None -> {"mode", "count"}
+        self.registrations = []
+        self.requests = []
+        self.heartbeats = []
+        self._completions = []
+        self.snapshots = []
+        self.webcam_uploads = []
+        self.fault_hits = []
+        self._stats = {"requests": 0, "bytes_in": 0, "bytes_out": 0, "by_endpoint": {}}
+
+    # ---- lifecycle ----
+    @property
+    def url(self):
+        return "http://%s:%d" % (self.host, self.port)
+
+    def start(self):
+        self._server = _Server((self.host, self.port), _Handler)
+        self._server.cloud = self
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.1},
+                                        name="reference-cloud", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        with self._lock:
+            open_connections = list(self._connections)
+        for conn in open_connections:  # keep-alive connections die with the server
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join(timeout=5)
+        self._server = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _track_connection(self, conn, is_open):
+        with self._lock:
+            if is_open:
+                self._connections.add(conn)
+            else:
+                self._connections.discard(conn)
+
+    # ---- recording helpers ----
+    def _notify(self):
+        self._cond.notify_all()
+
+    def _record_request(self, handler, endpoint, fault, body_len):
+        with self._lock:
+            self.requests.append({
+                "method": handler.command, "path": handler.path, "endpoint": endpoint,
+                "headers": dict(handler.headers.items()), "body_bytes": body_len,
+                "fault": fault, "time": time.time()})
+            if fault is not None:
+                self.fault_hits.append({"endpoint": endpoint, "mode": fault, "time": time.time()})
+            self._notify()
+
+    def _count_request(self, endpoint, bytes_in, bytes_out):
+        if endpoint == "_control":
+            return
+        with self._lock:
+            stats = self._stats
+            stats["requests"] += 1
+            stats["bytes_in"] += bytes_in
+            stats["bytes_out"] += bytes_out
+            stats["by_endpoint"][endpoint] = stats["by_endpoint"].get(endpoint, 0) + 1
+
+    def stats(self):
+        with self._lock:
+            return json.loads(json.dumps(self._stats))
+
+    def wait_for(self, predicate, timeout=10.0, message=None):
+        """Waits until predicate() is truthy (re-checked on every recorded event)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError("%s not met within %.1fs; cloud saw: %s" % (
+                        message or describe_predicate(predicate), timeout, self.summary()))
+                self._cond.wait(remaining)
+
+    def summary(self):
+        with self._lock:
+            return ("%d requests (%s), %d registrations, %d heartbeats, %d completions %s, "
+                    "%d snapshots, %d webcam uploads, faults hit %d" % (
+                        len(self.requests), self._stats["by_endpoint"], len(self.registrations),
+                        len(self.heartbeats),
+                        len(self._completions), [c["command_id"] for c in self._completions],
+                        len(self.snapshots), len(self.webcam_uploads), len(self.fault_hits)))
+
+    # ---- control API: pairing ----
+    def add_pairing_token(self, token, polling=None):
+        with self._lock:
+            self._tokens[token] = {"polling": polling, "consumed": False}
+
+    def connector(self, connector_id):
+        with self._lock:
+            return dict(self._connectors[str(connector_id)])
+
+    @property
+    def connectors(self):
+        with self._lock:
+            return [dict(c) for c in self._connectors.values()]
+
+    # ---- control API: commands ----
+    def enqueue_command(self, connector_id, printer_id, action, params=None, command_id=None):
+        with self._lock:
+            if command_id is None:
+                command_id = "cmd_%d" % self._next_command
+                self._next_command += 1
+            self._commands[str(command_id)] = {
+                "id": command_id, "connector_id": str(connector_id), "printer_id": printer_id,
+                "action": action, "params": params if params is not None else {},
+                "status": "queued", "deliveries": 0, "deleted": False}
+            self._notify()
+            return command_id
+
+    def redeliver(self, command_id):
+        with self._lock:
+            self._commands[str(command_id)]["status"] = "queued"
+            self._notify()
+
+    def delete_command(self, command_id):
+        with self._lock:
+            self._commands[str(command_id)]["deleted"] = True
+            self._notify()
+
+    def command(self, command_id):
+        with self._lock:
+            return dict(self._commands[str(command_id)])
+
+    @property
+    def completions(self):
+        with self._lock:
+            return list(self._completions)
+
+    def completions_for(self, command_id):
+        with self._lock:
+            return [c for c in self._completions if c["command_id"] == str(command_id)]
+
+    # ---- control API: webcam ----
+    def enqueue_webcam_request(self, connector_id, printer_id, created_at=None):
+        with self._lock:
+            request_id = self._next_webcam
+            self._next_webcam += 1
+            self._webcam_requests[request_id] = {
+                "id": request_id, "connector_id": str(connector_id), "printer_id": printer_id,
+                "created_at": created_at or utc_now_rfc3339(), "status": "pending"}
+            self._notify()
+            return request_id
+
+    def webcam_request(self, request_id):
+        with self._lock:
+            return dict(self._webcam_requests[int(request_id)])
+
+    # ---- control API: faults ----
+    def set_fault(self, mode, endpoint=None, count=None):
+        if not (mode in FAULT_MODES or re.fullmatch(r"slow:\d+(\.\d+)?", mode)):
+            raise ValueError("unknown fault mode %r" % mode)
+        if endpoint is not None and endpoint not in FAULT_ENDPOINTS:
+            raise ValueError("unknown endpoint %r" % endpoint)
+        with self._lock:
+            self._faults[endpoint] = {"mode": mode, "count": count}
+
+    def clear_faults(self):
+        with self._lock:
+            self._faults.clear()
+
+    def _take_fault(self, endpoint):
+        with self._lock:
+            key = endpoint if endpoint in self._faults else None
+            fault = self._faults.get(key)
+            if fault is None:
+                return None
+            if fault["count"] is not None:
+                fault["count"] -= 1
+                if fault["count"] <= 0:
+                    del self._faults[key]
+            return fault["mode"]
+
+    # ---- request helpers ----
+    @staticmethod
+    def _json_body(request, required_type=dict):
+        try:
+            body = json.loads(request["body"].decode("utf-8") or "null")
+        except (UnicodeDecodeError, ValueError):
+            raise _Response(422, {"error": "Invalid JSON body"})
+        if not isinstance(body, required_type):
+            raise _Response(422, {"error": "Request body must be a JSON object"})
+        return body
+
+    def _authenticate(self, request, connector_id):
+        """The connector named by connector_id, if the bearer secret is its own."""
+        header = request["headers"].get("Authorization", "")
+        connector = self._connectors.get(str(connector_id))
+        if connector is None or header != "Bearer " + connector["secret"]:
+            raise _Response(401, {"error": "Unauthorized"})
+        return connector
+
+    def _header_connector(self, request):
+        return self._authenticate(request, request["headers"].get("X-Connector-Id", ""))
+
+    @staticmethod
+    def _limit(request, default):
+        try:
+            return max(0, int(request["query"].get("limit", default)))
+        except ValueError:
+            return default
+
+    def _method_not_allowed(self, request):
+        return 405, {"error": "Method not allowed"}
+
+    # ---- endpoints (PROTOCOL 1.1 - 1.6) ----
+    def _ep_register(self, request):
+        with self._lock:
+            try:
+                body = json.loads(request["body"].decode("utf-8") or "null")
+            except (UnicodeDecodeError, ValueError):
+                body = None
+            self.registrations.append(body)
+            self._notify()
+            if not isinstance(body, dict):
+                return 422, {"error": "Request body must be a JSON object"}
+            token = self._tokens.get(body.get("pairing_token"))
+            if token is None:
+                return 401, {"error": "Invalid or expired pairing token"}
+            if token["consumed"]:
+                return 422, {"error": "Pairing token already consumed"}
+            token["consumed"] = True
+            return 200, self._new_connector(body, token["polling"])
+
+    def _new_connector(self, body, polling):
+        connector_id = self._next_connector
+        self._next_connector += 1
+        printers = []
+        wanted = body.get("printers") if isinstance(body.get("printers"), list) else []
+        for index, entry in enumerate(wanted):
+            name = entry.get("name") if isinstance(entry, dict) else None
+            printers.append({"id": self._next_printer, "name": name or "Printer %d" % (index + 1)})
+            self._next_printer += 1
+        secret = "sk_live_" + secrets.token_hex(24)
+        self._connectors[str(connector_id)] = {
+            "id": connector_id, "secret": secret, "site_name": body.get("site_name"),
+            "device": body.get("device"), "printers": printers}
+        response = {"connector": {"id": connector_id}, "credentials": {"secret": secret},
+                    "printers": printers}
+        if polling:
+            response["polling"] = dict(polling)
+        return response
+
+    def _ep_heartbeat(self, request):
+        with self._lock:
+            self._authenticate(request, request["params"]["cid"])
+            body = self._json_body(request)
+            self.heartbeats.append({"connector_id": request["params"]["cid"], "body": body,
+                                    "time": time.time()})
+            self._notify()
+            return 200, {"status": "ok"}
+
+    def _ep_commands(self, request):
+        with self._lock:
+            cid = request["params"]["cid"]
+            self._authenticate(request, cid)
+            limit = self._limit(request, 20)
+            queued = [c for c in self._commands.values()
+                      if c["connector_id"] == cid and c["status"] == "queued" and not c["deleted"]]
+            delivered = []
+            for command in queued[:limit]:
+                command["status"] = "running"
+                command["deliveries"] += 1
+                delivered.append({"id": command["id"], "printer_id": command["printer_id"],
+                                  "action": command["action"], "params": command["params"]})
+            self._notify()
+            return 200, delivered
+
+    def _ep_complete(self, request):
+        with self._lock:
+            connector = self._header_connector(request)
+            command = self._commands.get(request["params"]["cmd"])
+            if (command is None or command["deleted"]
+                    or command["connector_id"] != str(connector["id"])):
+                return 404, {"error": "Command not found"}
+            body = self._json_body(request)
+            self._completions.append({"command_id": str(command["id"]), "body": body,
+                                      "time": time.time()})
+            if isinstance(body.get("status"), str):
+                command["status"] = body["status"]
+            command["result"] = body.get("result")
+            command["error_message"] = body.get("error_message")
+            self._notify()
+            return 200, {"status": "ok"}
+
+    def _ep_snapshots(self, request):
+        with self._lock:
+            connector = self._header_connector(request)
+            body = self._json_body(request)
+            batch = body.get("snapshots")
+            if not isinstance(batch, list) or not all(isinstance(s, dict) for s in batch):
+                return 422, {"error": "snapshots must be a list of objects"}
+            received_at = time.time()
+            for snap in batch:
+                self.snapshots.append({
+                    "connector_id": str(connector["id"]), "printer_id": snap.get("printer_id"),
+                    "captured_at": snap.get("captured_at"), "payload": snap.get("payload"),
+                    "received_at": received_at})
+            self._notify()
+            return 200, {"inserted": len(batch)}
+
+    def _ep_webcam_requests(self, request):
+        with self._lock:
+            cid = request["params"]["cid"]
+            self._authenticate(request, cid)
+            limit = self._limit(request, 10)
+            pending = [r for r in self._webcam_requests.values()
+                       if r["connector_id"] == cid and r["status"] == "pending"][:limit]
+            for item in pending:
+                item["status"] = "taken"
+            self._notify()
+            return 200, [{"id": r["id"], "printer_id": r["printer_id"],
+                          "created_at": r["created_at"]} for r in pending]
+
+    def _ep_webcam_upload(self, request):
+        with self._lock:
+            connector = self._header_connector(request)
+            try:
+                item = self._webcam_requests.get(int(request["params"]["wid"]))
+            except ValueError:
+                item = None
+            if item is None or item["connector_id"] != str(connector["id"]):
+                return 404, {"error": "Webcam request not found"}
+            self.webcam_uploads.append({
+                "id": item["id"], "printer_id": request["headers"].get("X-Printer-Id"),
+                "content_type": request["headers"].get("Content-Type"),
+                "body": request["body"], "time": time.time()})
+            item["status"] = "uploaded"
+            self._notify()
+            return 200, {"status": "ok"}
+
+    # ---- HTTP control surface (for out-of-process users) ----
+    def _ctl_pairing_token(self, request):
+        body = self._json_body(request)
+        if not isinstance(body.get("token"), str):
+            return 422, {"error": "token required"}
+        self.add_pairing_token(body["token"], body.get("polling"))
+        return 201, {"token": body["token"]}
+
+    def _ctl_command(self, request):
+        body = self._json_body(request)
+        if not all(k in body for k in ("connector_id", "printer_id", "action")):
+            return 422, {"error": "connector_id, printer_id and action required"}
+        command_id = self.enqueue_command(body["connector_id"], body["printer_id"],
+                                          body["action"], body.get("params"), body.get("id"))
+        return 201, {"id": command_id}
+
+    def _ctl_fault(self, request):
+        body = self._json_body(request)
+        try:
+            self.set_fault(body.get("mode", ""), body.get("endpoint"), body.get("count"))
+        except ValueError as exc:
+            return 422, {"error": str(exc)}
+        return 201, {"status": "ok"}
+
+    def _ctl_clear_faults(self, request):
+        self.clear_faults()
+        return 200, {"status": "ok"}
+
+    def _ctl_state(self, request):
+        with self._lock:
+            connectors = [{k: v for k, v in c.items() if k != "secret"}
+                          for c in self._connectors.values()]
+            return 200, {
+                "connectors": connectors,
+                "registrations": len(self.registrations),
+                "heartbeats": len(self.heartbeats),
+                "completions": self._completions,
+                "commands": [{k: v for k, v in c.items()} for c in self._commands.values()],
+                "snapshots": len(self.snapshots),
+                "webcam_uploads": len(self.webcam_uploads),
+                "stats": self._stats,
+            }
+
+
+def describe_predicate(predicate):
+    try:
+        return "condition `%s`" % inspect.getsource(predicate).strip()
+    except (OSError, TypeError):
+        return "condition %r" % (predicate,)
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Reference cloud (PrintDock API) on loopback")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--pairing-token", action="append", default=[],
+                        help="accept this pairing token (repeatable)")
+    args = parser.parse_args(argv)
+    cloud = ReferenceCloud(args.host, args.port)
+    for token in args.pairing_token:
+        cloud.add_pairing_token(token)
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    cloud.start()
+    print("reference cloud listening on %s" % cloud.url, flush=True)
+    while not stopped.wait(1.0):
+        pass
+    cloud.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
