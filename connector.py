@@ -1,0 +1,2018 @@
+#!/usr/bin/env python3
+"""printer-connector: bridges a Klipper printer's Moonraker API to the cloud.
+
+One self-contained file (Python 3.8+; needs requests, click, websocket-client).
+It pairs once with a token, then keeps four loops running side by side:
+heartbeats, command polling and execution, status snapshots, and webcam
+requests; a fifth thread watches Moonraker's websocket so that a change of
+print state reaches the cloud within about a second. Command results and
+snapshots that cannot be delivered are kept on disk until the cloud takes
+them, and every command id is recorded before it runs, so a command is never
+run twice. The wire contract is PROTOCOL.md (cloud API and Moonraker).
+
+Sections, in dependency order: constants, errors, config, logging, HTTP,
+Moonraker client, cloud client, durable state, actions, status watcher,
+loops, agent, CLI.
+"""
+
+import base64
+import binascii
+import datetime
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from urllib.parse import quote, urljoin, urlsplit
+
+__version__ = "0.1.0"
+
+# --------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------
+# Defaults come from PROTOCOL.md; limits keep a misbehaving peer from
+# exhausting the memory of a 200 MB printer.
+
+DEFAULT_CLOUD_URL = "https://www.spoolr.io"
+DEFAULT_STATE_DIR = "/var/lib/printer-connector"
+DEFAULT_MOONRAKER_URL = "http://127.0.0.1:7125"
+DEFAULT_INTERVALS = {
+    "poll_commands_seconds": 3.0,
+    "push_snapshots_seconds": 30.0,
+    "heartbeat_seconds": 10.0,
+}
+WEBCAM_POLL_SECONDS = 2.0
+WEBCAM_REQUEST_MAX_AGE = 30.0
+WEBCAM_MAX_BYTES = 10 * 1024 * 1024
+MAX_JSON_BODY = 4 * 1024 * 1024
+COMMANDS_PER_POLL = 20
+WEBCAM_REQUESTS_PER_POLL = 10
+SNAPSHOT_BATCH = 50
+
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 15.0
+PROBE_TIMEOUT = 3.0
+UPLOAD_READ_TIMEOUT = 300.0
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+CREDENTIALS_RETRY_SECONDS = 120.0
+SHUTDOWN_GRACE = 4.0
+FALLBACK_STATUS_POLL_SECONDS = 1.0
+FAILURE_SUMMARY_SECONDS = 300.0
+
+# The objects every snapshot carries; a printer without one simply omits it.
+STATUS_OBJECTS = ("print_stats", "virtual_sdcard", "extruder", "heater_bed",
+                  "toolhead", "pause_resume")
+PRINT_STATES = ("standby", "printing", "paused", "complete", "cancelled", "error")
+
+# Durable state bounds: completions are never dropped; snapshots are.
+SPILL_MAX_SNAPSHOTS = 10000
+SPILL_MAX_BYTES = 16 * 1024 * 1024
+LEDGER_KEEP_SECONDS = 7 * 24 * 3600
+LEDGER_MAX_ENTRIES = 5000
+
+BACKUP_FOLDERS = ("config", "database", "gcodes", "logs")
+BACKUP_SECRET_NAMES = frozenset({"moonraker.secrets", ".moonraker.uuid",
+                                 "printer-connector.json", "connector.json"})
+K1_PRINTER_DATA = "/usr/data/printer_data"
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PAIRING_REJECTED = 0, 1, 2, 3
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+
+
+class ConnectorError(Exception):
+    """Base of every error this program raises on purpose."""
+
+
+class ConfigError(ConnectorError):
+    """The config file is missing, malformed or invalid (exit 2)."""
+
+
+class HttpError(ConnectorError):
+    """A request failed: transport trouble (status None) or a non-2xx answer."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+class CredentialsRejected(ConnectorError):
+    """The cloud answered 401 to our connector secret."""
+
+
+class PairingRejected(ConnectorError):
+    """The cloud refused the pairing token; retrying cannot help (exit 3)."""
+
+
+class CommandFailed(ConnectorError):
+    """A command failed; the message goes to the cloud as error_message."""
+
+    def __init__(self, message, result=None):
+        super().__init__(message)
+        self.result = result or {}
+
+
+class StateDirError(ConnectorError):
+    """state_dir cannot be written."""
+
+
+# --------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------
+# The file is JSON (PROTOCOL.md section 3). Validation names the file and the
+# field in one line. The raw dict is kept so that keys we do not know survive
+# a rewrite; rewrites are atomic and 0600 because the file holds the secret.
+
+
+@dataclass
+class PrinterConfig:
+    base_url: str
+    printer_id: int = 0
+    name: str = ""
+    ui_port: int = 80
+    api_key: Optional[str] = None
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).hostname or "127.0.0.1"
+
+
+@dataclass
+class Config:
+    path: str
+    cloud_url: str
+    moonraker: List[PrinterConfig]
+    pairing_token: Optional[str] = None
+    connector_id: Optional[str] = None
+    connector_secret: Optional[str] = None
+    site_name: Optional[str] = None
+    poll_commands_seconds: float = DEFAULT_INTERVALS["poll_commands_seconds"]
+    push_snapshots_seconds: float = DEFAULT_INTERVALS["push_snapshots_seconds"]
+    heartbeat_seconds: float = DEFAULT_INTERVALS["heartbeat_seconds"]
+    state_dir: str = DEFAULT_STATE_DIR
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.connector_secret)
+
+    def printer(self, printer_id) -> Optional[PrinterConfig]:
+        for printer in self.moonraker:
+            if printer.printer_id and printer.printer_id == printer_id:
+                return printer
+        return None
+
+    def active_printers(self) -> List[PrinterConfig]:
+        return [p for p in self.moonraker if p.printer_id > 0]
+
+    def secrets(self) -> List[str]:
+        return [s for s in (self.connector_secret, self.pairing_token) if s]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_http_url(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+class _Fields:
+    """Checked access to one JSON object; errors name the file and the field."""
+
+    def __init__(self, path, data, prefix=""):
+        self.path, self.data, self.prefix = path, data, prefix
+
+    def fail(self, key, message):
+        raise ConfigError("%s: %s%s: %s" % (self.path, self.prefix, key, message))
+
+    def get(self, key, valid, default=None, what="valid"):
+        if self.data.get(key) is None:
+            return default
+        value = self.data[key]
+        if not valid(value):
+            self.fail(key, "must be %s, got %s" % (what, json.dumps(value)[:60]))
+        return value
+
+
+def _parse_printer(path, index, data) -> PrinterConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("%s: moonraker[%d]: must be an object" % (path, index))
+    f = _Fields(path, data, "moonraker[%d]." % index)
+    return PrinterConfig(
+        base_url=f.get("base_url", _is_http_url, DEFAULT_MOONRAKER_URL, "an http(s) URL").rstrip("/"),
+        printer_id=f.get("printer_id", lambda v: _is_int(v) and v >= 0, 0, "an integer >= 0"),
+        name=f.get("name", _is_str, "", "a string"),
+        ui_port=f.get("ui_port", lambda v: _is_int(v) and 0 < v < 65536, 80, "a port number"),
+        api_key=f.get("api_key", _is_str, None, "a string") or None,
+    )
+
+
+def parse_config(path: str, data: Any, environ=os.environ) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError("%s: the top level must be a JSON object" % path)
+    f = _Fields(path, data)
+    cloud_url = environ.get("CLOUD_URL") or f.get("cloud_url", _is_str, DEFAULT_CLOUD_URL, "a string")
+    if not _is_http_url(cloud_url):
+        source = "CLOUD_URL (environment)" if environ.get("CLOUD_URL") else "cloud_url"
+        raise ConfigError("%s: %s: must be an http(s) URL, got %s" % (path, source, json.dumps(cloud_url)))
+    printers = data.get("moonraker")
+    if not isinstance(printers, list) or not printers:
+        f.fail("moonraker", "must be a non-empty list of printers")
+    intervals = {key: float(f.get(key, lambda v: _is_number(v) and v > 0, default, "a number of seconds > 0"))
+                 for key, default in DEFAULT_INTERVALS.items()}
+    connector_id = f.get("connector_id", lambda v: _is_str(v) or _is_int(v), None, "a string or a number")
+    config = Config(
+        path=path,
+        cloud_url=cloud_url.rstrip("/"),
+        moonraker=[_parse_printer(path, i, p) for i, p in enumerate(printers)],
+        pairing_token=f.get("pairing_token", _is_str, None, "a string") or None,
+        connector_id=None if connector_id is None else str(connector_id),
+        connector_secret=f.get("connector_secret", _is_str, None, "a string") or None,
+        site_name=f.get("site_name", _is_str, None, "a string"),
+        state_dir=f.get("state_dir", lambda v: _is_str(v) and bool(v), DEFAULT_STATE_DIR, "a folder path"),
+        raw=data,
+        **intervals,
+    )
+    _check_pairing_fields(config)
+    return config
+
+
+def _check_pairing_fields(config: Config) -> None:
+    credentials = config.connector_secret is not None or config.connector_id is not None
+    if config.pairing_token and credentials:
+        raise ConfigError("%s: pairing_token: set together with connector credentials; "
+                          "remove pairing_token (already paired) or the credentials (to pair again)"
+                          % config.path)
+    if not config.pairing_token and not credentials:
+        raise ConfigError("%s: pairing_token: missing; a new connector needs a pairing token "
+                          "(or connector_id and connector_secret once paired)" % config.path)
+    if credentials and not (config.connector_secret and config.connector_id):
+        missing = "connector_secret" if not config.connector_secret else "connector_id"
+        raise ConfigError("%s: %s: missing; a paired config needs both connector_id and "
+                          "connector_secret" % (config.path, missing))
+
+
+def load_config(path: str, environ=os.environ) -> Config:
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError("%s: config file not found" % path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("%s: cannot read config file: %s" % (path, exc)) from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        where = "line %d, column %d: %s" % (exc.lineno, exc.colno, exc.msg) if hasattr(exc, "lineno") else exc
+        raise ConfigError("%s: invalid JSON at %s" % (path, where)) from None
+    return parse_config(path, data, environ)
+
+
+def tighten_config_mode(path: str) -> bool:
+    """Make a group/world-readable config 0600; True when it had to."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, 0o600)
+            return True
+    except OSError:
+        pass
+    return False
+
+
+def fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        owner = os.stat(path)
+    except OSError:
+        owner = None
+    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            if owner is not None and os.getuid() == 0:
+                os.fchown(handle.fileno(), owner.st_uid, owner.st_gid)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(folder)
+
+
+def save_config(config: Config) -> None:
+    """Write the paired state back, keeping every key we do not know."""
+    raw = dict(config.raw)
+    raw.pop("pairing_token", None)
+    raw["connector_id"] = config.connector_id
+    raw["connector_secret"] = config.connector_secret
+    for key in DEFAULT_INTERVALS:
+        if key in raw or getattr(config, key) != DEFAULT_INTERVALS[key]:
+            raw[key] = getattr(config, key)
+    entries = list(raw.get("moonraker") or [])
+    for index, printer in enumerate(config.moonraker):
+        entry = dict(entries[index]) if index < len(entries) and isinstance(entries[index], dict) else {}
+        entry["printer_id"] = printer.printer_id
+        entries[index:index + 1] = [entry]
+    raw["moonraker"] = entries
+    atomic_write(config.path, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
+    config.raw = raw
+
+
+# --------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------
+# logfmt lines on stdout (journald and the K1's log file catch them). Every
+# line passes through a redactor that knows the current secrets, so neither
+# the connector secret nor the pairing token can appear at any level. A
+# failure that repeats is logged once, then summarised.
+
+LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40}
+LEVEL_NAMES = {10: "DEBUG", 20: "INFO", 30: "WARN", 40: "ERROR"}
+
+
+def _logfmt_value(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if text and not any(c in text for c in ' "=\n\t\\'):
+        return text
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Logger:
+    def __init__(self, level="info", stream=None):
+        self.level = LEVELS[level]
+        self.stream = stream or sys.stdout
+        self.secrets = []  # type: List[str]
+        self.lock = threading.Lock()
+
+    def add_secret(self, secret: Optional[str]) -> None:
+        if secret and secret not in self.secrets:
+            self.secrets.append(secret)
+
+    def enabled(self, level: int) -> bool:
+        return level >= self.level
+
+    def log(self, level: int, msg: str, **fields) -> None:
+        if level < self.level:
+            return
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+        parts = ["time=%sZ" % now[:-6], "level=%s" % LEVEL_NAMES[level], "msg=%s" % _logfmt_value(msg)]
+        parts += ["%s=%s" % (key, _logfmt_value(value)) for key, value in fields.items() if value is not None]
+        line = " ".join(parts)
+        for secret in self.secrets:
+            line = line.replace(secret, "[redacted]")
+        with self.lock:
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed stdout must not take the agent down
+
+    def debug(self, msg, **fields):
+        self.log(10, msg, **fields)
+
+    def info(self, msg, **fields):
+        self.log(20, msg, **fields)
+
+    def warn(self, msg, **fields):
+        self.log(30, msg, **fields)
+
+    def error(self, msg, **fields):
+        self.log(40, msg, **fields)
+
+
+class FailureTracker:
+    """Logs the first of a run of identical failures, then a summary.
+
+    One per loop: a cloud that is down for an hour gives a handful of lines,
+    not a thousand, and the recovery says how long it lasted.
+    """
+
+    def __init__(self, log: Logger, name: str):
+        self.log, self.name = log, name
+        self.message = None  # type: Optional[str]
+        self.count = 0
+        self.since = 0.0
+        self.last_summary = 0.0
+
+    def failed(self, message: str, level: int = 30) -> None:
+        now = time.monotonic()
+        if message != self.message:
+            self._summarise()
+            self.message, self.count, self.since, self.last_summary = message, 1, now, now
+            self.log.log(level, "%s failed" % self.name, error=message)
+            return
+        self.count += 1
+        if now - self.last_summary >= FAILURE_SUMMARY_SECONDS:
+            self._summarise()
+            self.last_summary = now
+
+    def _summarise(self) -> None:
+        if self.message and self.count > 1:
+            self.log.warn("%s still failing" % self.name, error=self.message, times=self.count)
+
+    def succeeded(self) -> bool:
+        """True when this success ends a run of failures."""
+        if self.message is None:
+            return False
+        self.log.info("%s recovered" % self.name, failures=self.count,
+                      seconds=round(time.monotonic() - self.since, 1))
+        self.message, self.count = None, 0
+        return True
+
+
+# --------------------------------------------------------------------------
+# HTTP
+# --------------------------------------------------------------------------
+# The one place that does HTTP: a keep-alive session per peer and thread,
+# connect and read timeouts on every call, a cap on every body we read, and
+# every failure mapped to HttpError with a short message. trust_env is off
+# (no per-request proxy and netrc look-ups: they cost CPU on every poll), and
+# only the headers the protocol needs are sent: every byte is paid for on
+# metered links. TLS verification stays on.
+
+import requests  # noqa: E402  (third-party imports follow the stdlib ones)
+
+
+class HttpResponse:
+    __slots__ = ("status", "headers", "content")
+
+    def __init__(self, status, headers, content):
+        self.status, self.headers, self.content = status, headers, content
+
+    def json(self, what: str):
+        if not self.content:
+            return None
+        try:
+            return json.loads(self.content.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            ctype = self.headers.get("Content-Type", "?").split(";")[0]
+            raise HttpError("%s: expected JSON, got %s (%d bytes)" % (what, ctype, len(self.content)),
+                            self.status) from None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _transport_message(exc: Exception) -> str:
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS error: %s" % _short(str(exc), 160)
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "connect timed out"
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return "read timed out"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        text = str(exc)
+        for needle, message in (("Connection refused", "connection refused"),
+                                ("Name or service not known", "host name not found"),
+                                ("Temporary failure in name resolution", "host name not found"),
+                                ("RemoteDisconnected", "connection closed without a response"),
+                                ("Connection reset", "connection reset"),
+                                ("Connection aborted", "connection closed without a response")):
+            if needle in text:
+                return message
+        return "connection failed: %s" % _short(text, 160)
+    return "%s: %s" % (type(exc).__name__, _short(str(exc), 160))
+
+
+class HttpClient:
+    """A session for one peer. Not shared between threads."""
+
+    def __init__(self, base_url: str, headers: Dict[str, str], error_message: Callable[[HttpResponse], str],
+                 log: Logger, peer: str):
+        self.base_url = base_url.rstrip("/")
+        self.error_message = error_message
+        self.log, self.peer = log, peer
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.headers.clear()
+        self.session.headers.update(headers)
+
+    def url(self, path: str) -> str:
+        return path if "://" in path else self.base_url + path
+
+    def request(self, method: str, path: str, *, params=None, json_body=None, data=None, files=None,
+                headers=None, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), max_bytes=MAX_JSON_BODY,
+                stop: Optional[threading.Event] = None) -> HttpResponse:
+        url = self.url(path)
+        if json_body is not None:
+            data = json.dumps(json_body, separators=(",", ":")).encode("utf-8")
+            headers = dict(headers or {}, **{"Content-Type": "application/json"})
+        started = time.monotonic()
+        try:
+            response = self.session.request(method, url, params=params, data=data, files=files,
+                                            headers=headers, timeout=timeout, stream=True,
+                                            allow_redirects=False)
+        except requests.exceptions.RequestException as exc:
+            self.log.debug("http request failed", peer=self.peer, method=method, path=urlsplit(url).path,
+                           error=_transport_message(exc))
+            raise HttpError("%s %s" % (self.peer, _transport_message(exc))) from None
+        try:
+            content = self._read_capped(response, max_bytes)
+        finally:
+            response.close()
+        result = HttpResponse(response.status_code, response.headers, content)
+        if self.log.enabled(10):
+            self.log.debug("http", peer=self.peer, method=method, path=urlsplit(url).path,
+                           status=result.status, bytes=len(content),
+                           ms=round((time.monotonic() - started) * 1000, 1))
+        if not 200 <= result.status < 300:
+            raise HttpError("%s http %d: %s" % (self.peer, result.status, self.error_message(result)),
+                            result.status)
+        return result
+
+    def _read_capped(self, response, max_bytes: int) -> bytes:
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise HttpError("%s response too large: %s bytes (limit %d)" % (self.peer, declared, max_bytes),
+                            response.status_code)
+        try:
+            content = response.raw.read(max_bytes + 1, decode_content=True)
+        except Exception as exc:  # urllib3 raises several unrelated types here
+            raise HttpError("%s %s" % (self.peer, _transport_message(exc))) from None
+        if len(content) > max_bytes:
+            raise HttpError("%s response too large: over %d bytes" % (self.peer, max_bytes),
+                            response.status_code)
+        return content
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def generic_error_message(response: HttpResponse) -> str:
+    ctype = response.headers.get("Content-Type", "")
+    if "json" not in ctype:
+        return "%s body (%d bytes)" % (ctype.split(";")[0] or "untyped", len(response.content))
+    return _short(response.content.decode("utf-8", "replace"))
+
+
+# --------------------------------------------------------------------------
+# Moonraker client
+# --------------------------------------------------------------------------
+# Moonraker wraps success in {"result": ...} and errors in {"error": {"code",
+# "message"}}. For file errors its message is only the HTTP reason; the real
+# reason is the last line of the traceback, so that is what we surface.
+
+GENERIC_REASONS = {"bad request", "not found", "forbidden", "internal server error", "unauthorized",
+                   "method not allowed", "conflict", "service unavailable"}
+
+
+def moonraker_error_message(response: HttpResponse) -> str:
+    try:
+        body = json.loads(response.content.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return generic_error_message(response)
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, str):
+        return _short(error)
+    if not isinstance(error, dict):
+        return _short(json.dumps(body))
+    message = str(error.get("message") or "")
+    trace = error.get("traceback")
+    if isinstance(trace, str) and message.strip().lower() in GENERIC_REASONS | {""}:
+        reason = _traceback_reason(trace)
+        if reason:
+            return reason
+    return _short(message) or "no message"
+
+
+def _traceback_reason(trace: str) -> Optional[str]:
+    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = lines[-1]
+    # "tornado.web.HTTPError: HTTP 400: Bad Request (Invalid file path: gcodes/x)"
+    if "(" in last and last.endswith(")"):
+        return _short(last[last.index("(") + 1:-1])
+    return _short(last.split(": ", 1)[-1])
+
+
+class Moonraker:
+    def __init__(self, printer: PrinterConfig, log: Logger, user_agent: str):
+        headers = {"User-Agent": user_agent, "Accept": "application/json"}
+        if printer.api_key:
+            headers["X-Api-Key"] = printer.api_key
+        self.printer = printer
+        self.http = HttpClient(printer.base_url, headers, moonraker_error_message, log, "moonraker")
+
+    def call(self, method: str, path: str, **kwargs) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        body = response.json("moonraker %s" % path)
+        if isinstance(body, dict) and "result" in body:
+            return body["result"]
+        return body
+
+    def server_info(self, timeout=PROBE_TIMEOUT) -> Dict[str, Any]:
+        result = self.call("GET", "/server/info", timeout=(timeout, timeout))
+        if not isinstance(result, dict):
+            raise HttpError("moonraker /server/info: unexpected answer")
+        return result
+
+    def query_status(self, objects: Iterable[str] = STATUS_OBJECTS) -> Dict[str, Any]:
+        result = self.call("POST", "/printer/objects/query",
+                           json_body={"objects": {name: None for name in objects}})
+        if not isinstance(result, dict) or not isinstance(result.get("status"), dict):
+            raise HttpError("moonraker objects/query: unexpected answer (no status object)")
+        return result
+
+    def close(self) -> None:
+        self.http.close()
+
+
+# --------------------------------------------------------------------------
+# Cloud client
+# --------------------------------------------------------------------------
+# PROTOCOL.md section 1. Every call but register carries the connector's
+# credentials; a 401 becomes CredentialsRejected so the loops can slow down.
+
+
+def cloud_error_message(response: HttpResponse) -> str:
+    try:
+        body = json.loads(response.content.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return generic_error_message(response)
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return _short(body["error"])
+    return _short(json.dumps(body))
+
+
+def user_agent() -> str:
+    return "printer-connector/%s" % __version__
+
+
+class Cloud:
+    def __init__(self, config: Config, log: Logger):
+        self.config = config
+        headers = {"User-Agent": user_agent(), "Accept": "application/json"}
+        if config.paired:
+            headers["Authorization"] = "Bearer %s" % config.connector_secret
+            headers["X-Connector-Id"] = str(config.connector_id)
+        self.http = HttpClient(config.cloud_url, headers, cloud_error_message, log, "cloud")
+
+    def call(self, method: str, path: str, what: str, **kwargs) -> HttpResponse:
+        try:
+            return self.http.request(method, path, **kwargs)
+        except HttpError as exc:
+            if exc.status == 401:
+                raise CredentialsRejected("credentials rejected by the cloud (%s): %s" % (what, exc)) from None
+            raise
+
+    @property
+    def connector_path(self) -> str:
+        return "/api/v1/connectors/%s" % quote(str(self.config.connector_id), safe="")
+
+    def register(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        try:
+            response = self.http.request("POST", "/api/v1/connectors/register", json_body=body)
+        except HttpError as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):
+                raise PairingRejected(str(exc)) from None
+            raise
+        answer = response.json("register")
+        if not isinstance(answer, dict):
+            raise HttpError("register: expected a JSON object")
+        return answer
+
+    def heartbeat(self, body: Dict[str, Any]) -> None:
+        self.call("POST", self.connector_path + "/heartbeat", "heartbeat", json_body=body)
+
+    def poll_commands(self) -> List[Any]:
+        response = self.call("GET", self.connector_path + "/commands", "commands",
+                             params={"limit": COMMANDS_PER_POLL})
+        return self._array(response, "commands")
+
+    def complete(self, command_id: str, body: Dict[str, Any]) -> bool:
+        """True when acknowledged; False when the cloud says the command is gone (404)."""
+        try:
+            self.call("POST", "/api/v1/commands/%s/complete" % quote(command_id, safe=""), "complete",
+                      json_body=body)
+        except CredentialsRejected:
+            raise
+        except HttpError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def push_snapshots(self, snapshots: List[Dict[str, Any]]) -> None:
+        self.call("POST", "/api/v1/snapshots/batch", "snapshots", json_body={"snapshots": snapshots})
+
+    def poll_webcam_requests(self) -> List[Any]:
+        response = self.call("GET", self.connector_path + "/webcam_requests", "webcam requests",
+                             params={"limit": WEBCAM_REQUESTS_PER_POLL})
+        return self._array(response, "webcam requests")
+
+    def upload_webcam(self, request_id: str, printer_id: int, image: bytes, content_type: str) -> None:
+        self.call("PUT", "/api/v1/webcam_requests/%s/upload" % quote(request_id, safe=""), "webcam upload",
+                  data=image, headers={"Content-Type": content_type, "X-Printer-Id": str(printer_id)},
+                  timeout=(CONNECT_TIMEOUT, 60.0))
+
+    @staticmethod
+    def _array(response: HttpResponse, what: str) -> List[Any]:
+        body = response.json(what)
+        if not isinstance(body, list):
+            raise HttpError("%s: expected a JSON array, got %s" % (what, type(body).__name__))
+        return body
+
+    def close(self) -> None:
+        self.http.close()
+
+
+# --------------------------------------------------------------------------
+# Durable state
+# --------------------------------------------------------------------------
+# Two append-only JSON-lines files in state_dir:
+#  - commands.jsonl, the ledger: a command id is written ("running") and
+#    fsynced before the command runs, its completion ("done") before it is
+#    sent, and "acked" once the cloud has it. A re-delivered id is never run
+#    again, and a "running" found at start-up was interrupted: it is
+#    reported failed, not re-run. Old acked ids expire; the file is
+#    compacted when it is mostly history.
+#  - snapshots.jsonl, the spill: snapshots that could not be pushed, oldest
+#    first, with the number already delivered in snapshots.sent. It is
+#    written only while the cloud is unreachable, so a healthy connector
+#    causes no disk writes for snapshots (SD cards wear out).
+# A torn last line (power cut mid-write) is skipped with a warning.
+
+
+def read_jsonl(path: str, log: Logger) -> List[Dict[str, Any]]:
+    try:
+        with open(path, "rb") as handle:
+            lines = handle.read().split(b"\n")
+    except FileNotFoundError:
+        return []
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            log.warn("skipping a corrupt record in the outbox", file=os.path.basename(path), line=number)
+            continue
+        records.append(record)
+    return records
+
+
+def encode_line(record: Dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def append_line(path: str, data: bytes, durable: bool = True) -> None:
+    with open(path, "ab") as handle:
+        handle.write(data)
+        handle.flush()
+        if durable:
+            os.fsync(handle.fileno())
+
+
+def normalize_command_id(value) -> Optional[str]:
+    """"7" and 7 are the same command; anything that is not an id is None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (int, str)):
+        text = str(value).strip()
+        return text or None
+    return None
+
+
+class Ledger:
+    """Every command id we have seen, its state and, once done, its completion."""
+
+    def __init__(self, state_dir: str, log: Logger):
+        self.path = os.path.join(state_dir, "commands.jsonl")
+        self.log = log
+        self.lock = threading.Lock()
+        self.entries = {}  # type: Dict[str, Dict[str, Any]]
+        self.lines = 0
+        for record in read_jsonl(self.path, log):
+            self._apply(record)
+            self.lines += 1
+
+    def _apply(self, record: Dict[str, Any]) -> None:
+        command_id = normalize_command_id(record.get("id"))
+        if command_id is None:
+            return
+        entry = self.entries.setdefault(command_id, {"id": command_id, "t": record.get("t", time.time())})
+        entry["state"] = record.get("state", entry.get("state"))
+        if "completion" in record:
+            entry["completion"] = record["completion"]
+        for key in ("action", "printer_id", "t"):
+            if key in record:
+                entry[key] = record[key]
+
+    def _write(self, record: Dict[str, Any], durable: bool = True) -> None:
+        self._apply(record)
+        append_line(self.path, encode_line(record), durable)
+        self.lines += 1
+
+    def get(self, command_id: str) -> Optional[Dict[str, Any]]:
+        with self.lock:
+            entry = self.entries.get(command_id)
+            return dict(entry) if entry else None
+
+    def start(self, command_id: str, action: Any, printer_id: Any) -> None:
+        with self.lock:
+            self._write({"id": command_id, "state": "running", "t": round(time.time(), 3),
+                         "action": action, "printer_id": printer_id})
+
+    def finish(self, command_id: str, completion: Dict[str, Any]) -> None:
+        with self.lock:
+            self._write({"id": command_id, "state": "done", "completion": completion})
+
+    def acked(self, command_id: str) -> None:
+        # Not fsynced: losing it only means the completion is sent once more,
+        # which the cloud accepts.
+        with self.lock:
+            self._write({"id": command_id, "state": "acked"}, durable=False)
+        self.compact_if_needed()
+
+    def unacked(self) -> List[Tuple[str, Dict[str, Any]]]:
+        with self.lock:
+            return [(cid, e["completion"]) for cid, e in self.entries.items()
+                    if e.get("state") == "done" and isinstance(e.get("completion"), dict)]
+
+    def interrupted(self) -> List[Dict[str, Any]]:
+        with self.lock:
+            return [dict(e) for e in self.entries.values() if e.get("state") == "running"]
+
+    def compact_if_needed(self) -> None:
+        with self.lock:
+            now = time.time()
+            expired = [cid for cid, e in self.entries.items()
+                       if e.get("state") == "acked" and now - float(e.get("t") or 0) > LEDGER_KEEP_SECONDS]
+            acked = sorted((float(e.get("t") or 0), cid) for cid, e in self.entries.items()
+                           if e.get("state") == "acked" and cid not in expired)
+            overflow = max(0, len(self.entries) - len(expired) - LEDGER_MAX_ENTRIES)
+            expired += [cid for _, cid in acked[:overflow]]
+            if not expired and self.lines <= 2 * len(self.entries) + 100:
+                return
+            for cid in expired:
+                del self.entries[cid]
+            data = b"".join(encode_line(entry) for entry in self.entries.values())
+            atomic_write(self.path, data)
+            self.lines = len(self.entries)
+
+
+class SnapshotSpill:
+    """Snapshots the cloud has not taken yet: on disk, bounded, oldest first."""
+
+    def __init__(self, state_dir: str, log: Logger):
+        self.path = os.path.join(state_dir, "snapshots.jsonl")
+        self.sent_path = os.path.join(state_dir, "snapshots.sent")
+        self.log = log
+        self.lock = threading.RLock()
+        self.dropped_total = 0
+        self._count = None  # type: Optional[int]  # pending records, counted on first use
+
+    def _sent(self) -> int:
+        try:
+            with open(self.sent_path) as handle:
+                return max(0, int(handle.read().strip() or 0))
+        except (OSError, ValueError):
+            return 0
+
+    def _pending_records(self) -> List[Dict[str, Any]]:
+        return read_jsonl(self.path, self.log)[self._sent():]
+
+    def count(self) -> int:
+        with self.lock:
+            if self._count is None:
+                self._count = len(self._pending_records()) if os.path.exists(self.path) else 0
+            return self._count
+
+    def add(self, snapshots: List[Dict[str, Any]]) -> None:
+        if not snapshots:
+            return
+        with self.lock:
+            pending = self.count()
+            append_line(self.path, b"".join(encode_line(s) for s in snapshots))
+            self._count = pending + len(snapshots)
+            if self._count > SPILL_MAX_SNAPSHOTS or os.path.getsize(self.path) > SPILL_MAX_BYTES:
+                self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        records = self._pending_records()
+        encoded = [encode_line(r) for r in records[-SPILL_MAX_SNAPSHOTS:]]
+        size = sum(len(line) for line in encoded)
+        first = 0
+        while first < len(encoded) and size > SPILL_MAX_BYTES:
+            size -= len(encoded[first])
+            first += 1
+        encoded = encoded[first:]
+        atomic_write(self.path, b"".join(encoded))
+        self._remove(self.sent_path)
+        dropped = len(records) - len(encoded)
+        self._count = len(encoded)
+        self.dropped_total += dropped
+        self.log.warn("snapshot outbox full: dropped the oldest snapshots", dropped=dropped,
+                      kept=len(encoded), dropped_total=self.dropped_total)
+
+    def drain(self, send: Callable[[List[Dict[str, Any]]], None]) -> int:
+        """Send pending snapshots oldest first, in batches; returns how many went.
+
+        Progress is recorded after every batch, so an interruption resends at
+        most one batch.
+        """
+        with self.lock:
+            if not self.count():
+                return 0
+            sent_before = self._sent()
+            records = read_jsonl(self.path, self.log)[sent_before:]
+            delivered = 0
+            for start in range(0, len(records), SNAPSHOT_BATCH):
+                batch = records[start:start + SNAPSHOT_BATCH]
+                send(batch)
+                delivered += len(batch)
+                self._count = len(records) - delivered
+                if delivered < len(records):
+                    atomic_write(self.sent_path, str(sent_before + delivered).encode())
+            self._remove(self.path)
+            self._remove(self.sent_path)
+            self._count = 0
+            return delivered
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def check_state_dir(state_dir: str) -> None:
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=state_dir)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise StateDirError("state_dir %s is not writable: %s" % (state_dir, exc.strerror or exc)) from None
+
+
+# --------------------------------------------------------------------------
+# Actions
+# --------------------------------------------------------------------------
+# PROTOCOL.md 1.7. Each handler validates its params before Moonraker is
+# touched and returns the result fields; failures raise CommandFailed. The
+# ACTIONS table at the end maps action names to handlers.
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: Any) -> Optional[float]:
+    if not isinstance(text, str):
+        return None
+    value = text.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    if "." in value:  # fromisoformat on 3.8 takes only 3 or 6 fraction digits
+        head, _, tail = value.partition(".")
+        digits = "".join(c for c in tail if c.isdigit())
+        value = head + "." + (digits + "000000")[:6] + tail[len(digits):]
+    try:
+        stamp = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+    return stamp.timestamp()
+
+
+def validate_filename(params: Dict[str, Any], key: str = "filename") -> str:
+    name = params.get(key)
+    if not isinstance(name, str) or not name:
+        raise CommandFailed("missing or invalid param '%s' (a file name)" % key)
+    if "\x00" in name:
+        raise CommandFailed("invalid filename: contains a NUL byte")
+    if "\\" in name:
+        raise CommandFailed("invalid filename: contains a backslash")
+    if name.startswith("/"):
+        raise CommandFailed("invalid filename: absolute paths are not allowed")
+    for segment in name.split("/"):
+        if segment in ("", ".", ".."):
+            raise CommandFailed("invalid filename: empty, '.' or '..' path segment in %r" % name)
+        if len(segment.encode("utf-8")) > 255:
+            raise CommandFailed("invalid filename: a path segment is longer than 255 bytes")
+    return name
+
+
+@dataclass
+class ActionContext:
+    """What a handler may use: the printer's Moonraker and the agent's stop flag."""
+    moonraker: Moonraker
+    printer: PrinterConfig
+    config: Config
+    log: Logger
+    stop: threading.Event
+
+
+def _moonraker(ctx: ActionContext, result: Dict[str, Any], method: str, path: str, **kwargs) -> Any:
+    """A Moonraker call whose failure fails the command with `result` kept."""
+    try:
+        return ctx.moonraker.call(method, path, **kwargs)
+    except HttpError as exc:
+        raise CommandFailed(str(exc), result) from None
+
+
+def _print_control(path: str):
+    def handler(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+        ctx.moonraker.call("POST", path)
+        return {}
+    return handler
+
+
+def action_start_print(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    result = {"filename": validate_filename(params)}
+    _moonraker(ctx, result, "POST", "/printer/print/start", params=result)
+    return result
+
+
+def action_homing(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    axes = params.get("axes")
+    if axes is None:
+        axes = []
+    if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
+        raise CommandFailed("invalid param 'axes': must be a list of \"X\", \"Y\", \"Z\"")
+    wanted = {a.strip().upper() for a in axes}
+    unknown = sorted(wanted - {"X", "Y", "Z"})
+    if unknown:
+        raise CommandFailed("invalid param 'axes': unknown axis %s" % ", ".join(unknown))
+    ordered = [a for a in "XYZ" if a in wanted]
+    ctx.moonraker.call("POST", "/printer/gcode/script",
+                       json_body={"script": "G28 " + " ".join(ordered or ["X", "Y", "Z"])},
+                       timeout=(CONNECT_TIMEOUT, 120.0))
+    return {"axes": ordered or "all"}
+
+
+def action_upload_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    filename = validate_filename(params)
+    content = params.get("content")
+    if not isinstance(content, str):
+        raise CommandFailed("missing or invalid param 'content' (base64 text)", {"filename": filename})
+    try:
+        data = base64.b64decode(content, validate=True)
+    except (binascii.Error, ValueError):
+        raise CommandFailed("invalid param 'content': not valid base64", {"filename": filename}) from None
+    folder, _, base = filename.rpartition("/")
+    form = {"root": "gcodes"}
+    if folder:
+        form["path"] = folder
+    result = {"filename": filename, "size": len(data)}
+    _moonraker(ctx, result, "POST", "/server/files/upload", data=form, files={"file": (base, data)},
+               timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT))
+    return result
+
+
+def action_delete_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    result = {"filename": validate_filename(params)}
+    _moonraker(ctx, result, "DELETE", "/server/files/gcodes/" + quote(result["filename"], safe="/"))
+    return result
+
+
+def action_sync_files(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    files = ctx.moonraker.call("GET", "/server/files/list", params={"root": "gcodes"})
+    if not isinstance(files, list):
+        raise CommandFailed("moonraker files/list: expected a list, got %s" % type(files).__name__)
+    return {"files": files, "count": len(files)}
+
+
+def action_import_history(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    limit = params.get("limit", 50)
+    if limit is None:
+        limit = 50
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 10000:
+        raise CommandFailed("invalid param 'limit': must be an integer from 1 to 10000")
+    history = ctx.moonraker.call("GET", "/server/history/list", params={"limit": limit})
+    jobs = history.get("jobs") if isinstance(history, dict) else None
+    if not isinstance(jobs, list):
+        raise CommandFailed("moonraker history/list: unexpected answer (no jobs list)")
+    return {"history": history, "count": len(jobs)}
+
+
+def default_printer_data_root() -> str:
+    if os.path.isdir(K1_PRINTER_DATA):
+        return K1_PRINTER_DATA
+    return os.path.join(os.path.expanduser("~"), "printer_data")
+
+
+class _HashingWriter:
+    """A file wrapper that hashes and counts what tarfile writes through it."""
+
+    def __init__(self, handle):
+        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def flush(self):
+        self.handle.flush()
+
+
+def _backup_filter(config_path: str):
+    own = os.path.realpath(config_path)
+
+    def keep(info: tarfile.TarInfo) -> Optional[tarfile.TarInfo]:
+        base = os.path.basename(info.name)
+        if base in BACKUP_SECRET_NAMES or base.endswith(".secrets"):
+            return None
+        if info.issym() or info.islnk() or not (info.isfile() or info.isdir()):
+            return None  # links could pull in files from outside printer_data
+        return info
+    return keep, own
+
+
+def _folder_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _validate_backup(params: Dict[str, Any]) -> Tuple[str, str, List[str], str]:
+    backup_id = normalize_command_id(params.get("backup_id"))
+    url = params.get("presigned_url")
+    if backup_id is None:
+        raise CommandFailed("missing or invalid param 'backup_id'")
+    if not _is_http_url(url):
+        raise CommandFailed("missing or invalid param 'presigned_url' (an http(s) URL)", {"backup_id": backup_id})
+    include = params.get("include")
+    if not isinstance(include, dict):
+        raise CommandFailed("missing or invalid param 'include': an object of booleans %s" % list(BACKUP_FOLDERS),
+                            {"backup_id": backup_id})
+    unknown = sorted(set(include) - set(BACKUP_FOLDERS))
+    if unknown or not all(isinstance(v, bool) for v in include.values()):
+        raise CommandFailed("invalid param 'include': keys %s with boolean values" % list(BACKUP_FOLDERS),
+                            {"backup_id": backup_id})
+    chosen = [name for name in BACKUP_FOLDERS if include.get(name)]
+    if not chosen:
+        raise CommandFailed("invalid param 'include': choose at least one of %s" % list(BACKUP_FOLDERS),
+                            {"backup_id": backup_id})
+    root = params.get("printer_data_root")
+    if root is not None and (not isinstance(root, str) or not root.startswith("/")):
+        raise CommandFailed("invalid param 'printer_data_root': must be an absolute path", {"backup_id": backup_id})
+    return backup_id, url, chosen, root or default_printer_data_root()
+
+
+def action_create_backup(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    backup_id, url, chosen, root = _validate_backup(params)
+    base = {"backup_id": backup_id}
+    if not os.path.isdir(root):
+        raise CommandFailed("printer_data_root %s is not a folder" % root, base)
+    folders = [name for name in chosen if os.path.isdir(os.path.join(root, name))]
+    if not folders:
+        raise CommandFailed("none of %s exists under %s" % (chosen, root), base)
+    needed = sum(_folder_size(os.path.join(root, name)) for name in folders)
+    free = shutil.disk_usage(ctx.config.state_dir).free
+    if needed > free:
+        raise CommandFailed("not enough free space in %s for the backup: need up to %d bytes, %d free"
+                            % (ctx.config.state_dir, needed, free), base)
+    fd, archive = tempfile.mkstemp(prefix=".backup-", suffix=".tar.gz", dir=ctx.config.state_dir)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            writer = _HashingWriter(raw)
+            keep, own_config = _backup_filter(ctx.config.path)
+            with tarfile.open(fileobj=writer, mode="w:gz", compresslevel=6) as tar:
+                for name in folders:
+                    _add_tree(tar, root, name, keep, own_config, ctx.stop)
+        size, digest = writer.size, writer.sha256.hexdigest()
+        _upload_backup(ctx, url, archive, size)
+    except OSError as exc:
+        raise CommandFailed("backup failed: %s" % exc, base) from None
+    finally:
+        try:
+            os.unlink(archive)
+        except OSError:
+            pass
+    return dict(base, size_bytes=size, sha256=digest, uploaded_at=now_rfc3339(), folders=folders)
+
+
+def _add_tree(tar, root, name, keep, own_config, stop) -> None:
+    top = os.path.join(root, name)
+    for folder, dirs, files in os.walk(top):
+        dirs.sort()
+        for filename in sorted(files):
+            if stop.is_set():
+                raise CommandFailed("backup interrupted: the connector is stopping")
+            path = os.path.join(folder, filename)
+            if os.path.realpath(path) == own_config:
+                continue
+            arcname = os.path.relpath(path, root)
+            try:
+                info = keep(tar.gettarinfo(path, arcname))
+                if info is None:
+                    continue
+                with open(path, "rb") as handle:
+                    tar.addfile(info, handle)
+            except FileNotFoundError:
+                continue  # a log rotated away while we walked
+
+
+def _upload_backup(ctx: ActionContext, url: str, archive: str, size: int) -> None:
+    # A real file object with an explicit Content-Length: requests streams it
+    # without chunked encoding, which S3 and its clones refuse.
+    session = requests.Session()
+    session.trust_env = False
+    try:
+        with open(archive, "rb") as body:
+            response = session.put(url, data=body, timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT),
+                                   headers={"Content-Type": "application/gzip", "Content-Length": str(size),
+                                            "User-Agent": user_agent()})
+        if not 200 <= response.status_code < 300:
+            raise CommandFailed("backup upload failed: http %d: %s"
+                                % (response.status_code, _short(response.text, 160)))
+    except requests.exceptions.RequestException as exc:
+        raise CommandFailed("backup upload failed: %s" % _transport_message(exc)) from None
+    finally:
+        session.close()
+
+
+ACTIONS = {
+    "pause": _print_control("/printer/print/pause"),
+    "resume": _print_control("/printer/print/resume"),
+    "cancel": _print_control("/printer/print/cancel"),
+    "start_print": action_start_print,
+    "homing": action_homing,
+    "upload_file": action_upload_file,
+    "delete_file": action_delete_file,
+    "sync_files": action_sync_files,
+    "import_history": action_import_history,
+    "create_backup": action_create_backup,
+}  # type: Dict[str, Callable[[ActionContext, Dict[str, Any]], Dict[str, Any]]]
+
+
+# --------------------------------------------------------------------------
+# Snapshots
+# --------------------------------------------------------------------------
+# A snapshot is the `result` of Moonraker's objects query with the time it
+# was read. Pushing delivers the spill first (oldest first) and spills what
+# could not be sent, so an outage of any length loses nothing that fits the
+# bounds.
+
+
+def capture_snapshot(moonraker: Moonraker) -> Dict[str, Any]:
+    status = moonraker.query_status()
+    return {"printer_id": moonraker.printer.printer_id, "captured_at": now_rfc3339(), "payload": status}
+
+
+class SnapshotOutbox:
+    def __init__(self, spill: SnapshotSpill, log: Logger):
+        self.spill, self.log = spill, log
+
+    def push(self, cloud: Cloud, fresh: List[Dict[str, Any]]) -> None:
+        with self.spill.lock:  # one sender at a time keeps the order
+            try:
+                drained = self.spill.drain(cloud.push_snapshots)
+                if drained:
+                    self.log.info("Delivered snapshots kept while the cloud was unreachable", count=drained)
+                if fresh:
+                    cloud.push_snapshots(fresh)
+            except (HttpError, CredentialsRejected):
+                self._keep(fresh)
+                raise
+
+    def _keep(self, snapshots: List[Dict[str, Any]]) -> None:
+        try:
+            self.spill.add(snapshots)
+        except OSError as exc:
+            self.log.error("cannot write the snapshot outbox; snapshots are lost", error=str(exc),
+                           count=len(snapshots), state_dir=os.path.dirname(self.spill.path))
+
+
+# --------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------
+# At most once: the id goes into the ledger before the handler runs, the
+# completion goes into the ledger before it is sent, and a re-delivered id
+# only gets its stored completion sent again.
+
+
+def completion_body(status: str, result: Dict[str, Any], error: Optional[str] = None) -> Dict[str, Any]:
+    body = {"status": status, "result": result}  # type: Dict[str, Any]
+    if error is not None:
+        body["error_message"] = error
+    return body
+
+
+def printer_id_of(value) -> Optional[int]:
+    command_id = normalize_command_id(value)
+    return int(command_id) if command_id is not None and command_id.isdigit() else None
+
+
+class CommandRunner:
+    def __init__(self, agent: "Agent"):
+        self.agent = agent
+        self.config, self.log, self.ledger = agent.config, agent.log, agent.ledger
+
+    def handle(self, cloud: Cloud, clients: "PrinterClients", raw: Any) -> None:
+        command_id = normalize_command_id(raw.get("id")) if isinstance(raw, dict) else None
+        if command_id is None:
+            self.log.warn("skipping a command without a usable id", command=_short(json.dumps(raw, default=str), 120))
+            return
+        known = self.ledger.get(command_id)
+        if known is not None:
+            self._redelivered(cloud, command_id, known)
+            return
+        action = raw.get("action")
+        self.ledger.start(command_id, action, raw.get("printer_id"))
+        if self.agent.stop.is_set():
+            completion = completion_body("failed", {"action": action}, "not run: the connector was stopping")
+        else:
+            completion = self.execute(clients, command_id, raw)
+        self.ledger.finish(command_id, completion)
+        self.deliver(cloud, command_id, completion)
+
+    def _redelivered(self, cloud: Cloud, command_id: str, known: Dict[str, Any]) -> None:
+        self.log.warn("Command delivered again; not running it twice", id=command_id, action=known.get("action"))
+        completion = known.get("completion")
+        if isinstance(completion, dict):
+            if known.get("state") == "acked":
+                self.ledger.finish(command_id, completion)  # back in the outbox until acknowledged
+            self.deliver(cloud, command_id, completion)
+
+    def execute(self, clients: "PrinterClients", command_id: str, raw: Dict[str, Any]) -> Dict[str, Any]:
+        action, params = raw.get("action"), raw.get("params")
+        self.log.info("Command started", id=command_id, action=action, printer_id=raw.get("printer_id"))
+        result = {"action": action}  # type: Dict[str, Any]
+        try:
+            handler, printer, params = self._resolve(action, raw.get("printer_id"), params)
+            moonraker = clients.moonraker(printer)
+            ctx = ActionContext(moonraker, printer, self.config, self.log, self.agent.stop)
+            result.update(handler(ctx, params))
+            result.update(self._post_snapshot(clients, moonraker))
+            completion = completion_body("succeeded", result)
+        except CommandFailed as exc:
+            result.update(exc.result)
+            completion = completion_body("failed", result, str(exc))
+        except HttpError as exc:
+            completion = completion_body("failed", result, str(exc))
+        except Exception as exc:  # a bug must fail the command, never the agent
+            completion = completion_body("failed", result, "internal error: %s: %s" % (type(exc).__name__, exc))
+            self.log.error("command handler crashed", id=command_id, action=action, error=repr(exc))
+        self.log.info("Command finished", id=command_id, action=action, status=completion["status"],
+                      error=completion.get("error_message"))
+        return completion
+
+    def _resolve(self, action, printer_id, params):
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise CommandFailed("invalid params: expected a JSON object, got %s" % type(params).__name__)
+        handler = ACTIONS.get(action) if isinstance(action, str) else None
+        if handler is None:
+            raise CommandFailed("unknown action %s" % json.dumps(action, default=str))
+        printer = self.config.printer(printer_id_of(printer_id))
+        if printer is None:
+            raise CommandFailed("unknown printer_id %s" % json.dumps(printer_id, default=str))
+        return handler, printer, params
+
+    def _post_snapshot(self, clients: "PrinterClients", moonraker: Moonraker) -> Dict[str, Any]:
+        try:
+            snapshot = capture_snapshot(moonraker)
+        except HttpError as exc:
+            return {"post_snapshot_error": str(exc)}
+        try:
+            self.agent.snapshots.push(clients.cloud, [snapshot])
+        except (HttpError, CredentialsRejected) as exc:
+            self.log.debug("post-command snapshot kept for later", error=str(exc))
+        return {"post_snapshot": "captured"}
+
+    def deliver(self, cloud: Cloud, command_id: str, completion: Dict[str, Any]) -> None:
+        """Send one completion; it stays in the ledger's outbox until acknowledged."""
+        if cloud.complete(command_id, completion):
+            self.log.debug("completion delivered", id=command_id)
+        else:
+            self.log.warn("command is gone from the cloud; dropping its completion", id=command_id)
+        self.ledger.acked(command_id)
+
+    def flush(self, cloud: Cloud) -> None:
+        """Deliver every completion the cloud has not acknowledged yet."""
+        for command_id, completion in self.ledger.unacked():
+            self.deliver(cloud, command_id, completion)
+
+    def recover_interrupted(self) -> None:
+        for entry in self.ledger.interrupted():
+            self.log.warn("command was interrupted by a restart; reporting it failed, not re-running it",
+                          id=entry["id"], action=entry.get("action"))
+            self.ledger.finish(entry["id"], completion_body("failed", {"action": entry.get("action")},
+                                                            "interrupted by restart; not re-run"))
+
+
+# --------------------------------------------------------------------------
+# Webcam
+# --------------------------------------------------------------------------
+# The camera is found through Moonraker's webcam list (snapshot_url, often
+# relative to the web UI's port), then the usual fallbacks. The URL that
+# worked is remembered until it stops working.
+
+WEBCAM_FALLBACKS = ("/webcam/?action=snapshot", "/webcam/snapshot", "/server/webcam/snapshot")
+
+
+def resolve_snapshot_url(printer: PrinterConfig, url: str) -> str:
+    if _is_http_url(url):
+        return url
+    return urljoin("http://%s:%d/" % (printer.host, printer.ui_port), url)
+
+
+def webcam_candidates(moonraker: Moonraker) -> List[str]:
+    printer = moonraker.printer
+    found = []
+    try:
+        listing = moonraker.call("GET", "/server/webcams/list", timeout=(PROBE_TIMEOUT, PROBE_TIMEOUT))
+        cams = listing.get("webcams") if isinstance(listing, dict) else None
+        for cam in cams if isinstance(cams, list) else []:
+            if isinstance(cam, dict) and cam.get("enabled", True) and isinstance(cam.get("snapshot_url"), str) \
+                    and cam["snapshot_url"].strip():
+                found.append(resolve_snapshot_url(printer, cam["snapshot_url"].strip()))
+    except HttpError:
+        pass  # older Moonraker or none configured: the fallbacks follow
+    fallbacks = [resolve_snapshot_url(printer, path) for path in WEBCAM_FALLBACKS]
+    return found + [url for url in fallbacks if url not in found]
+
+
+def fetch_webcam_image(moonraker: Moonraker, url: str) -> Tuple[bytes, str]:
+    response = moonraker.http.request("GET", url, timeout=(CONNECT_TIMEOUT, 10.0), max_bytes=WEBCAM_MAX_BYTES,
+                                      headers={"Accept": "image/*"})
+    ctype = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if not response.content:
+        raise HttpError("webcam %s: empty image" % url)
+    if ctype and not ctype.startswith("image/"):
+        # A web UI answers unknown paths with its index page: not a picture.
+        raise HttpError("webcam %s: not an image (%s)" % (url, ctype))
+    return response.content, ctype or "image/jpeg"
+
+
+# --------------------------------------------------------------------------
+# Status watcher
+# --------------------------------------------------------------------------
+# Subscribes to print_stats.state over Moonraker's websocket (JSON-RPC) so a
+# state change reaches the cloud within a second. Only the state is
+# subscribed: temperature ticks would cost CPU for nothing, since the
+# snapshot itself is read fresh when it is pushed. When the websocket is
+# unavailable it polls the state over HTTP instead, and keeps trying to
+# reconnect.
+
+import websocket  # noqa: E402
+
+
+def websocket_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return "%s://%s%s/websocket" % (scheme, parts.netloc, parts.path.rstrip("/"))
+
+
+class StatusWatcher:
+    def __init__(self, agent: "Agent", printer: PrinterConfig):
+        self.agent, self.printer, self.log = agent, printer, agent.log
+        self.state = None  # type: Optional[str]
+        self.next_id = 0
+        self.failures = FailureTracker(self.log, "status websocket (printer %s)" % (printer.name or printer.base_url))
+
+    def run(self) -> None:
+        attempt = 0
+        moonraker = Moonraker(self.printer, self.log, user_agent())
+        try:
+            while not self.agent.stop.is_set():
+                try:
+                    self._watch()
+                    attempt = 0
+                except (websocket.WebSocketException, OSError, ValueError, HttpError) as exc:
+                    self.failures.failed(_short(str(exc) or type(exc).__name__, 160), level=20)
+                    attempt += 1
+                self._poll_until(moonraker, time.monotonic() + backoff_delay(attempt, 2.0))
+        finally:
+            moonraker.close()
+
+    def _send(self, ws, method: str, params: Dict[str, Any]) -> None:
+        self.next_id += 1
+        ws.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": self.next_id}))
+
+    def _subscribe(self, ws) -> None:
+        self._send(ws, "printer.objects.subscribe", {"objects": {"print_stats": ["state"]}})
+
+    def _watch(self) -> None:
+        headers = ["User-Agent: %s" % user_agent()]
+        if self.printer.api_key:
+            headers.append("X-Api-Key: %s" % self.printer.api_key)
+        ws = websocket.create_connection(websocket_url(self.printer.base_url), timeout=CONNECT_TIMEOUT,
+                                         header=headers, enable_multithread=False)
+        try:
+            identify = {"client_name": "printer-connector", "version": __version__, "type": "other",
+                        "url": "https://github.com/printdock/printer-connector"}
+            if self.printer.api_key:
+                identify["api_key"] = self.printer.api_key
+            self._send(ws, "server.connection.identify", identify)
+            self._subscribe(ws)
+            ws.settimeout(1.0)
+            self.failures.succeeded()
+            self.log.debug("status websocket connected", printer=self.printer.base_url)
+            while not self.agent.stop.is_set():
+                try:
+                    message = ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    continue
+                if not message:
+                    raise websocket.WebSocketConnectionClosedException("websocket closed by Moonraker")
+                self._on_message(ws, message)
+        finally:
+            ws.close()
+
+    def _on_message(self, ws, message) -> None:
+        try:
+            data = json.loads(message)
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        method = data.get("method")
+        if method == "notify_status_update":
+            params = data.get("params")
+            if isinstance(params, list) and params and isinstance(params[0], dict):
+                self._on_status(params[0])
+        elif method == "notify_klippy_ready":
+            self._subscribe(ws)  # Moonraker drops subscriptions when Klippy restarts
+        elif method in ("notify_klippy_disconnected", "notify_klippy_shutdown"):
+            self._changed(None)
+        elif isinstance(data.get("result"), dict):
+            self._on_status(data["result"].get("status"))
+
+    def _on_status(self, status) -> None:
+        stats = status.get("print_stats") if isinstance(status, dict) else None
+        if isinstance(stats, dict) and isinstance(stats.get("state"), str):
+            self._changed(stats["state"])
+
+    def _changed(self, state: Optional[str]) -> None:
+        previous, self.state = self.state, state
+        if previous is not None and state is not None and state != previous:
+            self.log.info("Print state changed", printer_id=self.printer.printer_id, previous=previous, state=state)
+            self.agent.request_snapshot()
+
+    def _poll_until(self, moonraker: Moonraker, deadline: float) -> None:
+        """Fallback while the websocket is down: poll the state over HTTP."""
+        while not self.agent.stop.is_set() and time.monotonic() < deadline:
+            try:
+                self._on_status(moonraker.query_status(("print_stats",)).get("status"))
+            except HttpError:
+                pass
+            self.agent.stop.wait(min(FALLBACK_STATUS_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+# --------------------------------------------------------------------------
+# Loops
+# --------------------------------------------------------------------------
+# Each loop is a thread with its own HTTP sessions (requests sessions are not
+# shared between threads), so a slow upload in one never holds up another. A
+# failure backs off exponentially with jitter, capped at about a minute; a
+# success resets the pace. Rejected credentials are retried slowly.
+
+
+def backoff_delay(failures: int, interval: float) -> float:
+    if failures <= 0:
+        return interval
+    delay = min(BACKOFF_CAP, max(interval, BACKOFF_BASE) * (2 ** min(failures, 10)))
+    return delay * random.uniform(0.5, 1.0)
+
+
+class PrinterClients:
+    """One thread's HTTP clients: the cloud and each printer's Moonraker."""
+
+    def __init__(self, config: Config, log: Logger):
+        self.config, self.log = config, log
+        self.cloud = Cloud(config, log)
+        self._moonrakers = {}  # type: Dict[str, Moonraker]
+
+    def moonraker(self, printer: PrinterConfig) -> Moonraker:
+        client = self._moonrakers.get(printer.base_url)
+        if client is None:
+            client = self._moonrakers[printer.base_url] = Moonraker(printer, self.log, user_agent())
+        return client
+
+    def close(self) -> None:
+        self.cloud.close()
+        for client in self._moonrakers.values():
+            client.close()
+
+
+class Loop:
+    """A named step run every `interval()` seconds, or sooner when woken."""
+
+    def __init__(self, agent: "Agent", name: str, step: Callable[[PrinterClients], None],
+                 interval: Callable[[], float]):
+        self.agent, self.name, self.step, self.interval = agent, name, step, interval
+        self.wake = threading.Event()
+        self.failures = FailureTracker(agent.log, name)
+        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
+
+    def run_once(self, clients: PrinterClients) -> bool:
+        try:
+            self.step(clients)
+        except CredentialsRejected as exc:
+            self.failures.failed("credentials rejected: %s" % exc, level=40)
+            return False
+        except (HttpError, StateDirError) as exc:
+            self.failures.failed(str(exc))
+            return False
+        except OSError as exc:
+            self.failures.failed("state_dir trouble: %s" % exc, level=40)
+            return False
+        except Exception as exc:  # a bug in one loop must not end the others
+            self.failures.failed("unexpected %s: %s" % (type(exc).__name__, exc), level=40)
+            return False
+        self.failures.succeeded()
+        return True
+
+    def run(self) -> None:
+        clients = PrinterClients(self.agent.config, self.agent.log)
+        failures = 0
+        try:
+            while not self.agent.stop.is_set():
+                if self.run_once(clients):
+                    failures, delay = 0, self.interval()
+                else:
+                    failures += 1
+                    rejected = (self.failures.message or "").startswith("credentials rejected")
+                    delay = CREDENTIALS_RETRY_SECONDS if rejected else backoff_delay(failures, self.interval())
+                self.wake.wait(delay)
+                self.wake.clear()
+        finally:
+            clients.close()
+
+
+# --------------------------------------------------------------------------
+# Agent
+# --------------------------------------------------------------------------
+# Pairs if needed, recovers what a previous run left in state_dir, then runs
+# the loops until SIGTERM/SIGINT. `run_once` does one round of each for
+# --once and the installers' pairing check.
+
+
+def go_arch(machine: Optional[str] = None) -> str:
+    machine = (machine or platform.machine()).lower()
+    table = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+             "i386": "386", "i686": "386"}
+    if machine in table:
+        return table[machine]
+    if machine.startswith("arm"):
+        return "arm"
+    if machine.startswith("mips"):
+        return "mipsle" if sys.byteorder == "little" else "mips"
+    return machine
+
+
+def local_ip(cloud_url: str) -> Optional[str]:
+    """The address this host uses towards the cloud (no packet is sent)."""
+    parts = urlsplit(cloud_url)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((parts.hostname or "8.8.8.8", parts.port or 443))
+        return probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+
+
+class Agent:
+    def __init__(self, config: Config, log: Logger):
+        self.config, self.log = config, log
+        self.stop = threading.Event()
+        self.started = time.monotonic()
+        check_state_dir(config.state_dir)
+        self.ledger = Ledger(config.state_dir, log)
+        self.snapshots = SnapshotOutbox(SnapshotSpill(config.state_dir, log), log)
+        self.commands = CommandRunner(self)
+        self.loops = [
+            Loop(self, "heartbeat", self.heartbeat, lambda: config.heartbeat_seconds),
+            Loop(self, "commands", self.poll_commands, lambda: config.poll_commands_seconds),
+            Loop(self, "snapshots", self.push_snapshots, lambda: config.push_snapshots_seconds),
+            Loop(self, "webcam", self.serve_webcam, lambda: WEBCAM_POLL_SECONDS),
+        ]
+        self.first_success = set()  # type: set
+        self.webcam_urls = {}  # type: Dict[str, str]  # the camera URL that last worked, per printer
+
+    # -- loop steps -------------------------------------------------------
+
+    def heartbeat(self, clients: PrinterClients) -> None:
+        printers = [{"printer_id": p.printer_id, "reachable": self._reachable(clients, p)}
+                    for p in self.config.active_printers()]
+        body = {"status": {"uptime_seconds": int(time.monotonic() - self.started), "version": __version__},
+                "printers": printers}
+        clients.cloud.heartbeat(body)
+        self._noted("Heartbeat sent", "heartbeat", printers=len(printers),
+                    reachable=sum(1 for p in printers if p["reachable"]))
+
+    @staticmethod
+    def _reachable(clients: PrinterClients, printer: PrinterConfig) -> bool:
+        try:
+            clients.moonraker(printer).server_info()
+            return True
+        except HttpError:
+            return False
+
+    def poll_commands(self, clients: PrinterClients) -> None:
+        self.commands.flush(clients.cloud)
+        for raw in clients.cloud.poll_commands():
+            self.commands.handle(clients.cloud, clients, raw)
+
+    def push_snapshots(self, clients: PrinterClients) -> None:
+        fresh, errors = [], []
+        for printer in self.config.active_printers():
+            try:
+                fresh.append(capture_snapshot(clients.moonraker(printer)))
+            except HttpError as exc:
+                errors.append(str(exc))
+        self.snapshots.push(clients.cloud, fresh)
+        if fresh:
+            self._noted("Snapshot pushed", "snapshots", count=len(fresh))
+        if errors and not fresh:
+            raise HttpError("no printer status to push: %s" % "; ".join(errors))
+
+    def serve_webcam(self, clients: PrinterClients) -> None:
+        for raw in clients.cloud.poll_webcam_requests():
+            self._serve_webcam_request(clients, raw)
+
+    def _serve_webcam_request(self, clients: PrinterClients, raw: Any) -> None:
+        request_id = normalize_command_id(raw.get("id")) if isinstance(raw, dict) else None
+        printer = self.config.printer(printer_id_of(raw.get("printer_id"))) if request_id else None
+        if printer is None:
+            self.log.warn("skipping a webcam request without a usable id or printer",
+                          request=_short(json.dumps(raw, default=str), 120))
+            return
+        created = parse_rfc3339(raw.get("created_at"))
+        if created is not None and time.time() - created > WEBCAM_REQUEST_MAX_AGE:
+            self.log.debug("skipping a stale webcam request", id=request_id, age=round(time.time() - created))
+            return
+        moonraker = clients.moonraker(printer)
+        image, ctype = self._webcam_image(moonraker)
+        if image is None:
+            return
+        clients.cloud.upload_webcam(request_id, printer.printer_id, image, ctype)
+        self.log.debug("webcam image uploaded", id=request_id, bytes=len(image))
+
+    def _webcam_image(self, moonraker: Moonraker) -> Tuple[Optional[bytes], str]:
+        cache, key = self.webcam_urls, moonraker.printer.base_url
+        urls = ([cache[key]] if key in cache else []) + webcam_candidates(moonraker)
+        errors = []
+        for url in dict.fromkeys(urls):
+            try:
+                image, ctype = fetch_webcam_image(moonraker, url)
+            except HttpError as exc:
+                errors.append(str(exc))
+                continue
+            cache[key] = url
+            return image, ctype
+        cache.pop(key, None)
+        self.log.warn("no webcam image", printer_id=moonraker.printer.printer_id, error=errors[-1] if errors else None)
+        return None, ""
+
+    def _noted(self, message: str, loop: str, **fields) -> None:
+        """Info the first time (and after a recovery), debug afterwards: no flood."""
+        level = 10 if loop in self.first_success else 20
+        self.first_success.add(loop)
+        self.log.log(level, message, **fields)
+
+    def request_snapshot(self) -> None:
+        self.loops[2].wake.set()
+
+    # -- lifecycle --------------------------------------------------------
+
+    def prepare(self, once: bool) -> None:
+        self.commands.recover_interrupted()
+        if not self.config.paired:
+            pair(self.config, self.log, self.stop, attempts=3 if once else None)
+
+    def run(self) -> int:
+        self.prepare(once=False)
+        if self.stop.is_set():
+            return EXIT_OK
+        for loop in self.loops:
+            loop.thread.start()
+        watchers = [threading.Thread(target=StatusWatcher(self, p).run, name="watch-%d" % p.printer_id, daemon=True)
+                    for p in self.config.active_printers()]
+        for watcher in watchers:
+            watcher.start()
+        self.log.info("Connector running", version=__version__, printers=len(self.config.active_printers()),
+                      cloud=self.config.cloud_url)
+        self.stop.wait()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for loop in self.loops:
+            loop.wake.set()
+        for thread in [loop.thread for loop in self.loops] + watchers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.log.info("Connector stopped")
+        return EXIT_OK
+
+    def run_once(self) -> int:
+        self.prepare(once=True)
+        clients = PrinterClients(self.config, self.log)
+        try:
+            results = {loop.name: loop.run_once(clients) for loop in self.loops}
+        finally:
+            clients.close()
+        failed = sorted(name for name, ok in results.items() if not ok)
+        if failed:
+            self.log.error("one round failed", failed=",".join(failed))
+            return EXIT_FAILURE
+        self.log.info("one round done", loops=",".join(sorted(results)))
+        return EXIT_OK
+
+    def request_stop(self, *_args) -> None:
+        self.stop.set()
+        for loop in self.loops:
+            loop.wake.set()
+
+
+# --------------------------------------------------------------------------
+# Pairing
+# --------------------------------------------------------------------------
+# Register is not idempotent: the token is single use. So a request that was
+# answered is never repeated; only transport failures and 5xx are retried.
+
+
+def registration_body(config: Config) -> Dict[str, Any]:
+    printers = [{"name": p.name or "Printer %d" % (i + 1), "ui_port": p.ui_port}
+                for i, p in enumerate(config.moonraker)]
+    device = {"hostname": socket.gethostname(), "arch": go_arch(), "os": platform.system().lower() or "linux",
+              "version": __version__, "ip": local_ip(config.cloud_url), "ui_port": config.moonraker[0].ui_port}
+    body = {"pairing_token": config.pairing_token, "device": {k: v for k, v in device.items() if v},
+            "printers": printers}  # type: Dict[str, Any]
+    if config.site_name:
+        body["site_name"] = config.site_name
+    return body
+
+
+def apply_registration(config: Config, answer: Dict[str, Any]) -> None:
+    connector = answer.get("connector")
+    credentials = answer.get("credentials")
+    connector_id = normalize_command_id(connector.get("id")) if isinstance(connector, dict) else None
+    secret = credentials.get("secret") if isinstance(credentials, dict) else None
+    if connector_id is None or not isinstance(secret, str) or not secret:
+        raise HttpError("register: the answer lacks connector.id or credentials.secret")
+    config.connector_id, config.connector_secret, config.pairing_token = connector_id, secret, None
+    printers = answer.get("printers")
+    for index, entry in enumerate(printers if isinstance(printers, list) else []):
+        printer_id = printer_id_of(entry.get("id")) if isinstance(entry, dict) else None
+        if index < len(config.moonraker) and printer_id:
+            config.moonraker[index].printer_id = printer_id
+    polling = answer.get("polling")
+    for key, attr in (("commands_seconds", "poll_commands_seconds"), ("snapshots_seconds", "push_snapshots_seconds"),
+                      ("heartbeat_seconds", "heartbeat_seconds")):
+        value = polling.get(key) if isinstance(polling, dict) else None
+        if _is_number(value) and value > 0:
+            setattr(config, attr, float(value))
+
+
+def pair(config: Config, log: Logger, stop: threading.Event, attempts: Optional[int] = None) -> None:
+    log.info("Pairing with the cloud", cloud=config.cloud_url, printers=len(config.moonraker))
+    cloud = Cloud(config, log)
+    body = registration_body(config)
+    failures = 0
+    try:
+        while True:
+            try:
+                answer = cloud.register(body)
+                break
+            except HttpError as exc:
+                failures += 1
+                if attempts is not None and failures >= attempts:
+                    raise
+                delay = backoff_delay(failures, BACKOFF_BASE * 2)
+                log.warn("pairing failed; retrying", error=str(exc), retry_in=round(delay, 1))
+                if stop.wait(delay):
+                    raise HttpError("pairing interrupted: the connector is stopping") from None
+    finally:
+        cloud.close()
+    apply_registration(config, answer)
+    log.add_secret(config.connector_secret)
+    try:
+        save_config(config)
+    except OSError as exc:
+        log.error("paired, but the config could not be saved: the connector runs now but must be paired "
+                  "again after a restart", path=config.path, error=str(exc))
+    log.info("Pairing successful", connector_id=config.connector_id,
+             printer_ids=",".join(str(p.printer_id) for p in config.moonraker))
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+import click  # noqa: E402
+
+
+def _print_version(ctx, _param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo("printer-connector %s" % __version__)
+        ctx.exit(0)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", help="Config file (JSON).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warn", "error"]), default="info",
+              show_default=True, help="Least severe level that is logged.")
+@click.option("--once", is_flag=True, help="Pair if needed, run one round of each loop, exit 0 if all went through.")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version and exit.")
+def cli(config_path, log_level, once):
+    """Bridges a Klipper printer's Moonraker API to the cloud over outbound HTTPS."""
+    if not config_path:
+        raise click.UsageError("--config PATH is required")
+    log = Logger(log_level)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        click.echo("config error: %s" % exc, err=True)
+        sys.exit(EXIT_USAGE)
+    for secret in config.secrets():
+        log.add_secret(secret)
+    if tighten_config_mode(config.path):
+        log.warn("config file was readable by other users; changed its mode to 0600", path=config.path)
+    sys.exit(run_agent(config, log, once))
+
+
+def run_agent(config: Config, log: Logger, once: bool) -> int:
+    try:
+        agent = Agent(config, log)
+    except StateDirError as exc:
+        log.error(str(exc))
+        return EXIT_FAILURE
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    try:
+        return agent.run_once() if once else agent.run()
+    except PairingRejected as exc:
+        log.error("Pairing rejected: the pairing token is invalid or already used; get a new one",
+                  error=str(exc))
+        return EXIT_PAIRING_REJECTED
+    except (HttpError, OSError) as exc:
+        log.error("Connector failed", error=str(exc))
+        return EXIT_FAILURE
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    cli.main(args=argv, prog_name="printer-connector")
+
+
+if __name__ == "__main__":
+    main()
