@@ -1,0 +1,75 @@
+#!/bin/sh
+# Builds every release artifact into dist/ (make binary-all):
+#   printer-connector-linux-amd64, -arm64, -armv7   static binaries, each in
+#                                                   a Debian bookworm root
+#   printer-connector.pyz                           zipapp for Python >= 3.8
+#   SHA256SUMS, VERSION                             of the above
+# then smoke-tests them (build/smoke-test.sh). Needs root (debootstrap,
+# chroot); foreign architectures run under qemu-user-static.
+#
+#   build-all.sh                  everything
+#   build-all.sh TARGET...        only these (amd64 arm64 armv7 pyz), then sums
+#   build-all.sh sums             only SHA256SUMS and VERSION of what dist/ has
+set -eu
+
+ALL_TARGETS="pyz amd64 arm64 armv7"
+
+say() { printf 'build-all: %s\n' "$*"; }
+err() { say "error: $*" >&2; exit 1; }
+
+need_cmd() {
+    command -v "$1" >/dev/null 2>&1 || err "need '$1' (not found in PATH)"
+}
+
+build_target() {
+    repo=$1
+    target=$2
+    started=$(date +%s)
+    case "$target" in
+        pyz) sh "$repo/build/build-pyz.sh" ;;
+        amd64 | arm64 | armv7) sh "$repo/build/build-binary.sh" "$target" ;;
+        *) err "unknown target '$target' (one of: $ALL_TARGETS)" ;;
+    esac
+    say "$target took $(($(date +%s) - started))s"
+}
+
+# SHA256SUMS and VERSION of the artifacts in dist/, in the format
+# `sha256sum -c` reads.
+write_sums() {
+    repo=$1
+    version=$(sed -n 's/^__version__ = "\([^"]*\)".*$/\1/p' "$repo/connector.py" | head -n 1)
+    [ -n "$version" ] || err "no __version__ line in $repo/connector.py"
+    cd "$repo/dist"
+    set --
+    for name in printer-connector-linux-amd64 printer-connector-linux-arm64 \
+        printer-connector-linux-armv7 printer-connector.pyz; do
+        if [ -f "$name" ]; then
+            set -- "$@" "$name"
+        else
+            say "not in dist/: $name"
+        fi
+    done
+    [ "$#" -gt 0 ] || err "no artifacts in $repo/dist"
+    sha256sum "$@" >SHA256SUMS
+    printf '%s\n' "$version" >VERSION
+    cd "$repo"
+    say "wrote dist/SHA256SUMS ($# files) and dist/VERSION ($version)"
+}
+
+main() {
+    repo=$(cd "$(dirname "$0")/.." && pwd)
+    need_cmd sha256sum
+    if [ "${1:-}" = sums ]; then
+        write_sums "$repo"
+        return 0
+    fi
+    # shellcheck disable=SC2086  # one argument per target
+    [ "$#" -gt 0 ] || set -- $ALL_TARGETS
+    for target in "$@"; do
+        build_target "$repo" "$target"
+    done
+    write_sums "$repo"
+    sh "$repo/build/smoke-test.sh" "$repo/dist"
+}
+
+main "$@"
