@@ -50,8 +50,8 @@ DEFAULT_INTERVALS = {
     "poll_commands_seconds": 3.0,
     "push_snapshots_seconds": 30.0,
     "heartbeat_seconds": 10.0,
+    "poll_webcam_seconds": 2.0,  # not in PROTOCOL.md's config; the cloud polls "every ~2 s"
 }
-WEBCAM_POLL_SECONDS = 2.0
 WEBCAM_REQUEST_MAX_AGE = 30.0
 WEBCAM_MAX_BYTES = 10 * 1024 * 1024
 MAX_JSON_BODY = 4 * 1024 * 1024
@@ -163,6 +163,7 @@ class Config:
     poll_commands_seconds: float = DEFAULT_INTERVALS["poll_commands_seconds"]
     push_snapshots_seconds: float = DEFAULT_INTERVALS["push_snapshots_seconds"]
     heartbeat_seconds: float = DEFAULT_INTERVALS["heartbeat_seconds"]
+    poll_webcam_seconds: float = DEFAULT_INTERVALS["poll_webcam_seconds"]
     state_dir: str = DEFAULT_STATE_DIR
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -351,9 +352,10 @@ def save_config(config: Config) -> None:
     raw.pop("pairing_token", None)
     raw["connector_id"] = config.connector_id
     raw["connector_secret"] = config.connector_secret
-    for key in DEFAULT_INTERVALS:
-        if key in raw or getattr(config, key) != DEFAULT_INTERVALS[key]:
-            raw[key] = getattr(config, key)
+    for key, default in DEFAULT_INTERVALS.items():
+        value = getattr(config, key)
+        if value != raw.get(key, default):  # adopted from the cloud at pairing
+            raw[key] = int(value) if float(value).is_integer() else value
     entries = list(raw.get("moonraker") or [])
     for index, printer in enumerate(config.moonraker):
         entry = dict(entries[index]) if index < len(entries) and isinstance(entries[index], dict) else {}
@@ -1746,7 +1748,7 @@ class Agent:
             Loop(self, "heartbeat", self.heartbeat, lambda: config.heartbeat_seconds),
             Loop(self, "commands", self.poll_commands, lambda: config.poll_commands_seconds),
             Loop(self, "snapshots", self.push_snapshots, lambda: config.push_snapshots_seconds),
-            Loop(self, "webcam", self.serve_webcam, lambda: WEBCAM_POLL_SECONDS),
+            Loop(self, "webcam", self.serve_webcam, lambda: config.poll_webcam_seconds),
         ]
         self.first_success = set()  # type: set
         self.webcam_urls = {}  # type: Dict[str, str]  # the camera URL that last worked, per printer
