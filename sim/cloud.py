@@ -8,7 +8,6 @@ assert on what arrived, and it can be told to misbehave (``set_fault``).
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import re
@@ -20,6 +19,11 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+if __package__:
+    from .recorder import Recorder
+else:  # run as a script: python sim/cloud.py
+    from recorder import Recorder
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 HUGE_BODY_BYTES = 20 * 1024 * 1024
@@ -89,6 +93,7 @@ ROUTES = [
     ("PUT", r"/api/v1/webcam_requests/(?P<wid>[^/]+)/upload", "webcam_upload", "_ep_webcam_upload"),
     ("POST", r"/_control/pairing_tokens", "_control", "_ctl_pairing_token"),
     ("POST", r"/_control/commands", "_control", "_ctl_command"),
+    ("POST", r"/_control/webcam_requests", "_control", "_ctl_webcam_request"),
     ("POST", r"/_control/faults", "_control", "_ctl_fault"),
     ("DELETE", r"/_control/faults", "_control", "_ctl_clear_faults"),
     ("GET", r"/_control/state", "_control", "_ctl_state"),
@@ -300,12 +305,11 @@ class _Server(ThreadingHTTPServer):
 # The cloud: state, control API, endpoint implementations
 # --------------------------------------------------------------------------
 
-class ReferenceCloud:
+class ReferenceCloud(Recorder):
     def __init__(self, host="127.0.0.1", port=0):
         self.host = host
         self.port = port
-        self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
+        super().__init__()
         self._server = None
         self._thread = None
         self._connections = set()
@@ -321,13 +325,13 @@ class ReferenceCloud:
         self._webcam_requests = {}  # int id -> dict
         self._next_webcam = 1
         self._faults = {}           # endpoint or None -> {"mode", "count"}
-        self.registrations = []
-        self.requests = []
-        self.heartbeats = []
+        self._registrations = []
+        self._requests = []
+        self._heartbeats = []
         self._completions = []
-        self.snapshots = []
-        self.webcam_uploads = []
-        self.fault_hits = []
+        self._snapshots = []
+        self._webcam_uploads = []
+        self._fault_hits = []
         self._stats = {"requests": 0, "bytes_in": 0, "bytes_out": 0, "by_endpoint": {}}
 
     # ---- lifecycle ----
@@ -374,17 +378,14 @@ class ReferenceCloud:
                 self._connections.discard(conn)
 
     # ---- recording helpers ----
-    def _notify(self):
-        self._cond.notify_all()
-
     def _record_request(self, handler, endpoint, fault, body_len):
         with self._lock:
-            self.requests.append({
+            self._requests.append({
                 "method": handler.command, "path": handler.path, "endpoint": endpoint,
                 "headers": dict(handler.headers.items()), "body_bytes": body_len,
                 "fault": fault, "time": time.time()})
             if fault is not None:
-                self.fault_hits.append({"endpoint": endpoint, "mode": fault, "time": time.time()})
+                self._fault_hits.append({"endpoint": endpoint, "mode": fault, "time": time.time()})
             self._notify()
 
     def _count_request(self, endpoint, bytes_in, bytes_out):
@@ -397,32 +398,48 @@ class ReferenceCloud:
             stats["bytes_out"] += bytes_out
             stats["by_endpoint"][endpoint] = stats["by_endpoint"].get(endpoint, 0) + 1
 
+    @property
+    def registrations(self):
+        with self._lock:
+            return list(self._registrations)
+
+    @property
+    def requests(self):
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def heartbeats(self):
+        with self._lock:
+            return list(self._heartbeats)
+
+    @property
+    def snapshots(self):
+        with self._lock:
+            return list(self._snapshots)
+
+    @property
+    def webcam_uploads(self):
+        with self._lock:
+            return list(self._webcam_uploads)
+
+    @property
+    def fault_hits(self):
+        with self._lock:
+            return list(self._fault_hits)
+
     def stats(self):
         with self._lock:
             return json.loads(json.dumps(self._stats))
 
-    def wait_for(self, predicate, timeout=10.0, message=None):
-        """Waits until predicate() is truthy (re-checked on every recorded event)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                value = predicate()
-                if value:
-                    return value
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError("%s not met within %.1fs; cloud saw: %s" % (
-                        message or describe_predicate(predicate), timeout, self.summary()))
-                self._cond.wait(remaining)
-
     def summary(self):
         with self._lock:
-            return ("%d requests (%s), %d registrations, %d heartbeats, %d completions %s, "
+            return ("cloud saw %d requests (%s), %d registrations, %d heartbeats, %d completions %s, "
                     "%d snapshots, %d webcam uploads, faults hit %d" % (
-                        len(self.requests), self._stats["by_endpoint"], len(self.registrations),
-                        len(self.heartbeats),
+                        len(self._requests), self._stats["by_endpoint"], len(self._registrations),
+                        len(self._heartbeats),
                         len(self._completions), [c["command_id"] for c in self._completions],
-                        len(self.snapshots), len(self.webcam_uploads), len(self.fault_hits)))
+                        len(self._snapshots), len(self._webcam_uploads), len(self._fault_hits)))
 
     # ---- control API: pairing ----
     def add_pairing_token(self, token, polling=None):
@@ -553,7 +570,7 @@ class ReferenceCloud:
                 body = json.loads(request["body"].decode("utf-8") or "null")
             except (UnicodeDecodeError, ValueError):
                 body = None
-            self.registrations.append(body)
+            self._registrations.append(body)
             self._notify()
             if not isinstance(body, dict):
                 return 422, {"error": "Request body must be a JSON object"}
@@ -588,7 +605,7 @@ class ReferenceCloud:
         with self._lock:
             self._authenticate(request, request["params"]["cid"])
             body = self._json_body(request)
-            self.heartbeats.append({"connector_id": request["params"]["cid"], "body": body,
+            self._heartbeats.append({"connector_id": request["params"]["cid"], "body": body,
                                     "time": time.time()})
             self._notify()
             return 200, {"status": "ok"}
@@ -635,7 +652,7 @@ class ReferenceCloud:
                 return 422, {"error": "snapshots must be a list of objects"}
             received_at = time.time()
             for snap in batch:
-                self.snapshots.append({
+                self._snapshots.append({
                     "connector_id": str(connector["id"]), "printer_id": snap.get("printer_id"),
                     "captured_at": snap.get("captured_at"), "payload": snap.get("payload"),
                     "received_at": received_at})
@@ -664,7 +681,7 @@ class ReferenceCloud:
                 item = None
             if item is None or item["connector_id"] != str(connector["id"]):
                 return 404, {"error": "Webcam request not found"}
-            self.webcam_uploads.append({
+            self._webcam_uploads.append({
                 "id": item["id"], "printer_id": request["headers"].get("X-Printer-Id"),
                 "content_type": request["headers"].get("Content-Type"),
                 "body": request["body"], "time": time.time()})
@@ -688,6 +705,14 @@ class ReferenceCloud:
                                           body["action"], body.get("params"), body.get("id"))
         return 201, {"id": command_id}
 
+    def _ctl_webcam_request(self, request):
+        body = self._json_body(request)
+        if not all(k in body for k in ("connector_id", "printer_id")):
+            return 422, {"error": "connector_id and printer_id required"}
+        request_id = self.enqueue_webcam_request(body["connector_id"], body["printer_id"],
+                                                 body.get("created_at"))
+        return 201, {"id": request_id}
+
     def _ctl_fault(self, request):
         body = self._json_body(request)
         try:
@@ -706,21 +731,14 @@ class ReferenceCloud:
                           for c in self._connectors.values()]
             return 200, {
                 "connectors": connectors,
-                "registrations": len(self.registrations),
-                "heartbeats": len(self.heartbeats),
+                "registrations": len(self._registrations),
+                "heartbeats": len(self._heartbeats),
                 "completions": self._completions,
                 "commands": [{k: v for k, v in c.items()} for c in self._commands.values()],
-                "snapshots": len(self.snapshots),
-                "webcam_uploads": len(self.webcam_uploads),
+                "snapshots": len(self._snapshots),
+                "webcam_uploads": len(self._webcam_uploads),
                 "stats": self._stats,
             }
-
-
-def describe_predicate(predicate):
-    try:
-        return "condition `%s`" % inspect.getsource(predicate).strip()
-    except (OSError, TypeError):
-        return "condition %r" % (predicate,)
 
 
 # --------------------------------------------------------------------------

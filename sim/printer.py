@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import copy
 import http.client
-import inspect
 import json
 import os
 import random
@@ -28,6 +27,11 @@ import tornado.ioloop
 import tornado.netutil
 import tornado.web
 import tornado.websocket
+
+if __package__:
+    from .recorder import Recorder
+else:  # run as a script: python sim/printer.py
+    from recorder import Recorder
 
 VERBOSE = os.environ.get("SIM_VERBOSE") == "1"
 GCODES_DIR = "/home/pi/printer_data/gcodes"
@@ -314,7 +318,7 @@ class _WebSocketHandler(tornado.websocket.WebSocketHandler):
 # The simulator
 # --------------------------------------------------------------------------
 
-class PrinterSimulator:
+class PrinterSimulator(Recorder):
     def __init__(self, host="127.0.0.1", port=0, ui_port=0, api_key=None,
                  print_seconds=30.0, tick_hz=2.0):
         self.host = host
@@ -323,8 +327,7 @@ class PrinterSimulator:
         self.api_key = api_key
         self.print_seconds = float(print_seconds)
         self.tick_hz = float(tick_hz)
-        self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
+        super().__init__()
         self._loop = None
         self._thread = None
         self._servers = []
@@ -339,10 +342,10 @@ class PrinterSimulator:
         self._ws = set()
         self._next_ws_id = 1
         self._last_tick = time.monotonic()
-        self.requests = []
-        self.gcode_scripts = []
-        self.deleted = []
-        self.ws_calls = []
+        self._requests = []
+        self._gcode_scripts = []
+        self._deleted = []
+        self._ws_calls = []
         self.ws_connections_total = 0
 
     # ---- lifecycle ----
@@ -449,51 +452,57 @@ class PrinterSimulator:
             except ValueError:
                 parsed = None
         with self._lock:
-            self.requests.append({
+            self._requests.append({
                 "port": port_name, "method": request.method, "path": request.uri,
                 "headers": dict(request.headers.get_all()), "body": request.body,
                 "json": parsed, "time": time.time()})
-            self._cond.notify_all()
+            self._notify()
 
     def _record_ws_call(self, connection_id, method, params):
         with self._lock:
-            self.ws_calls.append({"connection_id": connection_id, "method": method,
+            self._ws_calls.append({"connection_id": connection_id, "method": method,
                                   "params": params, "time": time.time()})
-            self._cond.notify_all()
+            self._notify()
+
+    @property
+    def requests(self):
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def gcode_scripts(self):
+        with self._lock:
+            return list(self._gcode_scripts)
+
+    @property
+    def deleted(self):
+        with self._lock:
+            return list(self._deleted)
+
+    @property
+    def ws_calls(self):
+        with self._lock:
+            return list(self._ws_calls)
 
     @property
     def ws_clients(self):
         with self._lock:
             return len(self._ws)
 
-    def wait_for(self, predicate, timeout=10.0, message=None):
-        """Waits until predicate() is truthy (re-checked on every recorded event)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                value = predicate()
-                if value:
-                    return value
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError("%s not met within %.1fs; printer: %s" % (
-                        message or _describe(predicate), timeout, self.summary()))
-                self._cond.wait(remaining)
-
     def summary(self):
         with self._lock:
-            recent = ["%s %s" % (r["method"], r["path"]) for r in self.requests[-8:]]
-            return ("state=%s klippy=%s files=%s, %d requests (last: %s), gcode=%s, "
+            recent = ["%s %s" % (r["method"], r["path"]) for r in self._requests[-8:]]
+            return ("printer: state=%s klippy=%s files=%s, %d requests (last: %s), gcode=%s, "
                     "ws clients=%d, ws calls=%d" % (
                         self._status["print_stats"]["state"], self._klippy, sorted(self._files),
-                        len(self.requests), recent, self.gcode_scripts, len(self._ws),
-                        len(self.ws_calls)))
+                        len(self._requests), recent, self._gcode_scripts, len(self._ws),
+                        len(self._ws_calls)))
 
     # ---- control API ----
     def add_file(self, name, data=b"G28\nG1 X10 Y10 F3000\n"):
         with self._lock:
             self._files[name] = {"data": bytes(data), "modified": time.time()}
-            self._cond.notify_all()
+            self._notify()
 
     @property
     def files(self):
@@ -537,7 +546,7 @@ class PrinterSimulator:
             webhooks = ({"state": "ready", "state_message": "Printer is ready"} if connected
                         else {"state": "shutdown", "state_message": "Klippy Host not connected"})
             self._status["webhooks"].update(webhooks)
-            self._cond.notify_all()
+            self._notify()
         method = "notify_klippy_ready" if connected else "notify_klippy_disconnected"
         self._broadcast({"jsonrpc": "2.0", "method": method})
 
@@ -598,7 +607,7 @@ class PrinterSimulator:
                         self._status[name][field] = copy.deepcopy(value)
                         diff.setdefault(name, {})[field] = copy.deepcopy(value)
             if diff:
-                self._cond.notify_all()
+                self._notify()
         if diff and self._klippy:
             self._push_status(diff, time.monotonic())
         return diff
@@ -715,7 +724,7 @@ class PrinterSimulator:
             "metadata": {"size": len(entry["data"]) if entry else 0,
                          "modified": entry["modified"] if entry else 0},
             "auxiliary_data": []})
-        self._cond.notify_all()
+        self._notify()
 
     # ---- HTTP API dispatch ----
     def _dispatch_api(self, request):
@@ -735,15 +744,18 @@ class PrinterSimulator:
 
     @staticmethod
     def _json_args(request):
-        if request.body and "json" in request.headers.get("Content-Type", ""):
+        """Query arguments, overridden by a JSON object body (as Moonraker merges them)."""
+        args = {k: v[-1].decode() for k, v in request.query_arguments.items()}
+        content_type = request.headers.get("Content-Type", "")
+        if request.body and ("json" in content_type or request.body.lstrip()[:1] == b"{"):
             try:
                 body = json.loads(request.body)
             except ValueError:
                 raise MoonrakerError(400, "Invalid JSON body")
-            if isinstance(body, dict):
-                return body
-            raise MoonrakerError(400, "Invalid JSON body")
-        return {k: v[-1].decode() for k, v in request.arguments.items()}
+            if not isinstance(body, dict):
+                raise MoonrakerError(400, "Invalid JSON body")
+            args.update(body)
+        return args
 
     def _server_info_result(self):
         with self._lock:
@@ -826,8 +838,8 @@ class PrinterSimulator:
         if not isinstance(script, str):
             raise MoonrakerError(400, "No data for argument: script")
         with self._lock:
-            self.gcode_scripts.append(script)
-            self._cond.notify_all()
+            self._gcode_scripts.append(script)
+            self._notify()
             for line in script.splitlines():
                 self._run_gcode_line(line.strip())
         return 200, {"result": "ok"}
@@ -857,13 +869,18 @@ class PrinterSimulator:
         name = "/".join(p for p in (folder, uploads[0].filename) if p)
         if not valid_relative_path(name):
             raise MoonrakerError(400, detail="Cannot write to path: %s/%s" % (GCODES_DIR, name))
-        self.add_file(name, uploads[0].body)
+        wants_print = (request.body_arguments.get("print") or [b"false"])[-1] == b"true"
         with self._lock:
+            self.add_file(name, uploads[0].body)
             modified = self._files[name]["modified"]
+            started = wants_print and self._status["print_stats"]["state"] not in (
+                "printing", "paused")
+            if started:
+                self._begin_job(name)
         return 201, {"action": "create_file",
                      "item": {"modified": modified, "size": len(uploads[0].body),
                               "permissions": "rw", "path": name, "root": "gcodes"},
-                     "print_started": False, "print_queued": False}
+                     "print_started": started, "print_queued": False}
 
     def _files_delete(self, request, path):
         name = unquote(path)
@@ -874,8 +891,8 @@ class PrinterSimulator:
                     and self._status["print_stats"]["filename"] == name):
                 raise MoonrakerError(403, detail="File currently in use: gcodes/%s" % name)
             del self._files[name]
-            self.deleted.append(name)
-            self._cond.notify_all()
+            self._deleted.append(name)
+            self._notify()
         return 200, {"result": {"action": "delete_file",
                                 "item": {"modified": 0, "size": 0, "permissions": "",
                                          "path": name, "root": "gcodes"}}}
@@ -909,13 +926,13 @@ class PrinterSimulator:
             self._next_ws_id += 1
             self._ws.add(client)
             self.ws_connections_total += 1
-            self._cond.notify_all()
+            self._notify()
             return connection_id
 
     def _ws_closed(self, client):
         with self._lock:
             self._ws.discard(client)
-            self._cond.notify_all()
+            self._notify()
 
     def _ws_identify(self, client, params):
         return {"connection_id": client.connection_id}
@@ -961,13 +978,6 @@ def _log_request(handler):
     if VERBOSE:
         sys.stderr.write("printer: %d %s %s\n" % (
             handler.get_status(), handler.request.method, handler.request.uri))
-
-
-def _describe(predicate):
-    try:
-        return "condition `%s`" % inspect.getsource(predicate).strip()
-    except (OSError, TypeError):
-        return "condition %r" % (predicate,)
 
 
 # --------------------------------------------------------------------------

@@ -330,6 +330,13 @@ def test_wait_for_times_out_with_a_message_naming_what_was_seen(cloud):
     assert "0 heartbeats" in str(failure.value)
 
 
+def test_wait_for_predicate_may_call_the_cloud_itself(cloud, http, paired):
+    cloud.enqueue_command(paired.id, 1, "pause")
+    delivered = cloud.wait_for(
+        lambda: http.get(paired.base + "/commands", headers=paired.headers).json(), timeout=5)
+    assert [c["action"] for c in delivered] == ["pause"]
+
+
 def test_stop_closes_keepalive_connections_and_start_reuses_port(cloud, http, paired):
     assert http.post(paired.base + "/heartbeat", json={}, headers=paired.headers).ok
     port = cloud.port
@@ -358,6 +365,9 @@ def test_control_surface_and_cli(tmp_path):
                                  json={"pairing_token": token, "printers": [{}]}).ok
         made = requests.post(url + "/_control/commands", json={
             "connector_id": 42, "printer_id": 1, "action": "pause"}).json()
+        webcam = requests.post(url + "/_control/webcam_requests", json={
+            "connector_id": 42, "printer_id": 1}).json()
+        assert webcam == {"id": 1}
         state = requests.get(url + "/_control/state").json()
         assert made == {"id": "cmd_1"}
         assert [c["id"] for c in state["connectors"]] == [42, 43]
@@ -452,6 +462,13 @@ def test_upload_answers_201_not_wrapped_in_result(printer, http):
     assert set(body) == set(real) and set(body["item"]) == set(real["item"])
     assert body["item"]["path"] == "cube.gcode" and body["item"]["size"] == 4
     assert printer.files["cube.gcode"] == b"G28\n"
+
+
+def test_upload_with_print_true_starts_the_print(printer, http):
+    answer = http.post(printer.url + "/server/files/upload", files={"file": ("go.gcode", b"G28\n")},
+                       data={"root": "gcodes", "print": "true"})
+    assert answer.json()["print_started"] is True
+    assert printer.state == "printing" and printer.status["print_stats"]["filename"] == "go.gcode"
 
 
 @pytest.mark.parametrize("name,root,reason", [
@@ -635,6 +652,27 @@ def test_requests_are_recorded_with_headers_and_json(printer, http):
     assert (recorded["method"], recorded["path"]) == ("POST", "/printer/objects/query")
     assert recorded["json"] == {"objects": {"toolhead": None}}
     assert recorded["headers"]["X-Api-Key"] == "k"
+
+
+def test_printer_cli_prints_its_urls_and_serves():
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "sim" / "printer.py"), "--port", str(ports[0]),
+         "--ui-port", str(ports[1]), "--api-key", "K"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert "http://127.0.0.1:%d" % ports[0] in line and "http://127.0.0.1:%d" % ports[1] in line
+        info = requests.get("http://127.0.0.1:%d/server/info" % ports[0],
+                            headers={"X-Api-Key": "K"})
+        assert info.json()["result"]["klippy_connected"] is True
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        process.stdout.close()
 
 
 def test_simulators_are_quiet_on_stderr(tmp_path):
