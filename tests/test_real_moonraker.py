@@ -1,0 +1,367 @@
+"""connector.py against the real Moonraker 0.11 from PyPI, without Klipper.
+
+Each test runs connector.py as a real process paired with the reference
+cloud, sends it commands through the cloud and checks both what the cloud
+received and what happened in Moonraker's data folder (or its access log).
+Without Klipper, Moonraker's file, history, webcam and websocket APIs work
+for real and its /printer/* routes fail: the connector must report that
+cleanly and keep going.
+
+Two Moonraker instances per module: one with trusted_clients 127.0.0.0/8 and
+a webcam pointing at a JPEG server of the test's own, and one without
+trusted clients, which wants X-Api-Key.
+"""
+
+import base64
+import os
+
+import pytest
+
+from conftest import wait_until, unpaired_config
+from moonraker_real import ImageServer, RealMoonraker, requests_logged
+from sim.printer import make_jpeg
+
+# One command's round trip (poll 0.3 s, Moonraker, completion) takes well
+# under a second; the margins are for a loaded 2-core CI machine.
+COMMAND_TIMEOUT = 15.0
+
+
+@pytest.fixture(scope="module")
+def webcam_image():
+    return make_jpeg(64, 48)
+
+
+@pytest.fixture(scope="module")
+def image_server(webcam_image):
+    server = ImageServer(webcam_image).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def moonraker(tmp_path_factory, image_server):
+    instance = RealMoonraker(tmp_path_factory.mktemp("moonraker-trusted"), trusted=True,
+                             webcam_url=image_server.url).start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_moonraker(tmp_path_factory):
+    instance = RealMoonraker(tmp_path_factory.mktemp("moonraker-keyed"), trusted=False).start()
+    yield instance
+    instance.stop()
+
+
+def start_connector(cloud, make_connector, moonraker, api_key=None):
+    config = unpaired_config(cloud, moonraker)
+    if api_key is not None:
+        config["moonraker"][0]["api_key"] = api_key
+    connector = make_connector(config).start()
+    connector.wait_log("Pairing successful")
+    connector.wait_log("Connector running")
+    return connector
+
+
+@pytest.fixture
+def connector(cloud, make_connector, moonraker):
+    """A running connector paired with the cloud and talking to the trusted Moonraker."""
+    return start_connector(cloud, make_connector, moonraker)
+
+
+def run_command(cloud, connector, action, params=None):
+    """Sends one command through the cloud; returns the completion body the cloud received."""
+    command_id = cloud.enqueue_command(connector.connector_id, connector.printer_id, action, params)
+    completions = cloud.wait_for(lambda: cloud.completions_for(command_id), timeout=COMMAND_TIMEOUT,
+                                 message="completion of %s (%s)" % (command_id, action))
+    assert len(completions) == 1, completions
+    return completions[0]["body"]
+
+
+def heartbeats_of(cloud, connector):
+    return [h["body"] for h in cloud.heartbeats if h["connector_id"] == str(connector.connector_id)]
+
+
+def wait_reachable_heartbeats(cloud, connector, reachable, count=2):
+    def matching():
+        found = [b for b in heartbeats_of(cloud, connector)
+                 if b.get("printers") and b["printers"][0].get("reachable") is reachable]
+        return found if len(found) >= count else None
+    return cloud.wait_for(matching, timeout=COMMAND_TIMEOUT,
+                          message="%d heartbeats with reachable=%s" % (count, reachable))
+
+
+def moonraker_listing(moonraker):
+    return {entry["path"] for entry in moonraker.get("/server/files/list", params={"root": "gcodes"})}
+
+
+def write_gcode(moonraker, relpath, data):
+    """A file put straight into DATA/gcodes; waits until Moonraker's file watcher knows it."""
+    path = os.path.join(moonraker.gcodes, relpath)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    wait_until(lambda: relpath in moonraker_listing(moonraker), 10.0, "Moonraker lists %s" % relpath)
+    return path
+
+
+# --------------------------------------------------------------------------
+# The peer itself
+# --------------------------------------------------------------------------
+
+def test_moonraker_starts_fast_on_loopback_without_klippy(moonraker):
+    assert moonraker.started_in < 5.0, "Moonraker took %.1fs to answer /server/info" % moonraker.started_in
+    info = moonraker.get("/server/info")
+    assert info["moonraker_version"].startswith("0.11")
+    assert info["klippy_connected"] is False
+    assert not info["failed_components"]
+    # Nothing that would reach out to the internet is loaded.
+    assert "update_manager" not in info["components"]
+    assert "zeroconf" not in info["components"]
+    assert "Moonlight Disabled" in moonraker.log
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+
+def test_sync_files_lists_the_files_present_in_gcodes(cloud, connector, moonraker):
+    write_gcode(moonraker, "sync_a.gcode", b"G28\n")
+    write_gcode(moonraker, "syncdir/sync_b.gcode", b"G1 X10\n")
+
+    body = run_command(cloud, connector, "sync_files")
+
+    assert body["status"] == "succeeded", body
+    listed = {entry["path"] for entry in body["result"]["files"]}
+    assert listed == moonraker.gcode_files()
+    assert {"sync_a.gcode", "syncdir/sync_b.gcode"} <= listed
+    assert body["result"]["count"] == len(listed)
+    sizes = {entry["path"]: entry["size"] for entry in body["result"]["files"]}
+    assert sizes["syncdir/sync_b.gcode"] == len(b"G1 X10\n")
+
+
+def test_upload_file_creates_the_file_with_the_same_bytes(cloud, connector, moonraker):
+    data = b"; uploaded through the cloud\nG28\nG1 X5 Y5 F3000\n" + bytes(range(256))
+
+    body = run_command(cloud, connector, "upload_file",
+                       {"filename": "upload_top.gcode", "content": base64.b64encode(data).decode()})
+
+    assert body["status"] == "succeeded", body
+    assert body["result"]["filename"] == "upload_top.gcode"
+    assert body["result"]["size"] == len(data)
+    with open(os.path.join(moonraker.gcodes, "upload_top.gcode"), "rb") as handle:
+        assert handle.read() == data
+
+
+def test_upload_file_into_a_subfolder_creates_it_there(cloud, connector, moonraker):
+    data = b"G28\n; in a subfolder\n"
+
+    body = run_command(cloud, connector, "upload_file",
+                       {"filename": "parts/left/bracket.gcode", "content": base64.b64encode(data).decode()})
+
+    assert body["status"] == "succeeded", body
+    path = os.path.join(moonraker.gcodes, "parts", "left", "bracket.gcode")
+    with open(path, "rb") as handle:
+        assert handle.read() == data
+    assert "parts/left/bracket.gcode" in moonraker_listing(moonraker)
+
+
+def test_delete_file_removes_it_from_gcodes(cloud, connector, moonraker):
+    path = write_gcode(moonraker, "to_delete.gcode", b"G28\n")
+
+    body = run_command(cloud, connector, "delete_file", {"filename": "to_delete.gcode"})
+
+    assert body["status"] == "succeeded", body
+    assert body["result"]["filename"] == "to_delete.gcode"
+    assert not os.path.exists(path)
+
+
+def test_delete_of_a_missing_file_reports_moonrakers_real_reason(cloud, connector, moonraker):
+    assert not os.path.exists(os.path.join(moonraker.gcodes, "never_there.gcode"))
+
+    body = run_command(cloud, connector, "delete_file", {"filename": "never_there.gcode"})
+
+    assert body["status"] == "failed", body
+    # Moonraker's `message` is only "Bad Request"; the reason is in its traceback.
+    assert "Invalid file path" in body["error_message"], body
+    assert "never_there.gcode" in body["error_message"]
+    assert requests_logged(moonraker, "DELETE /server/files/gcodes/never_there.gcode")
+
+
+def test_delete_with_a_traversal_name_fails_locally_and_leaves_the_config_untouched(cloud, connector, moonraker):
+    with open(moonraker.conf_path, "rb") as handle:
+        before = handle.read()
+
+    body = run_command(cloud, connector, "delete_file", {"filename": "../config/moonraker.conf"})
+
+    assert body["status"] == "failed", body
+    assert "invalid filename" in body["error_message"], body
+    with open(moonraker.conf_path, "rb") as handle:
+        assert handle.read() == before
+    # Nothing about the config file ever reached Moonraker: once a later
+    # command's request shows up in its access log, the traversal is not there.
+    marker = "sync_after_traversal.gcode"
+    write_gcode(moonraker, marker, b"G28\n")
+    assert run_command(cloud, connector, "delete_file", {"filename": marker})["status"] == "succeeded"
+    wait_until(lambda: requests_logged(moonraker, "DELETE /server/files/gcodes/" + marker), 10.0,
+               "Moonraker logged the later DELETE")
+    assert not requests_logged(moonraker, "moonraker.conf")
+    assert not requests_logged(moonraker, "/config/")
+
+
+def test_upload_with_a_traversal_name_fails_locally_and_writes_nothing(cloud, connector, moonraker):
+    config_files = set(os.listdir(moonraker.config_dir))
+
+    body = run_command(cloud, connector, "upload_file",
+                       {"filename": "../config/evil.cfg", "content": base64.b64encode(b"[evil]\n").decode()})
+
+    assert body["status"] == "failed", body
+    assert "invalid filename" in body["error_message"], body
+    assert set(os.listdir(moonraker.config_dir)) == config_files
+    assert not os.path.exists(os.path.join(moonraker.config_dir, "evil.cfg"))
+
+
+# --------------------------------------------------------------------------
+# History
+# --------------------------------------------------------------------------
+
+def test_import_history_returns_moonrakers_history(cloud, connector, moonraker):
+    body = run_command(cloud, connector, "import_history", {"limit": 5})
+
+    assert body["status"] == "succeeded", body
+    expected = moonraker.get("/server/history/list", params={"limit": 5})
+    assert body["result"]["history"] == expected
+    assert body["result"]["count"] == len(expected["jobs"]) == 0
+    assert expected["count"] == 0
+
+
+# --------------------------------------------------------------------------
+# Printer routes without Klippy: clean failures, the agent keeps going
+# --------------------------------------------------------------------------
+
+def test_start_print_without_klippy_fails_with_moonrakers_message_and_the_agent_keeps_running(
+        cloud, connector, moonraker):
+    write_gcode(moonraker, "cube.gcode", b"G28\n")
+
+    body = run_command(cloud, connector, "start_print", {"filename": "cube.gcode"})
+
+    assert body["status"] == "failed", body
+    assert "Klippy Host not connected" in body["error_message"], body
+    assert "503" in body["error_message"]
+    assert body["result"]["filename"] == "cube.gcode"
+    assert requests_logged(moonraker, "POST /printer/print/start?filename=cube.gcode")
+    assert connector.proc.poll() is None
+    assert run_command(cloud, connector, "sync_files")["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("action", ["pause", "resume", "cancel"])
+def test_print_control_without_klippy_fails_with_klippy_host_not_connected(cloud, connector, moonraker, action):
+    body = run_command(cloud, connector, action)
+
+    assert body["status"] == "failed", body
+    assert "Klippy Host not connected" in body["error_message"], body
+    assert requests_logged(moonraker, "POST /printer/print/%s" % action)
+    assert run_command(cloud, connector, "import_history")["status"] == "succeeded"
+
+
+def test_homing_without_klippy_fails_with_not_found_and_the_agent_keeps_running(cloud, connector, moonraker):
+    body = run_command(cloud, connector, "homing", {"axes": ["x", "y"]})
+
+    assert body["status"] == "failed", body
+    assert "404" in body["error_message"], body
+    assert "Not Found" in body["error_message"]
+    assert requests_logged(moonraker, "404 POST /printer/gcode/script")
+    assert run_command(cloud, connector, "sync_files")["status"] == "succeeded"
+
+
+def test_snapshots_fail_cleanly_without_klippy_while_heartbeats_report_reachable(cloud, connector, moonraker):
+    connector.wait_log(r'msg="snapshots failed".*404')
+    wait_reachable_heartbeats(cloud, connector, True, count=3)
+
+    assert not [s for s in cloud.snapshots if s["connector_id"] == str(connector.connector_id)]
+    assert connector.proc.poll() is None
+    assert "Traceback" not in connector.run_log
+
+
+# --------------------------------------------------------------------------
+# Webcam
+# --------------------------------------------------------------------------
+
+def test_webcam_request_uploads_the_image_of_the_camera_configured_in_moonraker(
+        cloud, connector, moonraker, image_server, webcam_image):
+    cams = moonraker.get("/server/webcams/list")["webcams"]
+    assert [c["snapshot_url"] for c in cams] == [image_server.url]
+    hits_before = image_server.hits
+
+    request_id = cloud.enqueue_webcam_request(connector.connector_id, connector.printer_id)
+    uploads = cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] == request_id],
+                             timeout=COMMAND_TIMEOUT, message="webcam upload %s" % request_id)
+
+    assert len(uploads) == 1
+    assert uploads[0]["body"] == webcam_image
+    assert uploads[0]["content_type"] == "image/jpeg"
+    assert uploads[0]["printer_id"] == str(connector.printer_id)
+    assert image_server.hits > hits_before
+
+
+# --------------------------------------------------------------------------
+# API key (the instance without trusted_clients)
+# --------------------------------------------------------------------------
+
+def test_without_api_key_a_moonraker_that_wants_one_is_reported_unreachable(cloud, make_connector, keyed_moonraker):
+    connector = start_connector(cloud, make_connector, keyed_moonraker)
+
+    wait_reachable_heartbeats(cloud, connector, False)
+    assert not [b for b in heartbeats_of(cloud, connector) if b["printers"][0]["reachable"]]
+    body = run_command(cloud, connector, "sync_files")
+    assert body["status"] == "failed", body
+    assert "401" in body["error_message"] and "Unauthorized" in body["error_message"], body
+
+
+def test_with_the_api_key_the_printer_is_reachable_and_sync_files_works(cloud, make_connector, keyed_moonraker):
+    connector = start_connector(cloud, make_connector, keyed_moonraker, api_key=keyed_moonraker.api_key())
+    write_gcode(keyed_moonraker, "keyed.gcode", b"G28\n")
+
+    wait_reachable_heartbeats(cloud, connector, True)
+    body = run_command(cloud, connector, "sync_files")
+
+    assert body["status"] == "succeeded", body
+    assert {entry["path"] for entry in body["result"]["files"]} == keyed_moonraker.gcode_files() == {"keyed.gcode"}
+
+
+def test_a_wrong_api_key_is_reported_unreachable(cloud, make_connector, keyed_moonraker):
+    connector = start_connector(cloud, make_connector, keyed_moonraker, api_key="0" * 32)
+
+    wait_reachable_heartbeats(cloud, connector, False)
+    assert not [b for b in heartbeats_of(cloud, connector) if b["printers"][0]["reachable"]]
+
+
+# --------------------------------------------------------------------------
+# Websocket (status watcher)
+# --------------------------------------------------------------------------
+
+def identified(moonraker):
+    return [line for line in moonraker.log.splitlines()
+            if "Client Identified - Name: printer-connector" in line]
+
+
+def test_status_watcher_identifies_on_moonrakers_websocket(cloud, make_connector, moonraker):
+    before = len(identified(moonraker))
+
+    connector = start_connector(cloud, make_connector, moonraker)
+
+    connector.wait_log("status websocket connected")
+    wait_until(lambda: len(identified(moonraker)) > before, 10.0, "Moonraker logs the identified connector")
+    assert "Type: other" in identified(moonraker)[-1]
+    wait_until(lambda: moonraker.get("/server/info")["websocket_count"] >= 1, 10.0, "an open websocket")
+    assert "status websocket (printer" not in connector.run_log  # no connection failure was logged
+
+
+def test_status_watcher_authenticates_with_the_api_key(cloud, make_connector, keyed_moonraker):
+    before = len(identified(keyed_moonraker))
+
+    connector = start_connector(cloud, make_connector, keyed_moonraker, api_key=keyed_moonraker.api_key())
+
+    connector.wait_log("status websocket connected")
+    wait_until(lambda: len(identified(keyed_moonraker)) > before, 10.0, "Moonraker logs the identified connector")
+    wait_until(lambda: keyed_moonraker.get("/server/info")["websocket_count"] >= 1, 10.0, "an open websocket")
