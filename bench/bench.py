@@ -1,0 +1,590 @@
+#!/usr/bin/env python3
+"""Cost of the connector on the printer and on the wire (issue 7).
+
+Runs the connector -- connector.py on this interpreter, and the built binary
+and zipapp when they exist -- at its default intervals against the reference
+cloud (sim/cloud.py) and the printer simulator (sim/printer.py) on loopback,
+and prints one table: bytes on the wire per hour (both directions, headers
+included, counted by the cloud), requests per hour by endpoint, CPU seconds
+per hour and peak RSS of the whole process tree, bytes written to storage per
+hour, `--version` start-up time, artifact size, and the time from a print
+state change in the simulator to a snapshot with that state in the cloud.
+Per-hour figures are extrapolated from a steady-state window (--duration);
+CPU is also given as the median of one-minute windows. Results go to
+bench/results/ as JSON and Markdown.
+
+    bench.py [--duration S] [--runs N] [--targets py,binary,pyz]
+    bench.py --soak [--soak-minutes M]      # 1 s intervals, RSS start vs end
+    bench.py --profile [--duration S]       # cProfile of connector.py, all threads
+
+This measures and prints; it is not a test and asserts nothing.
+"""
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import platform
+import pstats
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import procfs  # noqa: E402
+from sim.cloud import ReferenceCloud  # noqa: E402
+from sim.printer import PrinterSimulator  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results")
+PYTHON38 = os.environ.get("PYTHON38", "/root/.pyenv/versions/3.8.18/bin/python3.8")
+CLOUD_ENDPOINTS = ("heartbeat", "commands", "snapshots", "webcam_requests", "complete", "webcam_upload", "register")
+MB = 1000.0 * 1000.0
+MIB = 1024.0 * 1024.0
+
+# (key, label, target, unit, how to show a value)
+TARGETS = [
+    ("wire_bytes_per_hour", "wire, both directions (MB/h)", 1.0 * MB, "<= 1.0", lambda v: "%.3f" % (v / MB)),
+    ("requests_per_hour", "requests per hour", None, "(Go: ~3480)", lambda v: "%.0f" % v),
+    ("cpu_seconds_per_hour", "CPU, whole tree (s/h)", 3.6, "<= 3.6", lambda v: "%.2f" % v),
+    ("peak_rss_bytes", "peak RSS, whole tree (MiB)", 30 * MIB, "<= 30", lambda v: "%.1f" % (v / MIB)),
+    ("disk_write_bytes_per_hour", "storage writes (bytes/h)", 0, "0 beyond logs", lambda v: "%.0f" % v),
+    ("log_bytes_per_hour", "log output, info (bytes/h)", None, "(not counted)", lambda v: "%.0f" % v),
+    ("version_startup_seconds", "--version start-up, median (s)", 0.5, "<= 0.5", lambda v: "%.3f" % v),
+    ("size_bytes", "artifact size (MB)", 14 * MB, "<= 14", lambda v: "%.2f" % (v / MB)),
+    ("state_latency_seconds", "state change to cloud, median (s)", 2.0, "<= 2", lambda v: "%.3f" % v),
+]
+
+
+def log(message):
+    sys.stderr.write("[bench %s] %s\n" % (time.strftime("%H:%M:%S"), message))
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------
+# What is measured: connector.py, the binary, the zipapp
+# --------------------------------------------------------------------------
+
+class Subject:
+    def __init__(self, key, label, command, artifact, python=None):
+        self.key, self.label, self.command, self.artifact, self.python = key, label, command, artifact, python
+
+    def missing(self):
+        """Why this subject cannot run, or None."""
+        if not os.path.exists(self.artifact):
+            return "not built (%s missing)" % os.path.relpath(self.artifact, ROOT)
+        if self.python and not os.access(self.python, os.X_OK):
+            return "interpreter %s missing" % self.python
+        return None
+
+
+def all_subjects(python):
+    connector = os.path.join(ROOT, "connector.py")
+    binary = os.path.join(ROOT, "dist", "printer-connector-linux-amd64")
+    pyz = os.path.join(ROOT, "dist", "printer-connector.pyz")
+    version = ".".join(platform.python_version_tuple()[:2])
+    return {
+        "py": Subject("py", "connector.py (py%s)" % version, [python, connector], connector, python),
+        "binary": Subject("binary", "binary (amd64)", [binary], binary),
+        "pyz": Subject("pyz", "zipapp (py3.8)", [PYTHON38, pyz], pyz, PYTHON38),
+    }
+
+
+# --------------------------------------------------------------------------
+# One connector process with its own cloud and printer
+# --------------------------------------------------------------------------
+
+class Rig:
+    """A reference cloud, a printer simulator and one connector process."""
+
+    def __init__(self, subject, workdir, intervals=None, command=None):
+        self.subject = subject
+        self.workdir = workdir
+        self.command = command or subject.command
+        self.cloud = ReferenceCloud().start()
+        self.printer = PrinterSimulator(print_seconds=360000.0).start()
+        self.state_dir = os.path.join(workdir, "state")
+        self.config_path = os.path.join(workdir, "config.json")
+        token = "PAIR_bench_%s_%d" % (subject.key, os.getpid())
+        self.cloud.add_pairing_token(token)
+        config = {"cloud_url": self.cloud.url, "pairing_token": token, "site_name": "Bench",
+                  "state_dir": self.state_dir,
+                  "moonraker": [{"printer_id": 0, "name": "Sim", "base_url": self.printer.url,
+                                 "ui_port": self.printer.ui_port}]}
+        config.update(intervals or {})  # none: the connector's defaults
+        os.makedirs(workdir, exist_ok=True)
+        with open(self.config_path, "w") as handle:
+            json.dump(config, handle, indent=2)
+        os.chmod(self.config_path, 0o600)
+        self.proc = None
+        self.log_bytes = 0
+        self.log_tail = collections.deque(maxlen=400)
+        self._log_lock = threading.Lock()
+        self._log_seen = threading.Condition(self._log_lock)
+        self.peak_rss = 0
+        self._sampling = threading.Event()
+
+    # ---- process ----
+    def start(self):
+        env = dict(os.environ)
+        env.pop("CLOUD_URL", None)
+        self.proc = subprocess.Popen(self.command + ["--config", self.config_path], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        threading.Thread(target=self._drain, daemon=True).start()
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+        return self
+
+    def _drain(self):
+        """Log lines go to a pipe (not to storage) and are counted here."""
+        with open(os.path.join(self.workdir, "connector.log"), "wb") as keep:
+            for line in iter(self.proc.stdout.readline, b""):
+                keep.write(line)
+                with self._log_lock:
+                    self.log_bytes += len(line)
+                    self.log_tail.append(line.decode("utf-8", "replace").rstrip())
+                    self._log_seen.notify_all()
+        with self._log_lock:
+            self._log_seen.notify_all()
+
+    def _sample_rss(self):
+        while self.proc.poll() is None and not self._sampling.is_set():
+            sample = procfs.sample_tree(self.proc.pid)
+            self.peak_rss = max(self.peak_rss, sample["rss_bytes"])
+            self._sampling.wait(0.25)
+
+    def wait_log(self, pattern, timeout):
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._log_lock:
+            while not any(regex.search(line) for line in self.log_tail):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.proc.poll() is not None:
+                    raise RuntimeError("%s: no log line %r (exit %s); last lines:\n%s" % (
+                        self.subject.label, pattern, self.proc.poll(), "\n".join(list(self.log_tail)[-20:])))
+                self._log_seen.wait(min(remaining, 0.5))
+
+    def stop(self):
+        code = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait(5)
+        self._sampling.set()
+        self.cloud.stop()
+        self.printer.stop()
+        return code
+
+    # ---- readings ----
+    def reading(self):
+        with self._log_lock:
+            log_bytes = self.log_bytes
+        return {"time": time.monotonic(), "stats": self.cloud.stats(), "tree": procfs.sample_tree(self.proc.pid),
+                "files": procfs.files_state(self.state_dir), "log_bytes": log_bytes}
+
+    def wait_steady(self, timeout=90.0):
+        """Paired, running, and every loop has reached the cloud once."""
+        self.wait_log(r'msg="Connector running"', timeout)
+
+        def every_loop():
+            seen = self.cloud.stats()["by_endpoint"]
+            return all(seen.get(name) for name in ("heartbeat", "commands", "snapshots", "webcam_requests"))
+        self.cloud.wait_for(every_loop, timeout=timeout, message="a first request from every loop")
+
+    def state_latency(self, state):
+        """Seconds from set_state to a snapshot with that state in the cloud (None: not within 15 s)."""
+        with self.cloud._lock:
+            seen = len(self.cloud.snapshots)
+        started = time.time()
+        if state in ("printing", "paused") and self.printer.state in ("standby", "complete", "cancelled", "error"):
+            self.printer.set_state(state, filename="bench.gcode")
+        else:
+            self.printer.set_state(state)
+
+        def arrived():
+            for snap in self.cloud.snapshots[seen:]:
+                payload = snap.get("payload") or {}
+                stats = (payload.get("status") or {}).get("print_stats") or {}
+                if stats.get("state") == state:
+                    return snap
+            return None
+        try:
+            snap = self.cloud.wait_for(arrived, timeout=15.0)
+        except AssertionError:
+            return None
+        return snap["received_at"] - started
+
+
+def rates(first, last):
+    """Per-hour figures between two readings."""
+    hours = (last["time"] - first["time"]) / 3600.0
+    a, b = first["stats"], last["stats"]
+    by_endpoint = {name: (b["by_endpoint"].get(name, 0) - a["by_endpoint"].get(name, 0)) / hours
+                   for name in sorted(set(a["by_endpoint"]) | set(b["by_endpoint"]))}
+    writes = ((last["tree"]["write_bytes"] - last["tree"]["cancelled_write_bytes"])
+              - (first["tree"]["write_bytes"] - first["tree"]["cancelled_write_bytes"]))
+    return {
+        "seconds": last["time"] - first["time"],
+        "wire_bytes_per_hour": (b["bytes_in"] + b["bytes_out"] - a["bytes_in"] - a["bytes_out"]) / hours,
+        "wire_bytes_to_cloud_per_hour": (b["bytes_in"] - a["bytes_in"]) / hours,
+        "wire_bytes_from_cloud_per_hour": (b["bytes_out"] - a["bytes_out"]) / hours,
+        "requests_per_hour": (b["requests"] - a["requests"]) / hours,
+        "requests_per_hour_by_endpoint": {k: v for k, v in by_endpoint.items() if v},
+        "cpu_seconds_per_hour": (last["tree"]["cpu_seconds"] - first["tree"]["cpu_seconds"]) / hours,
+        "disk_write_bytes_per_hour": max(0, writes) / hours,
+        "log_bytes_per_hour": (last["log_bytes"] - first["log_bytes"]) / hours,
+    }
+
+
+def measure_run(subject, workdir, duration, warmup, latency_samples, window=60.0):
+    """One run: steady-state window, then state-change latencies. Returns a dict."""
+    rig = Rig(subject, workdir).start()
+    try:
+        rig.wait_steady()
+        time.sleep(warmup)  # let start-up allocations and the first pushes settle
+        readings = [rig.reading()]
+        end = readings[0]["time"] + duration
+        while time.monotonic() < end - 0.5:
+            time.sleep(max(0.0, min(window, end - time.monotonic())))
+            readings.append(rig.reading())
+        result = rates(readings[0], readings[-1])
+        windows = [rates(a, b) for a, b in zip(readings, readings[1:]) if b["time"] - a["time"] >= window * 0.9]
+        result["cpu_seconds_per_hour_windows"] = [round(w["cpu_seconds_per_hour"], 3) for w in windows]
+        if windows:
+            result["cpu_seconds_per_hour_median_window"] = statistics.median(
+                w["cpu_seconds_per_hour"] for w in windows)
+        result["state_dir_changes"] = procfs.files_changed(readings[0]["files"], readings[-1]["files"])
+        result["rss_bytes_steady"] = readings[-1]["tree"]["rss_bytes"]
+        result["hwm_bytes_sum"] = readings[-1]["tree"]["hwm_bytes"]
+        result["processes"] = len(readings[-1]["tree"]["pids"])
+        latencies = []
+        cycle = ["printing", "paused", "printing", "cancelled", "standby"]
+        for index in range(latency_samples):
+            time.sleep(1.0 + 0.37 * (index % 3))  # off the loops' beat
+            latencies.append(rig.state_latency(cycle[index % len(cycle)]))
+        found = [v for v in latencies if v is not None]
+        result["state_latencies_seconds"] = [None if v is None else round(v, 4) for v in latencies]
+        result["state_latency_seconds"] = statistics.median(found) if found else None
+        result["peak_rss_bytes"] = rig.peak_rss
+    finally:
+        result_code = rig.stop()
+    result["peak_rss_bytes"] = rig.peak_rss
+    result["exit_code"] = result_code
+    return result
+
+
+def version_startup(subject, runs):
+    times, output = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        done = subprocess.run(subject.command + ["--version"], capture_output=True, text=True, timeout=60)
+        times.append(time.perf_counter() - started)
+        output = done.stdout.strip() if done.returncode == 0 else "exit %d: %s" % (done.returncode, done.stderr[-200:])
+    return {"version_startup_seconds": statistics.median(times), "version_startup_first_seconds": times[0],
+            "version_startup_runs": [round(t, 4) for t in times], "version_output": output}
+
+
+def median_of_runs(runs):
+    """Median of every numeric field over repeated runs (the first run's other fields)."""
+    merged = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+            merged[key] = statistics.median(values)
+        elif key == "requests_per_hour_by_endpoint":
+            names = set().union(*(r[key] for r in runs))
+            merged[key] = {n: statistics.median(r[key].get(n, 0) for r in runs) for n in sorted(names)}
+    merged["runs"] = len(runs)
+    return merged
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+def format_table(results, markdown=False):
+    keys = [k for k in results if "error" not in results[k]]
+    header = ["measure", "target"] + ["%s | ratio" % results[k]["label"] if markdown else results[k]["label"]
+                                      for k in keys]
+    rows = []
+    for key, label, target, target_text, show in TARGETS:
+        row = [label, target_text]
+        for subject in keys:
+            value = results[subject].get(key)
+            if value is None:
+                row.append("n/a")
+                continue
+            text = show(value)
+            if target:
+                text += " (%.2fx)" % (value / target)
+            elif target == 0:
+                text += " (%s)" % ("met" if value == 0 else "over")
+            row.append(text)
+        rows.append(row)
+    for endpoint in CLOUD_ENDPOINTS:
+        values = [results[k].get("requests_per_hour_by_endpoint", {}).get(endpoint) for k in keys]
+        if any(values):
+            rows.append(["  %s requests/h" % endpoint, ""] + ["%.0f" % (v or 0) for v in values])
+    if markdown:
+        header = ["measure", "target"] + [results[k]["label"] for k in keys]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    else:
+        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    skipped = ["%s: %s" % (results[k]["label"], results[k]["error"]) for k in results if "error" in results[k]]
+    if skipped:
+        lines.append("")
+        lines += [("- " if markdown else "") + s for s in skipped]
+    return "\n".join(lines)
+
+
+def write_doc(path, markdown, meta):
+    """Replaces the text between the bench markers of `path` with the table."""
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    with open(path) as handle:
+        text = handle.read()
+    if begin not in text or end not in text:
+        raise SystemExit("%s has no %s ... %s markers" % (path, begin, end))
+    block = "%s\n%s\n\n%s\n%s" % (begin, meta, markdown, end)
+    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+# --------------------------------------------------------------------------
+# Modes
+# --------------------------------------------------------------------------
+
+def run_bench(args, subjects, out_dir):
+    results, threads = {}, []
+
+    def one(subject):
+        entry = {"label": subject.label, "command": subject.command, "artifact": os.path.relpath(subject.artifact, ROOT)}
+        results[subject.key] = entry
+        why = subject.missing()
+        if why:
+            entry["error"] = why
+            return
+        try:
+            entry["size_bytes"] = os.path.getsize(subject.artifact)
+            runs = []
+            for number in range(args.runs):
+                workdir = os.path.join(out_dir, "%s-run%d" % (subject.key, number + 1))
+                log("%s: run %d of %d (%d s window)" % (subject.label, number + 1, args.runs, args.duration))
+                runs.append(measure_run(subject, workdir, args.duration, args.warmup, args.latency_samples))
+            entry.update(median_of_runs(runs))
+            entry["per_run"] = runs
+        except Exception as exc:  # one broken artifact must not hide the others
+            entry["error"] = "failed: %s" % exc
+            log(entry["error"])
+
+    for subject in subjects:
+        thread = threading.Thread(target=one, args=(subject,))
+        thread.start()
+        threads.append(thread)
+        if args.sequential:
+            thread.join()
+    for thread in threads:
+        thread.join()
+    # Start-up is timed with nothing else of ours running.
+    for subject in subjects:
+        if "error" not in results[subject.key]:
+            log("%s: --version start-up x%d" % (subject.label, args.version_runs))
+            results[subject.key].update(version_startup(subject, args.version_runs))
+    return results
+
+
+def import_costs(python):
+    """RSS of a bare interpreter and after the connector's imports (where the RSS goes)."""
+    sets = [("bare", []), ("json+ssl+socket", ["json", "ssl", "socket"]),
+            ("urllib3", ["urllib3"]), ("requests", ["requests"]),
+            ("requests+click+websocket", ["requests", "click", "websocket"])]
+    found = {}
+    for name, modules in sets:
+        value = procfs.rss_after_imports(python, modules)
+        if value is not None:
+            found[name] = value
+    return found
+
+
+def run_profile(args, subject, out_dir):
+    """connector.py under cProfile in every thread, default intervals."""
+    prof_path = os.path.join(out_dir, "connector.prof")
+    command = [subject.python, os.path.join(HERE, "profile_connector.py"), prof_path, subject.artifact]
+    workdir = os.path.join(out_dir, "profile")
+    rig = Rig(subject, workdir, command=command).start()
+    try:
+        rig.wait_steady()
+        first = rig.reading()
+        time.sleep(args.duration)
+        figures = rates(first, rig.reading())
+    finally:
+        rig.stop()
+    log("profiled run: %.2f CPU s/h under cProfile (overhead included)" % figures["cpu_seconds_per_hour"])
+    text_path = os.path.join(out_dir, "connector-profile.txt")
+    with open(text_path, "w") as handle:
+        stats = pstats.Stats(prof_path, stream=handle)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(40)
+    stats = pstats.Stats(prof_path, stream=sys.stdout)
+    print("\nTop functions by own time (whole run, all threads):")
+    stats.sort_stats("tottime").print_stats(25)
+    print("Full listing: %s" % text_path)
+    return figures
+
+
+def run_soak(args, subject, out_dir):
+    """1 s intervals for --soak-minutes; RSS at the start and at the end."""
+    intervals = {"poll_commands_seconds": 1, "heartbeat_seconds": 1, "push_snapshots_seconds": 1,
+                 "poll_webcam_seconds": 1}
+    rig = Rig(subject, os.path.join(out_dir, "soak-%s" % subject.key), intervals).start()
+    series = []
+    try:
+        rig.wait_steady()
+        time.sleep(args.warmup)
+        first = rig.reading()
+        start = time.monotonic()
+        end = start + args.soak_minutes * 60.0
+        tick = 0
+        connector_id = json.load(open(rig.config_path))["connector_id"]
+        printer_id = json.load(open(rig.config_path))["moonraker"][0]["printer_id"]
+        states = ["printing", "paused", "printing", "cancelled", "standby"]
+        while time.monotonic() < end:
+            time.sleep(min(10.0, max(0.0, end - time.monotonic())))
+            tick += 1
+            # Some work besides idle polling: webcam requests, commands, state changes.
+            if tick % 3 == 0:
+                rig.cloud.enqueue_webcam_request(connector_id, printer_id)
+            if tick % 6 == 0:
+                rig.cloud.enqueue_command(connector_id, printer_id, "sync_files")
+                state = states[(tick // 6) % len(states)]
+                if state == "printing" and rig.printer.state in ("standby", "cancelled"):
+                    rig.printer.set_state(state, filename="soak.gcode")
+                else:
+                    rig.printer.set_state(state)
+            sample = procfs.sample_tree(rig.proc.pid)
+            series.append((round(time.monotonic() - start, 1), sample["rss_bytes"]))
+            if tick % 30 == 0:
+                log("soak %s: %.0f s, RSS %.2f MiB" % (subject.label, series[-1][0], sample["rss_bytes"] / MIB))
+        last = rig.reading()
+    finally:
+        code = rig.stop()
+    figures = rates(first, last)
+    counts = {k: last["stats"]["by_endpoint"].get(k, 0) - first["stats"]["by_endpoint"].get(k, 0)
+              for k in last["stats"]["by_endpoint"]}
+    default_per_hour = {"heartbeat": 360, "commands": 1200, "snapshots": 120, "webcam_requests": 1800}
+    result = {
+        "label": subject.label, "minutes": args.soak_minutes, "exit_code": code,
+        "rss_start_bytes": first["tree"]["rss_bytes"], "rss_end_bytes": last["tree"]["rss_bytes"],
+        "rss_growth_bytes": last["tree"]["rss_bytes"] - first["tree"]["rss_bytes"],
+        "rss_max_bytes": max([r for _, r in series] + [first["tree"]["rss_bytes"]]),
+        "requests": counts,
+        "default_traffic_hours_equivalent": {k: round(counts.get(k, 0) / v, 1) for k, v in default_per_hour.items()},
+        "cpu_seconds_per_hour": figures["cpu_seconds_per_hour"],
+        "rss_series": series,
+    }
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=180.0,
+                        help="steady-state window per run, seconds (default 180)")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds after the first round (default 10)")
+    parser.add_argument("--runs", type=int, default=1, help="repeated runs per subject; medians are reported")
+    parser.add_argument("--latency-samples", type=int, default=7, help="state changes timed per run (default 7)")
+    parser.add_argument("--version-runs", type=int, default=9, help="--version start-ups timed (default 9)")
+    parser.add_argument("--targets", default="py,binary,pyz", help="comma list of py, binary, pyz")
+    parser.add_argument("--sequential", action="store_true", help="one subject at a time (default: side by side)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for connector.py")
+    parser.add_argument("--write-doc", metavar="PATH", help="put the table into PATH between the bench markers")
+    parser.add_argument("--soak", action="store_true", help="1 s intervals for --soak-minutes; RSS start vs end")
+    parser.add_argument("--soak-minutes", type=float, default=30.0, help="soak length (default 30)")
+    parser.add_argument("--profile", action="store_true", help="cProfile connector.py for --duration seconds")
+    args = parser.parse_args(argv)
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    mode = "soak" if args.soak else "profile" if args.profile else "bench"
+    out_dir = os.path.join(RESULTS, "%s-%s" % (mode, stamp))
+    os.makedirs(out_dir, exist_ok=True)
+    subjects_by_key = all_subjects(args.python)
+    wanted = [k.strip() for k in args.targets.split(",") if k.strip()]
+    unknown = [k for k in wanted if k not in subjects_by_key]
+    if unknown:
+        parser.error("unknown target(s) %s; choose from %s" % (unknown, sorted(subjects_by_key)))
+    subjects = [subjects_by_key[k] for k in wanted]
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(), "bench_python": platform.python_version(), "args": vars(args)}
+
+    if args.profile:
+        subject = subjects_by_key["py"]
+        report = {"meta": meta, "profile": run_profile(args, subject, out_dir)}
+    elif args.soak:
+        report = {"meta": meta, "soak": {}}
+        for subject in subjects:
+            why = subject.missing()
+            if why:
+                report["soak"][subject.key] = {"label": subject.label, "error": why}
+                continue
+            log("soak: %s for %.0f min at 1 s intervals" % (subject.label, args.soak_minutes))
+            report["soak"][subject.key] = run_soak(args, subject, out_dir)
+        print("\nSoak, 1 s intervals:")
+        for key, soak in report["soak"].items():
+            if "error" in soak:
+                print("  %s: %s" % (soak["label"], soak["error"]))
+                continue
+            print("  %s: %.0f min, RSS start %.2f MiB, end %.2f MiB, growth %+.3f MiB (target <= 1), max %.2f MiB; "
+                  "equivalent hours of default traffic %s" % (
+                      soak["label"], soak["minutes"], soak["rss_start_bytes"] / MIB, soak["rss_end_bytes"] / MIB,
+                      soak["rss_growth_bytes"] / MIB, soak["rss_max_bytes"] / MIB,
+                      soak["default_traffic_hours_equivalent"]))
+    else:
+        results = run_bench(args, subjects, out_dir)
+        meta["loadavg_end"] = os.getloadavg()
+        meta["import_rss_bytes"] = import_costs(args.python)
+        if os.access(PYTHON38, os.X_OK):
+            meta["import_rss_bytes_py38"] = import_costs(PYTHON38)
+        report = {"meta": meta, "results": results}
+        table = format_table(results)
+        print("\nprinter-connector benchmark, default intervals, %.0f s window x %d run(s), loopback (%s)\n"
+              % (args.duration, args.runs, meta["date"]))
+        print(table)
+        print("\nRSS right after imports (%s): %s" % (
+            os.path.basename(args.python),
+            ", ".join("%s %.1f MiB" % (k, v / MIB) for k, v in meta["import_rss_bytes"].items())))
+        for key, entry in results.items():
+            if entry.get("state_dir_changes"):
+                print("state_dir changes during the window (%s): %s" % (entry["label"], entry["state_dir_changes"]))
+        markdown = format_table(results, markdown=True)
+        with open(os.path.join(out_dir, "table.md"), "w") as handle:
+            handle.write(markdown + "\n")
+        if args.write_doc:
+            write_doc(args.write_doc, markdown, "Measured %s on %s (%d CPUs, load %.1f), %.0f s window x %d run(s)."
+                      % (meta["date"], meta["machine"], meta["cpus"], meta["loadavg_start"][0], args.duration,
+                         args.runs))
+    json_path = os.path.join(out_dir, "%s.json" % mode)
+    with open(json_path, "w") as handle:
+        json.dump(report, handle, indent=2, default=str)
+    shutil.copyfile(json_path, os.path.join(RESULTS, "latest-%s.json" % mode))
+    print("\nJSON: %s" % os.path.relpath(json_path, ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
