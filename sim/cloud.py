@@ -12,7 +12,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import sys
 import threading
@@ -21,9 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 if __package__:
-    from .recorder import Recorder
+    from .common import FaultTable, Recorder, recorded, serve_until_signalled
 else:  # run as a script: python sim/cloud.py
-    from recorder import Recorder
+    from common import FaultTable, Recorder, recorded, serve_until_signalled
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 HUGE_BODY_BYTES = 20 * 1024 * 1024
@@ -149,14 +148,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.cloud._track_connection(self.connection, False)
 
     def handle_one_request(self):
-        in_before, out_before = self.rfile.count, self.wfile.count
-        self._endpoint = None
+        self._in_before, self._out_before = self.rfile.count, self.wfile.count
+        self._endpoint, self._accounted = None, False
         try:
             super().handle_one_request()
         finally:
-            if self._endpoint is not None:
-                self.server.cloud._count_request(
-                    self._endpoint, self.rfile.count - in_before, self.wfile.count - out_before)
+            self._account()
+
+    def _account(self):
+        """Adds this request's bytes both ways to the stats, once, as soon as it is answered."""
+        if self._endpoint is not None and not self._accounted:
+            self._accounted = True
+            self.server.cloud._count_request(self._endpoint, self.rfile.count - self._in_before,
+                                             self.wfile.count - self._out_before)
 
     def log_message(self, fmt, *args):
         if VERBOSE:
@@ -229,6 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if status != 204 and self.command != "HEAD":
             self.wfile.write(body)
+        self._account()
 
     def _send_json(self, status, payload):
         body = b"" if status == 204 else json.dumps(payload).encode("utf-8")
@@ -306,6 +311,15 @@ class _Server(ThreadingHTTPServer):
 # --------------------------------------------------------------------------
 
 class ReferenceCloud(Recorder):
+    # What arrived, as copies (see Recorder.wait_for to wait for more).
+    registrations = recorded("_registrations")
+    requests = recorded("_requests")
+    heartbeats = recorded("_heartbeats")
+    snapshots = recorded("_snapshots")
+    webcam_uploads = recorded("_webcam_uploads")
+    fault_hits = recorded("_fault_hits")
+    completions = recorded("_completions")
+
     def __init__(self, host="127.0.0.1", port=0):
         self.host = host
         self.port = port
@@ -324,7 +338,7 @@ class ReferenceCloud(Recorder):
         self._next_command = 1
         self._webcam_requests = {}  # int id -> dict
         self._next_webcam = 1
-        self._faults = {}           # endpoint or None -> {"mode", "count"}
+        self._faults = FaultTable(self._lock, FAULT_MODES)
         self._registrations = []
         self._requests = []
         self._heartbeats = []
@@ -397,36 +411,7 @@ class ReferenceCloud(Recorder):
             stats["bytes_in"] += bytes_in
             stats["bytes_out"] += bytes_out
             stats["by_endpoint"][endpoint] = stats["by_endpoint"].get(endpoint, 0) + 1
-
-    @property
-    def registrations(self):
-        with self._lock:
-            return list(self._registrations)
-
-    @property
-    def requests(self):
-        with self._lock:
-            return list(self._requests)
-
-    @property
-    def heartbeats(self):
-        with self._lock:
-            return list(self._heartbeats)
-
-    @property
-    def snapshots(self):
-        with self._lock:
-            return list(self._snapshots)
-
-    @property
-    def webcam_uploads(self):
-        with self._lock:
-            return list(self._webcam_uploads)
-
-    @property
-    def fault_hits(self):
-        with self._lock:
-            return list(self._fault_hits)
+            self._notify()
 
     def stats(self):
         with self._lock:
@@ -482,11 +467,6 @@ class ReferenceCloud(Recorder):
         with self._lock:
             return dict(self._commands[str(command_id)])
 
-    @property
-    def completions(self):
-        with self._lock:
-            return list(self._completions)
-
     def completions_for(self, command_id):
         with self._lock:
             return [c for c in self._completions if c["command_id"] == str(command_id)]
@@ -508,28 +488,17 @@ class ReferenceCloud(Recorder):
 
     # ---- control API: faults ----
     def set_fault(self, mode, endpoint=None, count=None):
-        if not (mode in FAULT_MODES or re.fullmatch(r"slow:\d+(\.\d+)?", mode)):
-            raise ValueError("unknown fault mode %r" % mode)
+        """mode: see FAULT_MODES or "slow:SECONDS"; endpoint: one of FAULT_ENDPOINTS or None
+        (all); count: requests it applies to before clearing itself (None: until cleared)."""
         if endpoint is not None and endpoint not in FAULT_ENDPOINTS:
             raise ValueError("unknown endpoint %r" % endpoint)
-        with self._lock:
-            self._faults[endpoint] = {"mode": mode, "count": count}
+        self._faults.set(mode, endpoint, count)
 
     def clear_faults(self):
-        with self._lock:
-            self._faults.clear()
+        self._faults.clear()
 
     def _take_fault(self, endpoint):
-        with self._lock:
-            key = endpoint if endpoint in self._faults else None
-            fault = self._faults.get(key)
-            if fault is None:
-                return None
-            if fault["count"] is not None:
-                fault["count"] -= 1
-                if fault["count"] <= 0:
-                    del self._faults[key]
-            return fault["mode"]
+        return self._faults.take([endpoint, None])
 
     # ---- request helpers ----
     @staticmethod
@@ -755,15 +724,7 @@ def main(argv=None):
     cloud = ReferenceCloud(args.host, args.port)
     for token in args.pairing_token:
         cloud.add_pairing_token(token)
-    stopped = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopped.set())
-    cloud.start()
-    print("reference cloud listening on %s" % cloud.url, flush=True)
-    while not stopped.wait(1.0):
-        pass
-    cloud.stop()
-    return 0
+    return serve_until_signalled(cloud, lambda: "reference cloud listening on %s" % cloud.url)
 
 
 if __name__ == "__main__":

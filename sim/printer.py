@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import signal
 import struct
 import sys
 import threading
@@ -29,9 +28,9 @@ import tornado.web
 import tornado.websocket
 
 if __package__:
-    from .recorder import Recorder
+    from .common import FaultTable, Recorder, recorded, serve_until_signalled
 else:  # run as a script: python sim/printer.py
-    from recorder import Recorder
+    from common import FaultTable, Recorder, recorded, serve_until_signalled
 
 VERBOSE = os.environ.get("SIM_VERBOSE") == "1"
 GCODES_DIR = "/home/pi/printer_data/gcodes"
@@ -319,6 +318,12 @@ class _WebSocketHandler(tornado.websocket.WebSocketHandler):
 # --------------------------------------------------------------------------
 
 class PrinterSimulator(Recorder):
+    # What arrived, as copies (see Recorder.wait_for to wait for more).
+    requests = recorded("_requests")
+    gcode_scripts = recorded("_gcode_scripts")
+    deleted = recorded("_deleted")
+    ws_calls = recorded("_ws_calls")
+
     def __init__(self, host="127.0.0.1", port=0, ui_port=0, api_key=None,
                  print_seconds=30.0, tick_hz=2.0):
         self.host = host
@@ -338,7 +343,7 @@ class PrinterSimulator(Recorder):
         self._job = None            # {"filename", "start_time"} while a print is on
         self._webcams = [default_webcam()]
         self._image = (make_jpeg(), "image/jpeg")
-        self._faults = {}           # path prefix or None -> {"mode", "count"}
+        self._faults = FaultTable(self._lock, FAULT_MODES)
         self._ws = set()
         self._next_ws_id = 1
         self._last_tick = time.monotonic()
@@ -465,26 +470,6 @@ class PrinterSimulator(Recorder):
             self._notify()
 
     @property
-    def requests(self):
-        with self._lock:
-            return list(self._requests)
-
-    @property
-    def gcode_scripts(self):
-        with self._lock:
-            return list(self._gcode_scripts)
-
-    @property
-    def deleted(self):
-        with self._lock:
-            return list(self._deleted)
-
-    @property
-    def ws_calls(self):
-        with self._lock:
-            return list(self._ws_calls)
-
-    @property
     def ws_clients(self):
         with self._lock:
             return len(self._ws)
@@ -568,28 +553,16 @@ class PrinterSimulator(Recorder):
             self._status.pop(name, None)
 
     def set_fault(self, mode, endpoint=None, count=None):
-        """endpoint: a path prefix such as "/printer/objects/query" or "/webcam/"; None = all."""
-        if not (mode in FAULT_MODES or re.fullmatch(r"slow:\d+(\.\d+)?", mode)):
-            raise ValueError("unknown fault mode %r" % mode)
-        with self._lock:
-            self._faults[endpoint] = {"mode": mode, "count": count}
+        """mode: see FAULT_MODES or "slow:SECONDS"; endpoint: a path prefix such as
+        "/printer/objects/query" or "/webcam/" (None: every HTTP request, both ports)."""
+        self._faults.set(mode, endpoint, count)
 
     def clear_faults(self):
-        with self._lock:
-            self._faults.clear()
+        self._faults.clear()
 
     def _take_fault(self, path):
-        with self._lock:
-            keys = [k for k in self._faults if k is not None and path.startswith(k)]
-            key = keys[0] if keys else (None if None in self._faults else "")
-            fault = self._faults.get(key)
-            if fault is None:
-                return None
-            if fault["count"] is not None:
-                fault["count"] -= 1
-                if fault["count"] <= 0:
-                    del self._faults[key]
-            return fault["mode"]
+        prefixes = [k for k in self._faults.keys() if k is not None and path.startswith(k)]
+        return self._faults.take(prefixes + [None])
 
     def _api_key_ok(self, headers):
         return self.api_key is None or headers.get("X-Api-Key") == self.api_key
@@ -994,16 +967,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sim = PrinterSimulator(args.host, args.port, args.ui_port, args.api_key, args.print_seconds)
     sim.add_file("benchy.gcode")
-    stopped = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopped.set())
-    sim.start()
-    print("printer simulator: api %s  ui %s  websocket %s" % (sim.url, sim.ui_url, sim.ws_url),
-          flush=True)
-    while not stopped.wait(1.0):
-        pass
-    sim.stop()
-    return 0
+    return serve_until_signalled(sim, lambda: "printer simulator: api %s  ui %s  websocket %s" % (
+        sim.url, sim.ui_url, sim.ws_url))
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ def test_stats_count_the_bytes_on_the_wire(cloud, paired):
                "Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
                "Content-Length: %d\r\nConnection: close\r\n\r\n" % (
                    paired.id, paired.secret, len(body))).encode() + body
-    before = cloud.stats()
+    before = cloud.wait_for(lambda: cloud.stats()["requests"] == 1 and cloud.stats())  # register
     with socket.create_connection(("127.0.0.1", cloud.port)) as sock:
         sock.sendall(request)
         answer = b""
