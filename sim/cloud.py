@@ -346,7 +346,8 @@ class ReferenceCloud(Recorder):
         self._snapshots = []
         self._webcam_uploads = []
         self._fault_hits = []
-        self._stats = {"requests": 0, "bytes_in": 0, "bytes_out": 0, "by_endpoint": {}}
+        self._stats = {"requests": 0, "bytes_in": 0, "bytes_out": 0, "by_endpoint": {},
+                       "bytes_by_endpoint": {}}
 
     # ---- lifecycle ----
     @property
@@ -411,6 +412,9 @@ class ReferenceCloud(Recorder):
             stats["bytes_in"] += bytes_in
             stats["bytes_out"] += bytes_out
             stats["by_endpoint"][endpoint] = stats["by_endpoint"].get(endpoint, 0) + 1
+            wire = stats["bytes_by_endpoint"].setdefault(endpoint, {"in": 0, "out": 0})
+            wire["in"] += bytes_in
+            wire["out"] += bytes_out
             self._notify()
 
     def stats(self):

@@ -320,6 +320,7 @@ def test_stats_count_the_bytes_on_the_wire(cloud, paired):
     assert after["bytes_in"] - before["bytes_in"] == len(request)
     assert after["bytes_out"] - before["bytes_out"] == len(answer)
     assert after["by_endpoint"]["heartbeat"] == 1
+    assert after["bytes_by_endpoint"]["heartbeat"] == {"in": len(request), "out": len(answer)}
     headers = answer.split(b"\r\n\r\n", 1)[0].decode().lower()
     assert "content-length:" in headers and "date:" in headers
 
