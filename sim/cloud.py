@@ -205,13 +205,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self, endpoint):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            return self._read_chunked()
+            return self._read_chunked(endpoint)
         length = int(self.headers.get("Content-Length") or 0)
         if endpoint == "webcam_upload" and length > MAX_UPLOAD_BYTES:
             raise _Response(413, {"error": "Payload too large"})
         return self.rfile.read(length) if length > 0 else b""
 
-    def _read_chunked(self):
+    def _read_chunked(self, endpoint):
+        limit = MAX_UPLOAD_BYTES if endpoint == "webcam_upload" else 64 * 1024 * 1024
         parts, total = [], 0
         while True:
             size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
@@ -220,7 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
                     pass
                 return b"".join(parts)
             total += size
-            if total > MAX_UPLOAD_BYTES + 1024 * 1024:
+            if total > limit:
                 raise _Response(413, {"error": "Payload too large"})
             parts.append(self.rfile.read(size))
             self.rfile.readline()

@@ -233,6 +233,15 @@ def test_webcam_request_is_listed_once_and_upload_recorded(cloud, http, paired):
         request_id, "1", "image/jpeg", b"\xff\xd8jpeg")
 
 
+def test_chunked_webcam_upload_is_read_whole(cloud, http, paired):
+    request_id = cloud.enqueue_webcam_request(paired.id, 1)
+    chunks = iter([b"\xff\xd8", b"x" * 70000, b"\xff\xd9"])
+    answer = http.put("%s/api/v1/webcam_requests/%d/upload" % (cloud.url, request_id),
+                      data=chunks, headers=dict(paired.headers, **{"X-Printer-Id": "1"}))
+    assert answer.status_code == 200
+    assert cloud.webcam_uploads[0]["body"] == b"\xff\xd8" + b"x" * 70000 + b"\xff\xd9"
+
+
 def test_webcam_upload_over_10_mb_is_413(cloud, http, paired):
     request_id = cloud.enqueue_webcam_request(paired.id, 1)
     answer = http.put("%s/api/v1/webcam_requests/%d/upload" % (cloud.url, request_id),
