@@ -150,10 +150,14 @@ class RealMoonraker:
     def headers(self):
         return {} if self.trusted else {"X-Api-Key": self.api_key()}
 
-    def get(self, path, **kwargs):
-        response = requests.get(self.url + path, headers=self.headers(), timeout=5.0, **kwargs)
+    def request(self, method, path, **kwargs):
+        """A call of the test's own (not the connector's); returns Moonraker's `result`."""
+        response = requests.request(method, self.url + path, headers=self.headers(), timeout=5.0, **kwargs)
         response.raise_for_status()
         return response.json()["result"]
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
 
     def gcode_files(self):
         """Every file under DATA/gcodes, as relative paths."""

@@ -53,10 +53,12 @@ def keyed_moonraker(tmp_path_factory):
     instance.stop()
 
 
-def start_connector(cloud, make_connector, moonraker, api_key=None):
+def start_connector(cloud, make_connector, moonraker, api_key=None, ui_port=None):
     config = unpaired_config(cloud, moonraker)
     if api_key is not None:
         config["moonraker"][0]["api_key"] = api_key
+    if ui_port is not None:
+        config["moonraker"][0]["ui_port"] = ui_port
     connector = make_connector(config).start()
     connector.wait_log("Pairing successful")
     connector.wait_log("Connector running")
@@ -89,6 +91,12 @@ def wait_reachable_heartbeats(cloud, connector, reachable, count=2):
         return found if len(found) >= count else None
     return cloud.wait_for(matching, timeout=COMMAND_TIMEOUT,
                           message="%d heartbeats with reachable=%s" % (count, reachable))
+
+
+def wait_logged(moonraker, needle):
+    """Moonraker writes its access log from a thread of its own: the line may
+    land a moment after the response."""
+    return wait_until(lambda: requests_logged(moonraker, needle), 10.0, "Moonraker logged %r" % needle)
 
 
 def moonraker_listing(moonraker):
@@ -176,6 +184,24 @@ def test_delete_file_removes_it_from_gcodes(cloud, connector, moonraker):
     assert not os.path.exists(path)
 
 
+def test_a_name_with_spaces_unicode_and_url_characters_uploads_and_deletes(cloud, connector, moonraker):
+    name = "odd names/Teil \u00dc #2 50% (v1).gcode"
+    data = b"G28\n"
+
+    uploaded = run_command(cloud, connector, "upload_file",
+                           {"filename": name, "content": base64.b64encode(data).decode()})
+
+    assert uploaded["status"] == "succeeded", uploaded
+    path = os.path.join(moonraker.gcodes, name)
+    with open(path, "rb") as handle:
+        assert handle.read() == data
+    listed = run_command(cloud, connector, "sync_files")
+    assert name in {entry["path"] for entry in listed["result"]["files"]}
+    deleted = run_command(cloud, connector, "delete_file", {"filename": name})
+    assert deleted["status"] == "succeeded", deleted
+    assert not os.path.exists(path)
+
+
 def test_delete_of_a_missing_file_reports_moonrakers_real_reason(cloud, connector, moonraker):
     assert not os.path.exists(os.path.join(moonraker.gcodes, "never_there.gcode"))
 
@@ -185,7 +211,7 @@ def test_delete_of_a_missing_file_reports_moonrakers_real_reason(cloud, connecto
     # Moonraker's `message` is only "Bad Request"; the reason is in its traceback.
     assert "Invalid file path" in body["error_message"], body
     assert "never_there.gcode" in body["error_message"]
-    assert requests_logged(moonraker, "DELETE /server/files/gcodes/never_there.gcode")
+    wait_logged(moonraker, "DELETE /server/files/gcodes/never_there.gcode")
 
 
 def test_delete_with_a_traversal_name_fails_locally_and_leaves_the_config_untouched(cloud, connector, moonraker):
@@ -203,8 +229,7 @@ def test_delete_with_a_traversal_name_fails_locally_and_leaves_the_config_untouc
     marker = "sync_after_traversal.gcode"
     write_gcode(moonraker, marker, b"G28\n")
     assert run_command(cloud, connector, "delete_file", {"filename": marker})["status"] == "succeeded"
-    wait_until(lambda: requests_logged(moonraker, "DELETE /server/files/gcodes/" + marker), 10.0,
-               "Moonraker logged the later DELETE")
+    wait_logged(moonraker, "DELETE /server/files/gcodes/" + marker)
     assert not requests_logged(moonraker, "moonraker.conf")
     assert not requests_logged(moonraker, "/config/")
 
@@ -249,7 +274,7 @@ def test_start_print_without_klippy_fails_with_moonrakers_message_and_the_agent_
     assert "Klippy Host not connected" in body["error_message"], body
     assert "503" in body["error_message"]
     assert body["result"]["filename"] == "cube.gcode"
-    assert requests_logged(moonraker, "POST /printer/print/start?filename=cube.gcode")
+    wait_logged(moonraker, "POST /printer/print/start?filename=cube.gcode")
     assert connector.proc.poll() is None
     assert run_command(cloud, connector, "sync_files")["status"] == "succeeded"
 
@@ -260,7 +285,7 @@ def test_print_control_without_klippy_fails_with_klippy_host_not_connected(cloud
 
     assert body["status"] == "failed", body
     assert "Klippy Host not connected" in body["error_message"], body
-    assert requests_logged(moonraker, "POST /printer/print/%s" % action)
+    wait_logged(moonraker, "POST /printer/print/%s" % action)
     assert run_command(cloud, connector, "import_history")["status"] == "succeeded"
 
 
@@ -270,7 +295,7 @@ def test_homing_without_klippy_fails_with_not_found_and_the_agent_keeps_running(
     assert body["status"] == "failed", body
     assert "404" in body["error_message"], body
     assert "Not Found" in body["error_message"]
-    assert requests_logged(moonraker, "404 POST /printer/gcode/script")
+    wait_logged(moonraker, "404 POST /printer/gcode/script")
     assert run_command(cloud, connector, "sync_files")["status"] == "succeeded"
 
 
@@ -302,6 +327,28 @@ def test_webcam_request_uploads_the_image_of_the_camera_configured_in_moonraker(
     assert uploads[0]["content_type"] == "image/jpeg"
     assert uploads[0]["printer_id"] == str(connector.printer_id)
     assert image_server.hits > hits_before
+
+
+def test_webcam_with_a_relative_snapshot_url_is_fetched_from_the_ui_port(
+        cloud, make_connector, keyed_moonraker, image_server, webcam_image):
+    # A camera added through Moonraker's API (kept in its database), with the
+    # relative URL a web UI serves; the UI port is the image server's.
+    keyed_moonraker.request("POST", "/server/webcams/item",
+                            json={"name": "relcam", "service": "mjpegstreamer",
+                                  "snapshot_url": "/snapshot.jpg", "stream_url": "/stream"})
+    try:
+        connector = start_connector(cloud, make_connector, keyed_moonraker, api_key=keyed_moonraker.api_key(),
+                                    ui_port=image_server.server.server_address[1])
+        hits_before = image_server.hits
+
+        request_id = cloud.enqueue_webcam_request(connector.connector_id, connector.printer_id)
+        uploads = cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] == request_id],
+                                 timeout=COMMAND_TIMEOUT, message="webcam upload %s" % request_id)
+
+        assert uploads[0]["body"] == webcam_image
+        assert image_server.hits == hits_before + 1
+    finally:
+        keyed_moonraker.request("DELETE", "/server/webcams/item", params={"name": "relcam"})
 
 
 # --------------------------------------------------------------------------
