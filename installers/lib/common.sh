@@ -1,0 +1,1133 @@
+# Shared part of the printer-connector installers (install-klipper.sh,
+# install-k1.sh, update.sh, uninstall.sh). Each of those is piped straight
+# from the web into sh, so each must stand alone: installers/lib/sync.sh
+# copies this file between the markers in each script, and a test fails when
+# a copy differs from this file. Edit this file, then run sync.sh.
+#
+# Only function definitions live here: nothing runs until the script's
+# `main "$@"` on its last line, so a download cut off half-way runs nothing.
+
+# ---------------------------------------------------------------- messages
+say() { printf '%s: %s\n' "$PROG" "$*"; }
+warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
+err() {
+    printf '%s: error: %s\n' "$PROG" "$*" >&2
+    exit 1
+}
+
+need_cmd() {
+    command -v "$1" >/dev/null 2>&1 || err "'$1' is needed but was not found on PATH"
+}
+
+# -------------------------------------------------------------- settings
+# Everything set from the environment, once, by every script's main.
+init_settings() {
+    ROOT=${PRINTER_CONNECTOR_ROOT:-}
+    ROOT=${ROOT%/}
+    REPO=${PRINTER_CONNECTOR_REPO:-$DEFAULT_REPO}
+    RELEASE_URL=${PRINTER_CONNECTOR_RELEASE_URL:-https://github.com/$REPO/releases}
+    RELEASE_URL=${RELEASE_URL%/}
+    PY=${PRINTER_CONNECTOR_PYTHON:-python3}
+    HEALTH_TIMEOUT=${PRINTER_CONNECTOR_HEALTH_TIMEOUT:-90}
+    ALLOW_UNVERIFIED_TLS=0
+    CA_BUNDLE=${PRINTER_CONNECTOR_CA_BUNDLE:-}
+    SERVICE=printer-connector
+    K1_INIT=$ROOT/etc/init.d/S99printer-connector
+    LEGACY_INIT=""
+    CLEANUP_PATHS=""
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+
+# Paths named in CLEANUP_PATHS (one a line) are removed when the script
+# exits, whatever the reason; commit_path takes one off the list.
+cleanup() {
+    [ -n "$CLEANUP_PATHS" ] || return 0
+    printf '%s\n' "$CLEANUP_PATHS" | while IFS= read -r p; do
+        [ -n "$p" ] && rm -rf "$p"
+    done
+    CLEANUP_PATHS=""
+}
+remove_on_exit() { CLEANUP_PATHS="$CLEANUP_PATHS
+$1"; }
+
+# Creates the install folder; until commit_path "$CREATED_DIR", the topmost
+# folder this made is removed on exit (a failed first install leaves nothing).
+make_install_dir() { # DIR
+    CREATED_DIR=""
+    [ ! -d "$1" ] || return 0
+    CREATED_DIR=$1
+    while [ ! -d "$(dirname "$CREATED_DIR")" ]; do CREATED_DIR=$(dirname "$CREATED_DIR"); done
+    mkdir -p "$1"
+    remove_on_exit "$CREATED_DIR"
+}
+commit_path() {
+    CLEANUP_PATHS=$(printf '%s\n' "$CLEANUP_PATHS" | grep -vxF "$1" || true)
+}
+
+# Absolute path of the Python that runs helpers and .pyz artifacts.
+python_path() {
+    command -v "$PY" 2>/dev/null || err "'$PY' is needed but was not found (set PRINTER_CONNECTOR_PYTHON)"
+}
+
+# ---------------------------------------------------------- python helper
+# JSON, HTTP and zip work is done by the host's python3 (Klipper, Moonraker
+# and the K1 firmware all ship one); this is the one place it is written.
+PYHELPER='
+import hashlib, json, os, ssl, sys, urllib.error, urllib.request, zipfile
+
+def die(msg, code=1):
+    sys.stderr.write(msg + "\n")
+    sys.exit(code)
+
+def opener(url, timeout, cafile="", insecure=False):
+    ctx = None
+    if url.startswith("https:"):
+        if insecure:
+            ctx = ssl._create_unverified_context()
+        else:
+            ctx = ssl.create_default_context(cafile=cafile or None)
+    req = urllib.request.Request(url, headers={"User-Agent": "printer-connector-installer"})
+    return urllib.request.urlopen(req, timeout=timeout, context=ctx)
+
+def download(url, out, cafile, mode):
+    try:
+        with opener(url, 60, cafile, mode == "insecure") as resp, open(out, "wb") as f:
+            while True:
+                block = resp.read(65536)
+                if not block:
+                    break
+                f.write(block)
+    except ssl.SSLCertVerificationError as e:
+        die("%s: TLS certificate could not be verified (%s)" % (url, e), 3)
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLCertVerificationError):
+            die("%s: TLS certificate could not be verified (%s)" % (url, e.reason), 3)
+        die("%s: %s" % (url, e))
+    except (OSError, ValueError) as e:
+        die("%s: %s" % (url, e))
+
+def get_json(url):
+    with opener(url, 5) as resp:
+        return json.loads(resp.read().decode("utf-8"))
+
+def write_json(path, data):
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.rename(tmp, path)
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+def parse_printers(text):
+    printers = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) not in (3, 4):
+            die("--printer wants \"ID|Name|URL\" or \"ID|Name|URL|UI_PORT\", got: %s" % line, 2)
+        try:
+            pid = int(parts[0])
+            entry = {"printer_id": pid, "name": parts[1], "base_url": parts[2].rstrip("/")}
+            if len(parts) == 4:
+                entry["ui_port"] = int(parts[3])
+        except ValueError:
+            die("--printer: the ID and UI_PORT must be numbers, got: %s" % line, 2)
+        if not entry["base_url"].startswith(("http://", "https://")):
+            die("--printer: the URL must start with http:// or https://, got: %s" % line, 2)
+        if not entry["name"]:
+            die("--printer: the name is empty in: %s" % line, 2)
+        printers.append(entry)
+    if not printers:
+        die("no printer given", 2)
+    return printers
+
+def main(argv):
+    cmd, args = argv[0], argv[1:]
+    if cmd == "download":
+        download(*args)
+    elif cmd == "sha256":
+        h = hashlib.sha256()
+        with open(args[0], "rb") as f:
+            for block in iter(lambda: f.read(65536), b""):
+                h.update(block)
+        print(h.hexdigest())
+    elif cmd == "write-config":
+        out, cloud_url, token, state_dir, printers = args
+        if not cloud_url.startswith(("http://", "https://")):
+            die("the cloud URL must start with http:// or https://, got: %s" % cloud_url, 2)
+        write_json(out, {"cloud_url": cloud_url.rstrip("/"), "pairing_token": token,
+                         "state_dir": state_dir, "moonraker": parse_printers(printers)})
+    elif cmd == "config-state":
+        try:
+            cfg = read_json(args[0])
+        except (OSError, ValueError):
+            print("unreadable")
+            return
+        if cfg.get("connector_id") and cfg.get("connector_secret") and not cfg.get("pairing_token"):
+            print("paired")
+        elif cfg.get("pairing_token"):
+            print("unpaired")
+        else:
+            print("invalid")
+    elif cmd == "config-get":
+        cfg = read_json(args[0])
+        if args[1] == "printer-urls":
+            for p in cfg.get("moonraker") or []:
+                print(p.get("base_url", "http://127.0.0.1:7125"))
+        else:
+            value = cfg.get(args[1])
+            print("" if value is None else value)
+    elif cmd == "config-set":
+        cfg = read_json(args[0])
+        cfg[args[1]] = args[2]
+        write_json(args[0], cfg)
+    elif cmd == "moonraker-ok":
+        try:
+            info = get_json(args[0].rstrip("/") + "/server/info")
+        except Exception as e:
+            die(str(e))
+        if "result" not in info:
+            die("unexpected answer: %r" % (info,))
+    elif cmd == "print-state":
+        url = args[0].rstrip("/") + "/printer/objects/query?print_stats"
+        try:
+            print(get_json(url)["result"]["status"]["print_stats"]["state"])
+        except urllib.error.HTTPError as e:
+            # Moonraker answers but Klipper is not connected: nothing prints.
+            print("klippy-down" if e.code in (404, 503) else "unknown")
+        except Exception:
+            print("unreachable")
+    elif cmd == "release-info":
+        out, repo, version, asset = args
+        owner, name = repo.split("/", 1)
+        write_json(out, {"project_name": name, "project_owner": owner,
+                         "version": version, "asset_name": asset})
+        os.chmod(out, 0o644)
+    elif cmd == "release-info-get":
+        try:
+            print(read_json(args[0]).get(args[1], ""))
+        except (OSError, ValueError):
+            print("")
+    elif cmd == "zip-extract":
+        try:
+            with zipfile.ZipFile(args[0]) as z, open(args[2], "wb") as f:
+                f.write(z.read(args[1]))
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            die(str(e))
+    else:
+        die("unknown helper command " + cmd, 2)
+
+main(sys.argv[1:])
+'
+
+pyhelp() {
+    "$PY" -c "$PYHELPER" "$@"
+}
+
+# --------------------------------------------------------------- downloads
+# The one downloader: curl, else a wget that verifies TLS (GNU wget; BusyBox
+# wget checks no certificate), else the host's python3. Certificate checks
+# are never turned off silently: only install-k1.sh allows it
+# (ALLOW_UNVERIFIED_TLS=1), and it says so loudly.
+download() {
+    url=$1
+    out=$2
+    case $url in
+        https://* | http://*) ;;
+        *) err "not an http(s) URL: $url" ;;
+    esac
+    rm -f "$out"
+    if command -v curl >/dev/null 2>&1; then
+        if [ -n "$CA_BUNDLE" ]; then
+            curl -fsSL --retry 2 --connect-timeout 20 --cacert "$CA_BUNDLE" -o "$out" "$url" && return 0
+        else
+            curl -fsSL --retry 2 --connect-timeout 20 -o "$out" "$url" && return 0
+        fi
+        return 1
+    fi
+    if wget_verifies_tls; then
+        if [ -n "$CA_BUNDLE" ]; then
+            wget -q -T 60 --ca-certificate="$CA_BUNDLE" -O "$out" "$url" && return 0
+        else
+            wget -q -T 60 -O "$out" "$url" && return 0
+        fi
+        return 1
+    fi
+    if [ "${url#http://}" != "$url" ] && command -v wget >/dev/null 2>&1; then
+        # Plain http (a local mirror): no TLS to verify, any wget will do.
+        # (BusyBox 1.35's wget crashes with -T, so no timeout here.)
+        wget -q -O "$out" "$url" && return 0
+        return 1
+    fi
+    command -v "$PY" >/dev/null 2>&1 || err "no way to download: install curl, GNU wget or python3"
+    rc=0
+    pyhelp download "$url" "$out" "$CA_BUNDLE" verify || rc=$?
+    [ "$rc" -eq 0 ] && return 0
+    [ "$rc" -eq 3 ] && [ "$ALLOW_UNVERIFIED_TLS" = 1 ] || return 1
+    warn "*** TLS NOT VERIFIED: this device has no usable certificate store, so $url"
+    warn "*** is fetched without checking who answers. The SHA256 check below still"
+    warn "*** refuses any file that does not match the release's SHA256SUMS."
+    pyhelp download "$url" "$out" "" insecure
+}
+
+wget_verifies_tls() {
+    command -v wget >/dev/null 2>&1 && wget --version 2>/dev/null | grep -q 'GNU Wget'
+}
+
+sha256_of() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | cut -d ' ' -f 1
+    elif command -v shasum >/dev/null 2>&1; then
+        shasum -a 256 "$1" | cut -d ' ' -f 1
+    else
+        pyhelp sha256 "$1"
+    fi
+}
+
+asset_url() { # VERSION ASSET
+    printf '%s/download/v%s/%s\n' "$RELEASE_URL" "$1" "$2"
+}
+
+latest_version() { # DIR: prints the version named by the latest release
+    download "$RELEASE_URL/latest/download/VERSION" "$1/VERSION" \
+        || err "could not read the latest version from $RELEASE_URL/latest/download/VERSION"
+    v=$(tr -d ' \r\n' <"$1/VERSION")
+    v=${v#v}
+    valid_version "$v" || err "the release's VERSION file holds '$v', not a version"
+    printf '%s\n' "$v"
+}
+
+valid_version() {
+    case $1 in
+        '' | *[!0-9A-Za-z.+-]*) return 1 ;;
+        [0-9]*) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# Whether SHA256SUMS (in DIR) lists ASSET.
+sums_list() { # DIR ASSET
+    awk -v a="$2" '$2 == a || $2 == "*" a { found = 1 } END { exit !found }' "$1/SHA256SUMS"
+}
+
+# Download ASSET of VERSION and SHA256SUMS into DIR and verify; dies unless
+# the file is exactly the one the release lists.
+fetch_asset() { # DIR VERSION ASSET
+    if [ ! -s "$1/SHA256SUMS" ]; then
+        download "$(asset_url "$2" SHA256SUMS)" "$1/SHA256SUMS" \
+            || err "could not download SHA256SUMS of version $2 from $RELEASE_URL"
+    fi
+    sums_list "$1" "$3" || err "release $2 has no $3 (not in its SHA256SUMS)"
+    say "downloading $3 $2"
+    download "$(asset_url "$2" "$3")" "$1/$3" || err "could not download $(asset_url "$2" "$3")"
+    verify_sha256 "$1/$3" "$3" "$1/SHA256SUMS"
+}
+
+verify_sha256() { # FILE ASSET SUMS
+    expected=$(awk -v a="$2" '$2 == a || $2 == "*" a { print $1; exit }' "$3")
+    actual=$(sha256_of "$1")
+    [ -n "$expected" ] || err "no checksum for $2 in SHA256SUMS"
+    if [ "$expected" != "$actual" ]; then
+        rm -f "$1"
+        err "checksum mismatch for $2: SHA256SUMS says $expected, the download is $actual; nothing was changed"
+    fi
+    say "checksum of $2 verified"
+}
+
+# ----------------------------------------------------------- the binary
+# A native binary (ELF) runs as is; anything else (the .pyz zipapp) runs
+# with the Python named by PRINTER_CONNECTOR_PYTHON (default python3).
+is_native() {
+    [ "$(dd if="$1" bs=1 skip=1 count=3 2>/dev/null)" = ELF ]
+}
+
+run_bin() { # BIN ARGS...
+    b=$1
+    shift
+    if is_native "$b"; then
+        "$b" "$@"
+    else
+        "$PY" "$b" "$@"
+    fi
+}
+
+# Prints the X.Y.Z that BIN reports, or fails.
+bin_version() {
+    out=$(run_bin "$1" --version 2>/dev/null) || return 1
+    case $out in
+        "printer-connector "*) ;;
+        *) return 1 ;;
+    esac
+    v=${out#printer-connector }
+    v=$(printf '%s' "$v" | head -n 1 | tr -d ' \r')
+    valid_version "$v" || return 1
+    printf '%s\n' "$v"
+}
+
+# The command line the service runs, as one line.
+exec_line() { # BIN CONFIG LOGLEVEL
+    if is_native "$1"; then
+        printf '%s --config %s --log-level %s\n' "$1" "$2" "$3"
+    else
+        printf '%s %s --config %s --log-level %s\n' "$(python_path)" "$1" "$2" "$3"
+    fi
+}
+
+# Maps `uname -m` to the release's architecture names.
+detect_arch() {
+    m=${PRINTER_CONNECTOR_ARCH:-$(uname -m)}
+    case $m in
+        x86_64 | amd64) echo amd64 ;;
+        aarch64 | arm64) echo arm64 ;;
+        armv7* | armv8l) echo armv7 ;;
+        mips | mipsel | mipsle) echo mipsle ;;
+        *) err "unsupported architecture '$m': releases are built for x86_64, aarch64 and armv7" ;;
+    esac
+}
+
+# ------------------------------------------------------------ the layouts
+# LAYOUT is systemd (Klipper host) or k1 (init script); set by the
+# installers, or found by detect_install for update.sh and uninstall.sh.
+# DIR, BIN, CONFIG, SVC_USER and (k1) LOG describe the installation.
+
+unit_path() { printf '%s/etc/systemd/system/%s.service\n' "$ROOT" "$SERVICE"; }
+
+# Reads BIN and CONFIG from the ExecStart= line of a unit (a Python in
+# front of the artifact is skipped), and SVC_USER from its User= line.
+parse_unit() {
+    unit_file=$1
+    SVC_USER=$(sed -n 's/^User=//p' "$unit_file" | head -n 1)
+    line=$(sed -n 's/^ExecStart=//p' "$unit_file" | head -n 1)
+    set -f
+    # shellcheck disable=SC2086  # splitting the command line into words is intended
+    set -- $line
+    set +f
+    BIN=""
+    CONFIG=""
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --config) CONFIG=${2:-}; shift ;;
+            --log-level) shift ;;
+            -*) ;;
+            *) if [ -z "$BIN" ] || is_python_name "$BIN"; then BIN=$1; fi ;;
+        esac
+        shift
+    done
+    [ -n "$BIN" ] && [ -n "$CONFIG" ]
+}
+
+is_python_name() {
+    case ${1##*/} in
+        python | python3 | python3.*) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# Our init script and the Go connector's both name BIN= and CONFIG=.
+parse_init() {
+    BIN=$(sed -n 's/^BIN="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$1" | head -n 1)
+    CONFIG=$(sed -n 's/^CONFIG="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$1" | head -n 1)
+    [ -n "$BIN" ] && [ -n "$CONFIG" ]
+}
+
+# Finds an installation: the systemd unit SERVICE, our K1 init script, or
+# what the Go connector installed (a unit, or an init script of its own on a
+# K1). Sets LAYOUT, DIR, BIN, CONFIG, SVC_USER and, for the Go connector's
+# K1 init script, LEGACY_INIT; fails if there is none.
+detect_install() {
+    SVC_USER=""
+    unit=$(unit_path)
+    if [ -f "$unit" ]; then
+        parse_unit "$unit" || err "$unit has no ExecStart with --config; cannot tell where the connector is"
+        LAYOUT=systemd
+    elif [ -f "$K1_INIT" ] || [ -f "$ROOT/etc/init.d/printer-connector" ]; then
+        init=$K1_INIT
+        [ -f "$init" ] || init=$ROOT/etc/init.d/printer-connector
+        parse_init "$init" || err "$init names no BIN= and CONFIG=; cannot tell where the connector is"
+        LAYOUT=k1
+        grep -q '^# printer-connector init script' "$init" || LEGACY_INIT=$init
+    else
+        return 1
+    fi
+    DIR=$(dirname "$BIN")
+    LOG=$DIR/printer-connector.log
+    [ -f "$BIN" ] || err "the service names $BIN, which does not exist"
+    return 0
+}
+
+svc_stop() {
+    if [ "$LAYOUT" = systemd ]; then
+        systemctl stop "$SERVICE" || warn "systemctl stop $SERVICE failed"
+    elif [ -x "$K1_INIT" ]; then
+        "$K1_INIT" stop || warn "$K1_INIT stop failed"
+    fi
+}
+
+svc_start() {
+    if [ "$LAYOUT" = systemd ]; then
+        systemctl start "$SERVICE"
+    else
+        LOG_MARK=0
+        [ -f "$LOG" ] && LOG_MARK=$(wc -c <"$LOG" | tr -d ' ')
+        "$K1_INIT" start
+    fi
+}
+
+svc_running() {
+    if [ "$LAYOUT" = systemd ]; then
+        systemctl is-active --quiet "$SERVICE"
+    else
+        "$K1_INIT" status >/dev/null 2>&1
+    fi
+}
+
+# The connector's log since the last svc_start.
+svc_log() {
+    if [ "$LAYOUT" = systemd ]; then
+        inv=$(systemctl show -p InvocationID --value "$SERVICE" 2>/dev/null || true)
+        [ -n "$inv" ] || return 0
+        journalctl "_SYSTEMD_INVOCATION_ID=$inv" -o cat --no-pager 2>/dev/null || true
+    elif [ -f "$LOG" ]; then
+        size=$(wc -c <"$LOG" | tr -d ' ')
+        # The log was rotated since the mark: all of it is new.
+        [ "$size" -ge "$LOG_MARK" ] || LOG_MARK=0
+        tail -c "+$((LOG_MARK + 1))" "$LOG"
+    fi
+}
+
+# Healthy: the service runs and its new process has logged a heartbeat.
+health_check() {
+    say "waiting up to ${HEALTH_TIMEOUT}s for the first heartbeat"
+    waited=0
+    while [ "$waited" -lt "$HEALTH_TIMEOUT" ]; do
+        if svc_log | grep -q 'msg="Heartbeat sent"' && svc_running; then
+            say "heartbeat sent: the connector works"
+            return 0
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
+    warn "no heartbeat within ${HEALTH_TIMEOUT}s; the connector's last lines:"
+    svc_log | tail -n 15 >&2
+    return 1
+}
+
+log_hint() {
+    if [ "$LAYOUT" = systemd ]; then
+        printf 'journalctl -u %s -f\n' "$SERVICE"
+    else
+        printf 'tail -f %s\n' "$LOG"
+    fi
+}
+
+# ------------------------------------------------ service files (writing)
+write_unit() { # EXECLINE
+    unit=$(unit_path)
+    mkdir -p "$(dirname "$unit")"
+    cat >"$unit.tmp" <<EOF
+# printer-connector systemd unit, written by install-klipper.sh
+[Unit]
+Description=printer-connector: bridges Moonraker to the PrintDock cloud
+Wants=network-online.target
+After=network-online.target moonraker.service
+
+[Service]
+Type=simple
+User=$SVC_USER
+WorkingDirectory=$DIR
+ExecStart=$1
+Restart=always
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    mv -f "$unit.tmp" "$unit"
+}
+
+# The K1 init script: a supervisor loop restarts the connector when it dies
+# and keeps its log under LOG_MAX bytes (one older copy kept).
+write_init() { # PYTHON (empty for a native binary)
+    mkdir -p "$(dirname "$K1_INIT")"
+    cat >"$K1_INIT.tmp" <<EOF
+#!/bin/sh
+# printer-connector init script, written by install-k1.sh
+# start | stop | restart | status
+BIN="$BIN"
+CONFIG="$CONFIG"
+PYTHON="$1"
+LOG="$LOG"
+PIDFILE="$ROOT/var/run/printer-connector.pid"
+LOG_MAX=1048576
+EOF
+    cat >>"$K1_INIT.tmp" <<'EOF'
+CHILDFILE="$PIDFILE.child"
+
+# A process that exited but was not reaped yet (a zombie) is not alive.
+running() {
+    kill -0 "$1" 2>/dev/null || return 1
+    [ ! -r "/proc/$1/stat" ] || ! grep -q '^[0-9]* (.*) Z' "/proc/$1/stat"
+}
+
+alive() { [ -f "$1" ] && running "$(cat "$1")"; }
+
+rotate() {
+    size=$(wc -c <"$LOG" 2>/dev/null || echo 0)
+    if [ "$size" -gt "$LOG_MAX" ]; then
+        cp "$LOG" "$LOG.1" && : >"$LOG"
+    fi
+}
+
+supervise() {
+    echo $$ >"$PIDFILE"
+    child=""
+    trap 'stopping=1; [ -z "$child" ] || kill "$child" 2>/dev/null' TERM INT
+    stopping=""
+    while [ -z "$stopping" ]; do
+        rotate
+        if [ -n "$PYTHON" ]; then
+            "$PYTHON" "$BIN" --config "$CONFIG" --log-level info >>"$LOG" 2>&1 </dev/null &
+        else
+            "$BIN" --config "$CONFIG" --log-level info >>"$LOG" 2>&1 </dev/null &
+        fi
+        child=$!
+        echo "$child" >"$CHILDFILE"
+        while [ -z "$stopping" ] && running "$child"; do
+            sleep 5 &
+            wait $! 2>/dev/null || true
+            rotate
+        done
+        wait "$child" 2>/dev/null || true
+        rm -f "$CHILDFILE"
+        [ -n "$stopping" ] && break
+        echo "printer-connector exited; restarting in 5 seconds" >>"$LOG"
+        sleep 5 &
+        wait $! 2>/dev/null || true
+    done
+    rm -f "$PIDFILE"
+}
+
+start() {
+    if alive "$PIDFILE"; then
+        echo "printer-connector is already running"
+        return 0
+    fi
+    mkdir -p "$(dirname "$PIDFILE")"
+    rm -f "$PIDFILE" "$CHILDFILE"
+    if command -v setsid >/dev/null 2>&1; then
+        setsid sh "$0" supervise </dev/null >/dev/null 2>&1 &
+    else
+        sh "$0" supervise </dev/null >/dev/null 2>&1 &
+    fi
+    n=0
+    while [ ! -f "$CHILDFILE" ] && [ "$n" -lt 50 ]; do
+        sleep 0.1 2>/dev/null || sleep 1
+        n=$((n + 1))
+    done
+    echo "printer-connector started"
+}
+
+stop() {
+    if ! alive "$PIDFILE"; then
+        echo "printer-connector is not running"
+        rm -f "$PIDFILE" "$CHILDFILE"
+        return 0
+    fi
+    pid=$(cat "$PIDFILE")
+    kill "$pid" 2>/dev/null || true
+    alive "$CHILDFILE" && kill "$(cat "$CHILDFILE")" 2>/dev/null
+    n=0
+    while running "$pid" && [ "$n" -lt 100 ]; do
+        sleep 0.1 2>/dev/null || sleep 1
+        n=$((n + 1))
+    done
+    if running "$pid"; then
+        kill -9 "$pid" 2>/dev/null || true
+        alive "$CHILDFILE" && kill -9 "$(cat "$CHILDFILE")" 2>/dev/null
+    fi
+    rm -f "$PIDFILE" "$CHILDFILE"
+    echo "printer-connector stopped"
+}
+
+status() {
+    if alive "$PIDFILE" && alive "$CHILDFILE"; then
+        echo "printer-connector is running (pid $(cat "$CHILDFILE"))"
+        return 0
+    fi
+    echo "printer-connector is not running"
+    return 3
+}
+
+case ${1:-} in
+    start) start ;;
+    stop) stop ;;
+    restart) stop; start ;;
+    status) status ;;
+    supervise) supervise ;;
+    *) echo "usage: $0 start|stop|restart|status" >&2; exit 2 ;;
+esac
+EOF
+    chmod 755 "$K1_INIT.tmp"
+    mv -f "$K1_INIT.tmp" "$K1_INIT"
+}
+
+# --------------------------------------------------------------- Moonraker
+# Moonraker may restart only the services listed in moonraker.asvc in its
+# data folder; add ours (and take it out again) without touching the rest.
+asvc_add() { # FILE
+    [ -d "$(dirname "$1")" ] || return 0
+    if [ ! -f "$1" ]; then
+        # Moonraker writes its default list when the file is missing; keep it.
+        printf '%s\n' klipper_mcu webcamd MoonCord KlipperScreen moonraker-telegram-bot \
+            moonraker-obico sonar crowsnest octoeverywhere ratos-configurator >"$1"
+    fi
+    grep -qx "$SERVICE" "$1" && return 0
+    # A last line without a newline must not swallow ours.
+    [ -z "$(tail -c 1 "$1")" ] || printf '\n' >>"$1"
+    printf '%s\n' "$SERVICE" >>"$1"
+    say "added $SERVICE to $1"
+}
+
+asvc_remove() { # FILE
+    [ -f "$1" ] && grep -qx "$SERVICE" "$1" || return 0
+    grep -vx "$SERVICE" "$1" >"$1.tmp" || true
+    cat "$1.tmp" >"$1"
+    rm -f "$1.tmp"
+    say "removed $SERVICE from $1"
+}
+
+# Whether a print is running, asked of every printer in CONFIG's Moonraker
+# list; refuses (dies) unless FORCE=1.
+refuse_if_printing() { # CONFIG
+    [ "${FORCE:-0}" = 1 ] && return 0
+    [ -f "$1" ] || return 0
+    for url in $(pyhelp config-get "$1" printer-urls); do
+        print_state=$(pyhelp print-state "$url")
+        case $print_state in
+            printing | paused)
+                err "a print is $print_state on $url; try again when it is done (or pass --force)" ;;
+            unreachable | unknown)
+                err "could not ask Moonraker at $url whether a print is running; pass --force to go on anyway" ;;
+        esac
+    done
+}
+
+# --------------------------------------------------------------- prompts
+have_tty() {
+    [ "${PRINTER_CONNECTOR_NO_TTY:-0}" != 1 ] && (: </dev/tty) 2>/dev/null
+}
+
+ask() { # QUESTION DEFAULT -> answer on stdout
+    if [ -n "$2" ]; then
+        printf '%s [%s]: ' "$1" "$2" >/dev/tty
+    else
+        printf '%s: ' "$1" >/dev/tty
+    fi
+    answer=""
+    IFS= read -r answer </dev/tty || true
+    [ -n "$answer" ] || answer=$2
+    printf '%s\n' "$answer"
+}
+
+confirm() { # QUESTION
+    have_tty || err "no terminal to ask on; pass --yes"
+    case $(ask "$1 (y/N)" "") in
+        y | Y | yes | YES) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# ------------------------------------------------------- installing
+# Backups of BIN: backups/NAME.1 is the newest, NAME.2 the one before.
+backup_path() { printf '%s/backups/%s.%s\n' "$DIR" "$(basename "$BIN")" "$1"; }
+
+backup_current() {
+    [ -f "$BIN" ] || return 0
+    mkdir -p "$DIR/backups"
+    [ ! -f "$(backup_path 1)" ] || mv -f "$(backup_path 1)" "$(backup_path 2)"
+    cp -p "$BIN" "$(backup_path 1)"
+}
+
+# Puts FILE in place of BIN with one rename (same folder, so atomic).
+swap_in() { # FILE
+    cp "$1" "$BIN.new"
+    chmod 755 "$BIN.new"
+    mv -f "$BIN.new" "$BIN"
+}
+
+release_info_path() { printf '%s/release_info.json\n' "$DIR"; }
+
+# Keeps release_info.json (read by Moonraker's update manager) true.
+release_info_set() { # VERSION ASSET
+    [ "$LAYOUT" = systemd ] || return 0
+    pyhelp release-info "$(release_info_path)" "$REPO" "$1" "$2"
+    [ -z "$SVC_USER" ] || chown "$SVC_USER" "$(release_info_path)" 2>/dev/null || true
+}
+
+release_info_version() { pyhelp release-info-get "$(release_info_path)" version; }
+
+# The release asset this installation runs: from release_info.json, else by
+# architecture (systemd) or by kind (K1: a native binary or the .pyz).
+current_asset() {
+    a=""
+    [ ! -f "$(release_info_path)" ] || a=$(pyhelp release-info-get "$(release_info_path)" asset_name)
+    if [ -z "$a" ]; then
+        if [ "$LAYOUT" = k1 ] && ! is_native "$BIN"; then
+            a=printer-connector.pyz
+        else
+            a=printer-connector-linux-$(detect_arch)
+        fi
+    fi
+    printf '%s\n' "$a"
+}
+
+# The K1's firmware Python has no usable certificate store; the connector's
+# .pyz carries certifi's, which verifies later downloads (update.sh).
+k1_ca_bundle() { # PYZ
+    if pyhelp zip-extract "$1" certifi/cacert.pem "$DIR/ca-bundle.pem.tmp" 2>/dev/null; then
+        mv -f "$DIR/ca-bundle.pem.tmp" "$DIR/ca-bundle.pem"
+    else
+        rm -f "$DIR/ca-bundle.pem.tmp"
+    fi
+}
+
+# Runs the connector once to pair (config with a pairing_token). Dies with
+# a clear message unless the config is paired afterwards.
+pair_once() {
+    say "pairing with the cloud"
+    rc=0
+    run_bin "$BIN" --config "$CONFIG" --log-level "$LOG_LEVEL" --once >"$STAGE/pair.log" 2>&1 || rc=$?
+    if [ "$(pyhelp config-state "$CONFIG")" = paired ]; then
+        say "paired: connector id $(pyhelp config-get "$CONFIG" connector_id)"
+        [ "$rc" -eq 0 ] || warn "paired, but the first round reported a problem (exit $rc); the service will retry"
+        return 0
+    fi
+    sed 's/^/    /' "$STAGE/pair.log" >&2
+    case $rc in
+        3) err "the cloud rejected the pairing token (invalid, expired or already used); get a new one and run the installer again. Nothing was installed." ;;
+        2) err "the connector refused the configuration (exit 2); nothing was installed" ;;
+        *) err "pairing failed (exit $rc, see above); nothing was installed" ;;
+    esac
+}
+
+# Asks for (or takes from the flags) what a new config needs.
+gather_answers() {
+    if have_tty; then
+        say "answers in [brackets] are the defaults"
+        [ -n "$CLOUD_URL" ] || CLOUD_URL=$(ask "Cloud URL" "$DEFAULT_CLOUD_URL")
+        [ -n "$TOKEN" ] || TOKEN=$(ask "Pairing token (from the cloud's Add connector page)" "")
+        if [ -z "$PRINTERS" ]; then
+            name=$(ask "Printer name" "$DEFAULT_PRINTER_NAME")
+            url=$(ask "Moonraker URL" "http://127.0.0.1:7125")
+            PRINTERS="0|$name|$url"
+        fi
+    fi
+    [ -n "$CLOUD_URL" ] || CLOUD_URL=$DEFAULT_CLOUD_URL
+    [ -n "$PRINTERS" ] || PRINTERS="0|$DEFAULT_PRINTER_NAME|http://127.0.0.1:7125"
+    [ -n "$TOKEN" ] || err "a pairing token is needed: pass --pairing-token TOKEN (no terminal to ask on)"
+}
+
+# Every printer's Moonraker must answer before anything is written.
+check_moonrakers() { # PRINTERS lines or a CONFIG path
+    if [ -f "$1" ]; then
+        urls=$(pyhelp config-get "$1" printer-urls)
+    else
+        urls=$(printf '%s\n' "$1" | cut -d '|' -f 3)
+    fi
+    for url in $urls; do
+        pyhelp moonraker-ok "$url" 2>"$STAGE/moonraker.err" \
+            || err "Moonraker does not answer at $url ($(tail -n 1 "$STAGE/moonraker.err")); is it running?"
+        say "Moonraker answers at $url"
+    done
+}
+
+# Gets the artifact into STAGE/NEW and sets NEW_VERSION and NEW_ASSET.
+# ASSETS lists the release assets to try, best first: the first one whose
+# checksum matches and that runs here wins.
+stage_artifact() { # ASSETS...
+    NEW=$STAGE/printer-connector
+    if [ -n "$OPT_BIN" ]; then
+        [ -f "$OPT_BIN" ] || err "--bin $OPT_BIN: no such file"
+        cp "$OPT_BIN" "$NEW"
+        chmod 755 "$NEW"
+        NEW_VERSION=$(bin_version "$NEW") || err "--bin $OPT_BIN does not run here (its --version failed)"
+        NEW_ASSET=$1
+        return 0
+    fi
+    NEW_VERSION=$OPT_VERSION
+    [ -n "$NEW_VERSION" ] || NEW_VERSION=$(latest_version "$STAGE")
+    NEW_VERSION=${NEW_VERSION#v}
+    download "$(asset_url "$NEW_VERSION" SHA256SUMS)" "$STAGE/SHA256SUMS" \
+        || err "could not download SHA256SUMS of version $NEW_VERSION from $RELEASE_URL"
+    for asset in "$@"; do
+        sums_list "$STAGE" "$asset" || continue
+        fetch_asset "$STAGE" "$NEW_VERSION" "$asset"
+        cp "$STAGE/$asset" "$NEW"
+        chmod 755 "$NEW"
+        got=$(bin_version "$NEW" || true)
+        if [ "$got" = "$NEW_VERSION" ]; then
+            NEW_ASSET=$asset
+            say "$asset runs here and reports version $got"
+            return 0
+        fi
+        warn "$asset does not run here or reports '${got:-nothing}' instead of $NEW_VERSION"
+    done
+    err "release $NEW_VERSION has no artifact that runs here (tried: $*)"
+}
+
+# The shared installer. The caller sets LAYOUT, DIR, BIN, CONFIG, SVC_USER,
+# the OPT_* flags and the answers, and STAGE (scratch inside DIR).
+install_connector() { # ASSETS...
+    CONFIG_STATE=absent
+    [ ! -f "$CONFIG" ] || CONFIG_STATE=$(pyhelp config-state "$CONFIG")
+    case $CONFIG_STATE in
+        paired)
+            say "$CONFIG is paired already: upgrading in place, no new pairing"
+            [ -z "$TOKEN" ] || warn "ignoring --pairing-token: already paired (uninstall.sh --config-only removes the pairing)"
+            check_moonrakers "$CONFIG"
+            [ ! -f "$BIN" ] || refuse_if_printing "$CONFIG" ;;
+        unpaired | absent)
+            gather_answers
+            check_moonrakers "$PRINTERS" ;;
+        *) err "$CONFIG exists but is not a connector config ($CONFIG_STATE); move it away first" ;;
+    esac
+    stage_artifact "$@"
+
+    svc_stop_if_installed
+    backup_current
+    swap_in "$NEW"
+    [ "$LAYOUT" != k1 ] || [ "$NEW_ASSET" != printer-connector.pyz ] || k1_ca_bundle "$BIN"
+    if [ "$CONFIG_STATE" != paired ]; then
+        pyhelp write-config "$CONFIG.tmp" "$CLOUD_URL" "$TOKEN" "$DIR/state" "$PRINTERS"
+        mv -f "$CONFIG.tmp" "$CONFIG"
+        pair_once
+    fi
+    if [ -n "$SVC_USER" ] && [ "$LAYOUT" = systemd ]; then
+        chown -R "$SVC_USER:" "$DIR" || err "could not give $DIR to $SVC_USER"
+        [ "$(dirname "$CONFIG")" = "$DIR" ] || chown "$SVC_USER:" "$CONFIG"
+    fi
+    chmod 600 "$CONFIG"
+    release_info_set "$NEW_VERSION" "$NEW_ASSET"
+    install_service
+    commit_path "$CREATED_DIR"
+    say "installed printer-connector $NEW_VERSION in $DIR"
+    svc_start || err "the service did not start; see: $(log_hint)"
+    if ! health_check; then
+        err "installed, but the connector sent no heartbeat; see: $(log_hint)"
+    fi
+    say "done. Logs: $(log_hint)"
+}
+
+svc_stop_if_installed() {
+    if [ -n "$LEGACY_INIT" ]; then
+        # The Go connector's init script goes; ours replaces it.
+        "$LEGACY_INIT" stop || warn "$LEGACY_INIT stop failed"
+        rm -f "$LEGACY_INIT"
+        [ ! -f "$ROOT/var/run/printer-connector.pid" ] || rm -f "$ROOT/var/run/printer-connector.pid"
+    elif [ "$LAYOUT" = systemd ] && [ -f "$(unit_path)" ]; then
+        svc_stop
+    elif [ "$LAYOUT" = k1 ] && [ -f "$K1_INIT" ]; then
+        svc_stop
+    fi
+}
+
+install_service() {
+    if [ "$LAYOUT" = systemd ]; then
+        write_unit "$(exec_line "$BIN" "$CONFIG" "$LOG_LEVEL")"
+        systemctl daemon-reload
+        systemctl enable "$SERVICE" >/dev/null 2>&1 || systemctl enable "$SERVICE"
+        say "systemd service $SERVICE installed (runs as ${SVC_USER:-root}, Restart=always)"
+        install_moonraker_entries
+    else
+        py=""
+        is_native "$BIN" || py=$(python_path)
+        write_init "$py"
+        say "init script $K1_INIT installed"
+    fi
+}
+
+# --------------------------------------------------------------- updating
+do_check() {
+    latest=$(latest_version "$STAGE")
+    say "installed: $CURRENT_VERSION ($BIN)"
+    say "latest:    $latest ($RELEASE_URL)"
+    if [ "$latest" = "$CURRENT_VERSION" ]; then
+        say "up to date"
+    else
+        say "an update is available: run update.sh"
+    fi
+}
+
+# Reports an installed binary whose version disagrees with release_info.json
+# (e.g. after an update through Moonraker went wrong).
+do_doctor() {
+    problems=0
+    say "binary: $BIN reports ${CURRENT_VERSION:-nothing (it does not run)}"
+    [ -n "$CURRENT_VERSION" ] || problems=1
+    if [ "$LAYOUT" = systemd ]; then
+        if [ -f "$(release_info_path)" ]; then
+            info=$(release_info_version)
+            say "release_info.json: version $info"
+            if [ "$info" != "$CURRENT_VERSION" ]; then
+                warn "release_info.json says $info but the binary is ${CURRENT_VERSION:-broken}; run update.sh --version $info (or update.sh) to repair"
+                problems=1
+            fi
+        else
+            warn "$(release_info_path) is missing: Moonraker's update manager cannot track this install"
+            problems=1
+        fi
+    fi
+    if svc_running; then say "service: running"; else warn "service: not running"; problems=1; fi
+    [ "$problems" -eq 0 ] || err "problems found (see above)"
+    say "no problems found"
+}
+
+do_update() {
+    target=$OPT_VERSION
+    [ -n "$target" ] || target=$(latest_version "$STAGE")
+    target=${target#v}
+    if [ "$target" = "$CURRENT_VERSION" ]; then
+        say "printer-connector $CURRENT_VERSION is up to date"
+        return 0
+    fi
+    refuse_if_printing "$CONFIG"
+    asset=$(current_asset)
+    fetch_asset "$STAGE" "$target" "$asset"
+    got=$(bin_version "$STAGE/$asset" || true)
+    [ "$got" = "$target" ] || err "the downloaded $asset reports '${got:-nothing}' instead of $target; nothing was changed"
+    say "updating ${CURRENT_VERSION:-unknown} -> $target"
+    svc_stop
+    backup_current
+    swap_in "$STAGE/$asset"
+    [ "$asset" != printer-connector.pyz ] || [ "$LAYOUT" != k1 ] || k1_ca_bundle "$BIN"
+    release_info_set "$target" "$asset"
+    if svc_start && health_check; then
+        say "updated to $target; the previous binary is kept in $(backup_path 1)"
+        return 0
+    fi
+    warn "version $target does not work here: restoring ${CURRENT_VERSION:-the previous binary}"
+    svc_stop
+    swap_in "$(backup_path 1)"
+    release_info_set "$CURRENT_VERSION" "$asset"
+    svc_start || true
+    if health_check; then
+        err "update to $target failed and was rolled back; ${CURRENT_VERSION} runs again"
+    fi
+    err "update to $target failed; ${CURRENT_VERSION} was restored but does not report heartbeats either; see: $(log_hint)"
+}
+
+do_rollback() {
+    b1=$(backup_path 1)
+    [ -f "$b1" ] || err "no backup to roll back to ($b1 does not exist)"
+    old=$(bin_version "$b1") || err "the backup $b1 does not run; not rolling back"
+    say "rolling back ${CURRENT_VERSION:-unknown} -> $old"
+    svc_stop
+    swap_in "$b1"
+    if [ -f "$(backup_path 2)" ]; then mv -f "$(backup_path 2)" "$b1"; else rm -f "$b1"; fi
+    release_info_set "$old" "$(current_asset)"
+    svc_start || err "the service did not start; see: $(log_hint)"
+    health_check || err "rolled back to $old, but it sends no heartbeat; see: $(log_hint)"
+    say "rolled back to $old"
+}
+
+# ------------------------------------------------- Moonraker update manager
+moonraker_conf_dir() {
+    home=$(dirname "$DIR")
+    printf '%s/printer_data/config\n' "$home"
+}
+
+# moonraker.asvc, our [update_manager] section in a file of our own, and one
+# include line in moonraker.conf (added once, never rewriting other lines).
+install_moonraker_entries() {
+    [ "$UPDATE_MANAGER" = 1 ] || { say "--no-update-manager: Moonraker's config left alone"; return 0; }
+    conf_dir=$(moonraker_conf_dir)
+    [ -d "$conf_dir" ] || { warn "no $conf_dir: not registering with Moonraker"; return 0; }
+    asvc_add "$(dirname "$conf_dir")/moonraker.asvc"
+    um_file=$conf_dir/$SERVICE-update.conf
+    cat >"$um_file.tmp" <<EOF
+# Written by install-klipper.sh; removed by uninstall.sh.
+# Lets Mainsail and Fluidd update $SERVICE through Moonraker's update
+# manager. update.sh does the same with a checksum check, a print check
+# and an automatic rollback.
+[update_manager $SERVICE]
+type: executable
+channel: stable
+repo: $REPO
+path: $DIR
+managed_services: $SERVICE
+EOF
+    mv -f "$um_file.tmp" "$um_file"
+    [ -z "$SVC_USER" ] || chown "$SVC_USER" "$um_file" 2>/dev/null || true
+    conf=$conf_dir/moonraker.conf
+    if [ -f "$conf" ] && ! grep -qxF "[include $SERVICE-update.conf]" "$conf"; then
+        [ -z "$(tail -c 1 "$conf")" ] || printf '\n' >>"$conf"
+        printf '\n[include %s-update.conf]\n' "$SERVICE" >>"$conf"
+        say "added [include $SERVICE-update.conf] to $conf"
+    fi
+    restart_moonraker
+}
+
+remove_moonraker_entries() {
+    conf_dir=$(moonraker_conf_dir)
+    asvc_remove "$(dirname "$conf_dir")/moonraker.asvc"
+    conf=$conf_dir/moonraker.conf
+    if [ -f "$conf" ] && grep -qxF "[include $SERVICE-update.conf]" "$conf"; then
+        grep -vxF "[include $SERVICE-update.conf]" "$conf" >"$conf.tmp" || true
+        cat "$conf.tmp" >"$conf"
+        rm -f "$conf.tmp"
+        say "removed [include $SERVICE-update.conf] from $conf"
+    fi
+    if [ -f "$conf_dir/$SERVICE-update.conf" ]; then
+        rm -f "$conf_dir/$SERVICE-update.conf"
+        restart_moonraker
+    fi
+}
+
+# Moonraker reads its config and moonraker.asvc only when it starts.
+restart_moonraker() {
+    if systemctl is-active --quiet moonraker 2>/dev/null; then
+        if systemctl restart moonraker; then
+            say "restarted Moonraker to load the change"
+        else
+            warn "could not restart Moonraker; restart it to load the change"
+        fi
+    fi
+}
+
+# ------------------------------------------------------------- uninstalling
+do_uninstall() {
+    if [ "$CONFIG_ONLY" = 1 ]; then
+        what="the service and the configuration (pairing) in $CONFIG; the binary stays in $DIR"
+    else
+        what="the service and everything in $DIR"
+    fi
+    say "this removes $what"
+    [ "$YES" = 1 ] || confirm "Remove it?" || err "nothing removed"
+    svc_stop
+    if [ "$LAYOUT" = systemd ]; then
+        systemctl disable "$SERVICE" >/dev/null 2>&1 || true
+        rm -f "$(unit_path)"
+        systemctl daemon-reload || true
+        remove_moonraker_entries
+    else
+        rm -f "$K1_INIT" "$ROOT/etc/init.d/printer-connector"
+    fi
+    if [ "$CONFIG_ONLY" = 1 ]; then
+        rm -rf "$CONFIG" "$DIR/state"
+        say "removed the service and $CONFIG; the binary is still in $DIR"
+    else
+        rm -rf "$DIR"
+        [ "$(dirname "$CONFIG")" = "$DIR" ] || rm -f "$CONFIG"
+        say "removed the service and $DIR"
+    fi
+    say "printer_data and Klipper were not touched"
+}

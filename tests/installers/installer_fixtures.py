@@ -1,0 +1,324 @@
+"""Fixtures and helpers for the installer tests: every script runs for real, under dash,
+bash and BusyBox sh, in a scratch root (PRINTER_CONNECTOR_ROOT), with a
+release served from 127.0.0.1, stand-ins for systemctl/journalctl that really
+start and stop the connector, the reference cloud and the printer simulator
+(the `cloud` and `printer` fixtures of tests/conftest.py).
+
+The "release binaries" are the real connector.py with its __version__
+rewritten (and, for the K1, a real zipapp of it): the installed connector
+pairs with the reference cloud and sends heartbeats.
+"""
+
+import hashlib
+import http.server
+import itertools
+import json
+import os
+import platform
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipapp
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALLERS = REPO / "installers"
+STUBS = Path(__file__).resolve().parent / "stubs"
+SCRIPTS = ["install-klipper.sh", "install-k1.sh", "update.sh", "uninstall.sh"]
+SHELLS = {"dash": ["dash"], "bash": ["bash"], "busybox": ["busybox", "sh"]}
+SERVICE = "printer-connector"
+PYZ = "printer-connector.pyz"
+
+_tokens = itertools.count(1)
+
+
+def new_token(cloud):
+    token = "PAIR_installer_%d_%d" % (os.getpid(), next(_tokens))
+    cloud.add_pairing_token(token)
+    return token
+
+
+def host_asset():
+    machine = platform.machine()
+    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine)
+    if arch is None and machine.startswith("armv7"):
+        arch = "armv7"
+    assert arch, "no release architecture for %s" % machine
+    return "printer-connector-linux-" + arch
+
+
+def wait_until(predicate, timeout=20.0, message="condition"):
+    """For state with no notification (files, processes): polls briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not met within %.0fs" % (message, timeout))
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- artifacts
+
+def connector_source(version):
+    """connector.py with its version line rewritten."""
+    text = (REPO / "connector.py").read_text()
+    text, n = re.subn(r'^__version__ = "[^"]*"', '__version__ = "%s"' % version, text, count=1, flags=re.M)
+    assert n == 1, "connector.py has no __version__ line"
+    return text.encode()
+
+
+def crashing_binary(version):
+    """Reports VERSION to --version, but exits 1 at start: a release that
+    passes the pre-swap check and fails only when it runs."""
+    return ('#!/usr/bin/env python3\nimport sys\n'
+            'if sys.argv[1:] == ["--version"]:\n'
+            '    print("printer-connector %s")\n    sys.exit(0)\n'
+            'print("time=x level=ERROR msg=\\"broken build\\"")\nsys.exit(1)\n' % version).encode()
+
+
+def dead_binary():
+    """Exits 1 at once, even for --version."""
+    return b"#!/usr/bin/env python3\nimport sys\nsys.exit(1)\n"
+
+
+def make_pyz(version, workdir):
+    """A real zipapp like the release's printer-connector.pyz: the connector
+    as __main__ plus certifi (its CA bundle is what the K1 installer keeps);
+    its other dependencies come from the test's Python."""
+    import certifi
+    src = Path(workdir) / ("pyz-src-" + version)
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
+    (src / "__main__.py").write_bytes(connector_source(version))
+    shutil.copytree(os.path.dirname(certifi.__file__), src / "certifi",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    out = Path(workdir) / ("pyz-" + version)
+    zipapp.create_archive(src, out, interpreter="/usr/bin/env python3")
+    return out.read_bytes()
+
+
+# ------------------------------------------------------------ release server
+
+class Release:
+    """Releases laid out as GitHub serves them: BASE/latest/download/ASSET
+    and BASE/download/vX.Y.Z/ASSET, each with SHA256SUMS and VERSION."""
+
+    def __init__(self, workdir):
+        self.dir = Path(workdir) / "releases"
+        self.dir.mkdir(parents=True)
+        self.latest = None
+        self.requests = []
+        release = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                release.requests.append(self.path)
+                path = self.path.split("?")[0]
+                if path.startswith("/latest/download/") and release.latest:
+                    path = "/download/v%s/%s" % (release.latest, path[len("/latest/download/"):])
+                parts = path.strip("/").split("/")
+                target = release.dir / parts[1] / parts[2] if len(parts) == 3 and parts[0] == "download" else None
+                if target is None or not target.is_file():
+                    self.send_error(404)
+                    return
+                data = target.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def publish(self, version, assets, latest=True, bad_sums=()):
+        """assets: name -> bytes. Names in bad_sums get a wrong checksum."""
+        folder = self.dir / ("v" + version)
+        folder.mkdir()
+        lines = []
+        for name, data in sorted(assets.items()):
+            (folder / name).write_bytes(data)
+            digest = hashlib.sha256(data).hexdigest()
+            if name in bad_sums:
+                digest = hashlib.sha256(data + b"tampered").hexdigest()
+            lines.append("%s  %s\n" % (digest, name))
+        (folder / "SHA256SUMS").write_text("".join(lines))
+        (folder / "VERSION").write_text(version + "\n")
+        if latest:
+            self.latest = version
+        return folder
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def release(tmp_path):
+    server = Release(tmp_path)
+    yield server
+    server.close()
+
+
+# ------------------------------------------------------------------ sandbox
+
+class Sandbox:
+    """A scratch root the scripts treat as /, plus stub systemctl/journalctl."""
+
+    def __init__(self, tmp_path, release):
+        self.tmp = tmp_path
+        self.root = tmp_path / "root"
+        self.state = tmp_path / "stub-state"
+        self.bin = tmp_path / "stub-bin"
+        for d in (self.root, self.state, self.bin):
+            d.mkdir()
+        for name in ("systemctl", "journalctl"):
+            os.symlink(STUBS / name, self.bin / name)
+        # The Klipper user: not root where the tests can give files away.
+        self.user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+        self.home = self.root / "home" / self.user
+        self.printer_data = self.home / "printer_data"
+        (self.printer_data / "config").mkdir(parents=True)
+        (self.printer_data / "config" / "moonraker.conf").write_text(
+            "[server]\nhost: 127.0.0.1\nport: 7125\n\n[authorization]\ntrusted_clients:\n    127.0.0.0/8\n")
+        (self.printer_data / "moonraker.asvc").write_text("klipper_mcu\nwebcamd\ncrowsnest\n")
+        for path in [self.home] + list(self.home.rglob("*")):
+            shutil.chown(path, self.user)
+        self.k1_dir = self.root / "usr/data/printer-connector"
+        self.k1_init = self.root / "etc/init.d/S99printer-connector"
+        self.env = dict(os.environ)
+        for key in list(self.env):
+            if key.startswith("PRINTER_CONNECTOR_") or key in ("SUDO_USER", "CLOUD_URL"):
+                del self.env[key]
+        self.env.update({
+            "PATH": os.pathsep.join([str(self.bin), os.path.dirname(sys.executable), self.env.get("PATH", "")]),
+            "PRINTER_CONNECTOR_ROOT": str(self.root),
+            "PRINTER_CONNECTOR_RELEASE_URL": release.url,
+            "PRINTER_CONNECTOR_HEALTH_TIMEOUT": "30",
+            "STUB_STATE": str(self.state),
+        })
+
+    @property
+    def klipper_dir(self):
+        return self.home / SERVICE
+
+    def unit(self, name=SERVICE):
+        return self.root / "etc/systemd/system" / (name + ".service")
+
+    def run(self, shell, script, *args, env=None, timeout=180, path=None):
+        """Runs installers/SCRIPT under SHELL; stdout and stderr together in .output."""
+        full_env = dict(self.env, **(env or {}))
+        if path is not None:
+            full_env["PATH"] = path
+        cmd = [shutil.which(SHELLS[shell][0])] + SHELLS[shell][1:] + [str(path_of(script))] + list(args)
+        result = subprocess.run(cmd, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, timeout=timeout, start_new_session=True)
+        result.output = result.stdout.decode(errors="replace")
+        return result
+
+    def calls(self):
+        log = self.state / "calls.log"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def systemctl_calls(self, *verbs):
+        return [c[1:] for c in self.calls() if c[0] == "systemctl" and (not verbs or c[1] in verbs)]
+
+    def unit_state(self, name=SERVICE):
+        path = self.state / ("unit-%s.json" % name)
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def service_pid(self, name=SERVICE):
+        pid = self.unit_state(name).get("pid")
+        return pid if pid and process_alive(pid) else None
+
+    def journal(self, name=SERVICE):
+        """Output of the service's current run."""
+        inv = self.unit_state(name).get("invocation")
+        path = self.state / ("journal-%s-%s.log" % (name, inv))
+        return path.read_text(errors="replace") if inv and path.exists() else ""
+
+    def k1_child_pid(self):
+        path = self.root / "var/run/printer-connector.pid.child"
+        if not path.exists():
+            return None
+        try:
+            pid = int(path.read_text().strip() or 0)
+        except ValueError:
+            return None
+        return pid if process_alive(pid) else None
+
+    def snapshot_tree(self):
+        """Every path under the root with its size: to see that nothing changed."""
+        return {str(p.relative_to(self.root)): (p.stat().st_size if p.is_file() else -1)
+                for p in self.root.rglob("*")}
+
+    def cleanup(self):
+        init = self.k1_init
+        if init.exists() and "printer-connector init script" in init.read_text(errors="replace"):
+            subprocess.run(["sh", str(init), "stop"], env=self.env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=30)
+        pids = self.state / "pids"
+        for line in (pids.read_text().split() if pids.exists() else []):
+            try:
+                os.killpg(int(line), signal.SIGKILL)
+            except OSError:
+                pass
+        for pidfile in (self.root / "var/run").glob("*.pid*") if (self.root / "var/run").exists() else []:
+            try:
+                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+
+def path_of(script):
+    return script if os.path.isabs(str(script)) else INSTALLERS / script
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture
+def sandbox(tmp_path, release):
+    box = Sandbox(tmp_path, release)
+    yield box
+    box.cleanup()
+
+
+def publish_connector(release, version, tmp_path, latest=True, pyz=False, **kwargs):
+    assets = {host_asset(): connector_source(version)}
+    if pyz:
+        assets[PYZ] = make_pyz(version, tmp_path)
+    return release.publish(version, assets, latest=latest, **kwargs)
+
+
+def install_args(cloud, printer, token=None):
+    return ["--cloud-url", cloud.url, "--pairing-token", token or new_token(cloud),
+            "--printer", "0|Sim printer|%s" % printer.url]
+
+
+def heartbeats_of(cloud, connector_id):
+    return [h for h in cloud.heartbeats if str(h["connector_id"]) == str(connector_id)]
+
+
+def config_of(path):
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,275 @@
+"""install-klipper.sh and install-k1.sh, run for real in a sandbox, plus the
+properties every script shares (shellcheck, the shared block, cut-off)."""
+
+import os
+import pwd
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from installer_fixtures import (INSTALLERS, PYZ, SCRIPTS, SERVICE, SHELLS, config_of, crashing_binary,
+                                heartbeats_of, host_asset, install_args, make_pyz, new_token,
+                                publish_connector, wait_until)
+
+ALL_SHELLS = pytest.mark.parametrize("shell", list(SHELLS))
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.output
+
+
+def owner(path):
+    return pwd.getpwuid(os.stat(path).st_uid).pw_name
+
+
+# ------------------------------------------------------------ the scripts
+
+def test_shellcheck_clean():
+    scripts = [str(INSTALLERS / s) for s in SCRIPTS] + [str(INSTALLERS / "lib" / s)
+                                                         for s in ("common.sh", "sync.sh")]
+    result = subprocess.run(["shellcheck", "-s", "sh"] + scripts, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=120)
+    assert result.returncode == 0, result.stdout.decode()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shared_block_is_a_copy_of_common_sh(script):
+    text = (INSTALLERS / script).read_text()
+    start = text.index("\n", text.index("# >>> common.sh")) + 1
+    end = text.index("# <<< common.sh")
+    assert text[start:end] == (INSTALLERS / "lib/common.sh").read_text(), \
+        "%s is out of date: run sh installers/lib/sync.sh" % script
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_are_functions_and_end_with_main(script):
+    lines = (INSTALLERS / script).read_text().rstrip("\n").splitlines()
+    assert lines[-1] == 'main "$@"'
+    assert lines[0] == "#!/bin/sh"
+    assert "set -eu" in lines
+
+
+@ALL_SHELLS
+def test_help_in_every_shell(sandbox, shell):
+    for script in SCRIPTS:
+        result = sandbox.run(shell, script, "--help")
+        assert_ok(result)
+        assert result.output.startswith("usage: " + script), result.output
+    result = sandbox.run(shell, "update.sh", "--bogus")
+    assert result.returncode == 1 and "unknown option: --bogus" in result.output
+
+
+@ALL_SHELLS
+def test_cut_off_script_runs_nothing(sandbox, shell, tmp_path, cloud, printer, release):
+    """A download cut off anywhere before the last line only defines
+    functions (or stops at a syntax error): no file, no service call, no
+    pairing. Within the last line, `m`..`mai` are unknown commands and
+    `main "`..`main "$@` syntax errors; only `main` itself runs, without
+    the caller's arguments, so it fails before changing anything."""
+    publish_connector(release, "1.0.0", tmp_path)
+    before = sandbox.snapshot_tree()
+    registrations = len(cloud.registrations)
+    for script in SCRIPTS:
+        data = (INSTALLERS / script).read_bytes()
+        last_line = data.rstrip(b"\n").rfind(b"\n") + 1
+        cuts = set(range(0, last_line, max(1, last_line // 12))) | {last_line}
+        cuts |= {last_line + n for n in range(1, len(b'main "$@"'))}
+        for cut in sorted(cuts):
+            partial = tmp_path / ("cut-%s-%d.sh" % (script, cut))
+            partial.write_bytes(data[:cut])
+            result = sandbox.run(shell, partial, *install_args(cloud, printer))
+            tail = data[last_line:cut]
+            if tail in (b"main", b"main "):
+                assert result.returncode == 1, result.output
+            else:
+                assert result.returncode in (0, 2, 127), (cut, result.output)
+                # Not one message of the script's own: none of its code ran.
+                assert not re.search(r"^%s: " % re.escape(script), result.output, re.M), (cut, result.output)
+            assert sandbox.snapshot_tree() == before, "%s cut at %d changed files" % (script, cut)
+    assert sandbox.systemctl_calls("daemon-reload", "enable", "start", "stop", "restart") == []
+    assert len(cloud.registrations) == registrations
+
+
+# ------------------------------------------------------------ Klipper hosts
+
+@ALL_SHELLS
+def test_klipper_fresh_install(sandbox, shell, tmp_path, cloud, printer, release):
+    publish_connector(release, "1.2.0", tmp_path)
+    result = sandbox.run(shell, "install-klipper.sh", *install_args(cloud, printer))
+    assert_ok(result)
+
+    d = sandbox.klipper_dir
+    binary, config_path = d / "printer-connector", d / "config.json"
+    assert subprocess.run([str(binary), "--version"], stdout=subprocess.PIPE, env=sandbox.env,
+                          check=True).stdout.decode().strip() == "printer-connector 1.2.0"
+    config = config_of(config_path)
+    assert "pairing_token" not in config and config["connector_id"] and config["connector_secret"]
+    assert config["moonraker"][0]["base_url"] == printer.url and config["moonraker"][0]["printer_id"] > 0
+    assert config["state_dir"] == str(d / "state")
+    assert stat.S_IMODE(os.stat(config_path).st_mode) == 0o600
+    for path in (d, binary, config_path):
+        assert owner(path) == sandbox.user
+
+    unit = sandbox.unit().read_text()
+    assert "User=%s\n" % sandbox.user in unit and "Restart=always\n" in unit
+    assert "ExecStart=" in unit and "%s --config %s --log-level info" % (binary, config_path) in unit
+    verbs = [c[0] for c in sandbox.systemctl_calls()]
+    assert verbs.index("daemon-reload") < verbs.index("enable") < verbs.index("start")
+
+    # The service runs the installed connector, which sends heartbeats.
+    assert sandbox.service_pid()
+    assert 'msg="Heartbeat sent"' in sandbox.journal()
+    cloud.wait_for(lambda: heartbeats_of(cloud, config["connector_id"]), 10, "a heartbeat")
+    assert "heartbeat sent: the connector works" in result.output
+
+    asvc = (sandbox.printer_data / "moonraker.asvc").read_text().splitlines()
+    assert asvc == ["klipper_mcu", "webcamd", "crowsnest", SERVICE]
+    info = config_of(d / "release_info.json")
+    assert info == {"project_name": "printer-connector", "project_owner": "printdock",
+                    "version": "1.2.0", "asset_name": host_asset()}
+    assert not list(d.glob(".stage*"))
+
+
+def test_klipper_rerun_upgrades_in_place_without_pairing_again(sandbox, tmp_path, cloud, printer, release):
+    publish_connector(release, "1.0.0", tmp_path)
+    assert_ok(sandbox.run("dash", "install-klipper.sh", *install_args(cloud, printer)))
+    first = config_of(sandbox.klipper_dir / "config.json")
+    registrations = len(cloud.registrations)
+
+    publish_connector(release, "1.1.0", tmp_path)
+    # A new token on the command line is not used: the config is paired.
+    result = sandbox.run("busybox", "install-klipper.sh", *install_args(cloud, printer))
+    assert_ok(result)
+    assert "paired already" in result.output and "ignoring --pairing-token" in result.output
+    assert len(cloud.registrations) == registrations
+    assert config_of(sandbox.klipper_dir / "config.json") == first
+    assert "printer-connector 1.1.0" in subprocess.run(
+        [str(sandbox.klipper_dir / "printer-connector"), "--version"], stdout=subprocess.PIPE,
+        env=sandbox.env).stdout.decode()
+    assert (sandbox.klipper_dir / "backups/printer-connector.1").exists()
+    cloud.wait_for(lambda: [h for h in heartbeats_of(cloud, first["connector_id"])
+                            if h["body"]["status"]["version"] == "1.1.0"], 10, "a 1.1.0 heartbeat")
+    asvc = (sandbox.printer_data / "moonraker.asvc").read_text().splitlines()
+    assert asvc.count(SERVICE) == 1
+
+
+@ALL_SHELLS
+def test_klipper_rejected_token_leaves_nothing(sandbox, shell, tmp_path, cloud, printer, release):
+    publish_connector(release, "1.0.0", tmp_path)
+    before = sandbox.snapshot_tree()
+    result = sandbox.run(shell, "install-klipper.sh", *install_args(cloud, printer, token="PAIR_never_issued"))
+    assert result.returncode == 1, result.output
+    assert "rejected the pairing token" in result.output
+    assert "Invalid or expired pairing token" in result.output
+    assert not sandbox.klipper_dir.exists()
+    assert not sandbox.unit().exists()
+    assert sandbox.snapshot_tree() == before
+    assert sandbox.systemctl_calls("start", "enable") == []
+
+
+def test_klipper_refuses_unreachable_moonraker_before_writing(sandbox, tmp_path, cloud, release):
+    publish_connector(release, "1.0.0", tmp_path)
+    before = sandbox.snapshot_tree()
+    token = new_token(cloud)
+    result = sandbox.run("bash", "install-klipper.sh", "--cloud-url", cloud.url, "--pairing-token", token,
+                         "--printer", "0|Gone|http://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "Moonraker does not answer at http://127.0.0.1:9" in result.output
+    assert sandbox.snapshot_tree() == before
+    assert token not in [r.get("pairing_token") for r in cloud.registrations]
+
+
+def test_klipper_bad_checksum_installs_nothing(sandbox, tmp_path, cloud, printer, release):
+    publish_connector(release, "1.0.0", tmp_path, bad_sums=(host_asset(),))
+    before = sandbox.snapshot_tree()
+    result = sandbox.run("dash", "install-klipper.sh", *install_args(cloud, printer))
+    assert result.returncode == 1
+    assert "checksum mismatch for %s" % host_asset() in result.output
+    assert sandbox.snapshot_tree() == before
+
+
+def test_klipper_local_binary_and_version_flag(sandbox, tmp_path, cloud, printer, release):
+    """--bin installs a local file (no download); --version picks an older release."""
+    publish_connector(release, "2.0.0", tmp_path)
+    publish_connector(release, "1.5.0", tmp_path, latest=False)
+    result = sandbox.run("busybox", "install-klipper.sh", "--version", "1.5.0", *install_args(cloud, printer))
+    assert_ok(result)
+    assert any(r.endswith("/download/v1.5.0/" + host_asset()) for r in release.requests)
+    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "1.5.0"
+
+    local = tmp_path / "local-connector"
+    local.write_bytes(publish_connector.__globals__["connector_source"]("3.0.0"))
+    served = len(release.requests)
+    result = sandbox.run("dash", "install-klipper.sh", "--bin", str(local))
+    assert_ok(result)
+    assert len(release.requests) == served
+    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "3.0.0"
+
+
+# ------------------------------------------------------------ Creality K1
+
+@ALL_SHELLS
+def test_k1_fresh_install(sandbox, shell, tmp_path, cloud, printer, release):
+    publish_connector(release, "1.2.0", tmp_path, pyz=True)
+    result = sandbox.run(shell, "install-k1.sh", *install_args(cloud, printer))
+    assert_ok(result)
+    d = sandbox.k1_dir
+    config = config_of(d / "config.json")
+    assert config["connector_id"] and "pairing_token" not in config
+    assert stat.S_IMODE(os.stat(d / "config.json").st_mode) == 0o600
+    assert (d / "printer-connector").read_bytes()[:2] == b"#!"  # the zipapp
+    assert (d / "ca-bundle.pem").read_text().startswith("\n# Issuer") or \
+        "BEGIN CERTIFICATE" in (d / "ca-bundle.pem").read_text()
+    init = sandbox.k1_init.read_text()
+    assert 'BIN="%s/printer-connector"' % d in init
+    assert sandbox.systemctl_calls() == []
+    assert 'msg="Heartbeat sent"' in (d / "printer-connector.log").read_text()
+    cloud.wait_for(lambda: heartbeats_of(cloud, config["connector_id"]), 10, "a heartbeat")
+
+    status = subprocess.run(["sh", str(sandbox.k1_init), "status"], stdout=subprocess.PIPE, env=sandbox.env)
+    assert status.returncode == 0 and b"is running" in status.stdout
+    child = sandbox.k1_child_pid()
+    assert child
+    # The supervisor restarts a connector that dies.
+    os.kill(child, 9)
+    wait_until(lambda: sandbox.k1_child_pid() not in (None, child), 30, "a restarted connector")
+    stop = subprocess.run(["sh", str(sandbox.k1_init), "stop"], stdout=subprocess.PIPE, env=sandbox.env)
+    assert stop.returncode == 0
+    assert sandbox.k1_child_pid() is None
+    status = subprocess.run(["sh", str(sandbox.k1_init), "status"], stdout=subprocess.PIPE, env=sandbox.env)
+    assert status.returncode == 3
+
+
+def test_k1_install_with_only_busybox_and_python(sandbox, tmp_path, cloud, printer, release):
+    """A stock rooted K1 has BusyBox (its wget, sha256sum, ...) and python3:
+    no curl, no GNU wget, no bash."""
+    publish_connector(release, "1.0.0", tmp_path, pyz=True)
+    k1bin = tmp_path / "k1-bin"
+    k1bin.mkdir()
+    applets = subprocess.run(["busybox", "--list"], stdout=subprocess.PIPE, check=True).stdout.decode().split()
+    for applet in applets:
+        os.symlink(subprocess.run(["sh", "-c", "command -v busybox"], stdout=subprocess.PIPE)
+                   .stdout.decode().strip(), k1bin / applet)
+    # The test's Python (a venv: it must be started by its own path).
+    (k1bin / "python3").write_text('#!/bin/sh\nexec "%s" "$@"\n' % sys.executable)
+    os.chmod(k1bin / "python3", 0o755)
+    assert not (k1bin / "curl").exists() and not (k1bin / "bash").exists()
+    result = sandbox.run("busybox", "install-k1.sh", *install_args(cloud, printer), path=str(k1bin))
+    assert_ok(result)
+    config = config_of(sandbox.k1_dir / "config.json")
+    cloud.wait_for(lambda: heartbeats_of(cloud, config["connector_id"]), 10, "a heartbeat")
+
+
+def test_k1_prefers_a_mipsle_binary_that_runs_and_falls_back_to_the_pyz(sandbox, tmp_path, cloud, printer,
+                                                                        release):
+    env = {"PRINTER_CONNECTOR_ARCH": "mips"}
+    release.publish("1.0.0", {"printer-connector-linux-mipsle": crashing_binary("0.0.0"),
+                              PYZ: make_pyz("1.0.0", tmp_path)})
+    result = sandbox.run("dash", "install-k1.sh", *install_args(cloud, printer), env=env)
+    assert_ok(result)
+    assert "printer-connector-linux-mipsle does not run here" in result.output
+    assert "printer-connector.pyz runs here" in result.output
