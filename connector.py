@@ -633,7 +633,7 @@ def _traceback_reason(trace: str) -> Optional[str]:
     # "tornado.web.HTTPError: HTTP 400: Bad Request (Invalid file path: gcodes/x)"
     if "(" in last and last.endswith(")"):
         return _short(last[last.index("(") + 1:-1])
-    return _short(last.split(": ", 1)[-1])
+    return None
 
 
 class Moonraker:
@@ -1825,7 +1825,7 @@ class Agent:
             cache[key] = url
             return image, ctype
         cache.pop(key, None)
-        self.log.warn("no webcam image", printer_id=moonraker.printer.printer_id, error=errors[-1] if errors else None)
+        self.log.warn("no webcam image", printer_id=moonraker.printer.printer_id, error="; ".join(errors))
         return None, ""
 
     def _noted(self, message: str, loop: str, **fields) -> None:

@@ -1,0 +1,247 @@
+"""The running agent: heartbeats, snapshots, webcam, and how it survives a
+misbehaving cloud or printer. Each test runs connector.py as a real process
+and checks what arrived at the reference cloud."""
+
+import datetime
+import json
+import time
+
+import pytest
+
+from conftest import FAST, unpaired_config
+
+
+def heartbeats_of(cloud, connector):
+    return [h["body"] for h in cloud.heartbeats if h["connector_id"] == connector.connector_id]
+
+
+def snapshots_of(cloud, connector):
+    return [s for s in cloud.snapshots if s["printer_id"] == connector.printer_id]
+
+
+def completion(cloud, command_id, timeout=15):
+    return cloud.wait_for(lambda: cloud.completions_for(command_id), timeout)[-1]["body"]
+
+
+# -- heartbeat --------------------------------------------------------------
+
+def test_heartbeat_reports_version_uptime_and_reachability(cloud, paired):
+    body = cloud.wait_for(lambda: heartbeats_of(cloud, paired))[-1]
+    assert body["status"]["version"] == paired.run_log.split("version=")[1].split()[0]
+    assert isinstance(body["status"]["uptime_seconds"], int)
+    assert body["printers"] == [{"printer_id": paired.printer_id, "reachable": True}]
+
+
+def test_heartbeat_reports_an_unreachable_printer_and_keeps_going(cloud, own_printer, make_connector):
+    connector = make_connector(unpaired_config(cloud, own_printer)).start()
+    connector.wait_log("Heartbeat sent")
+    own_printer.stop()
+    cloud.wait_for(lambda: any(h["printers"][0]["reachable"] is False for h in heartbeats_of(cloud, connector)))
+    own_printer.start()
+    before = len(heartbeats_of(cloud, connector))
+    cloud.wait_for(lambda: any(h["printers"][0]["reachable"] for h in heartbeats_of(cloud, connector)[before:]))
+
+
+def test_heartbeats_go_on_while_a_command_runs_long(cloud, paired, printer):
+    printer.set_fault("slow:4", endpoint="/server/files/list", count=1)
+    command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "sync_files")
+    paired.wait_log("Command started\" id=%s" % command_id)
+    during = len(heartbeats_of(cloud, paired))
+    cloud.wait_for(lambda: len(heartbeats_of(cloud, paired)) >= during + 3, 3.5)
+    assert not cloud.completions_for(command_id)  # still running meanwhile
+    assert completion(cloud, command_id)["status"] == "succeeded"
+
+
+# -- snapshots --------------------------------------------------------------
+
+def test_snapshots_carry_the_status_objects_and_capture_time(cloud, paired):
+    snapshot = cloud.wait_for(lambda: snapshots_of(cloud, paired))[-1]
+    status = snapshot["payload"]["status"]
+    for name in ("print_stats", "virtual_sdcard", "extruder", "heater_bed", "toolhead", "pause_resume"):
+        assert name in status
+    assert "eventtime" in snapshot["payload"]
+    captured = datetime.datetime.strptime(snapshot["captured_at"], "%Y-%m-%dT%H:%M:%SZ")
+    age = datetime.datetime.utcnow() - captured
+    assert abs(age.total_seconds()) < 30
+
+
+def test_a_printer_without_a_heater_bed_still_gets_snapshots(cloud, own_printer, make_connector):
+    own_printer.remove_object("heater_bed")
+    connector = make_connector(unpaired_config(cloud, own_printer)).start()
+    connector.wait_log("Pairing successful")
+    snapshot = cloud.wait_for(lambda: snapshots_of(cloud, connector))[-1]
+    assert "heater_bed" not in snapshot["payload"]["status"]
+    assert "extruder" in snapshot["payload"]["status"]
+
+
+def test_klippy_down_fails_snapshots_cleanly_and_heartbeats_go_on(cloud, own_printer, make_connector):
+    own_printer.set_klippy(False)
+    connector = make_connector(unpaired_config(cloud, own_printer)).start()
+    connector.wait_log("snapshots failed.*moonraker http 404: Not Found", timeout=20)
+    cloud.wait_for(lambda: len(heartbeats_of(cloud, connector)) >= 2)
+    own_printer.set_klippy(True)
+    cloud.wait_for(lambda: snapshots_of(cloud, connector), 30)
+
+
+# -- a misbehaving cloud ----------------------------------------------------
+
+@pytest.mark.parametrize("fault", ["html", "object", "notjson", "nulls", "huge", "drop", "500"])
+def test_bad_command_poll_answers_are_logged_and_survived(cloud, paired, fault):
+    cloud.set_fault(fault, endpoint="commands", count=2)
+    cloud.wait_for(lambda: sum(1 for h in cloud.fault_hits if h["endpoint"] == "commands") >= 2, 20)
+    command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "pause")
+    assert completion(cloud, command_id, 30)["status"] == "succeeded"
+    assert "commands failed" in paired.run_log or fault == "nulls"
+    assert "Traceback" not in paired.run_log
+    assert paired.proc.poll() is None
+
+
+def test_null_and_malformed_commands_are_skipped_or_failed(cloud, paired):
+    cloud.set_fault("nulls", endpoint="commands", count=1)
+    paired.wait_log("skipping a command without a usable id", timeout=20)
+    assert paired.proc.poll() is None
+
+
+@pytest.mark.parametrize("params", ["just a string", [1, 2], 7])
+def test_params_that_are_not_an_object_fail_the_command(cloud, paired, params):
+    command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "start_print", params=params)
+    body = completion(cloud, command_id)
+    assert body["status"] == "failed"
+    assert "params" in body["error_message"]
+
+
+def test_credentials_rejected_is_logged_loudly_and_retried_slowly(cloud, paired):
+    paired.wait_log("Heartbeat sent")
+    cloud.set_fault("401", endpoint="heartbeat")
+    paired.wait_log("level=ERROR msg=\"heartbeat failed\" error=\"credentials rejected", timeout=10)
+    hits = sum(1 for h in cloud.fault_hits if h["endpoint"] == "heartbeat")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # a fixed window is the claim here: no retries within it
+        assert paired.proc.poll() is None
+        time.sleep(0.5)
+    assert sum(1 for h in cloud.fault_hits if h["endpoint"] == "heartbeat") == hits
+
+
+def test_cloud_failures_back_off_and_recover(cloud, paired):
+    paired.wait_log("Heartbeat sent")
+    cloud.set_fault("503", endpoint="heartbeat")
+    paired.wait_log("heartbeat failed")
+    start = len([h for h in cloud.fault_hits if h["endpoint"] == "heartbeat"])
+    time.sleep(4)  # the claim is about a rate over a window
+    tries = len([h for h in cloud.fault_hits if h["endpoint"] == "heartbeat"]) - start
+    assert tries <= 3, "at 0.5 s intervals without backoff there would be about 8"
+    cloud.clear_faults()
+    paired.wait_log("heartbeat recovered", timeout=70)
+
+
+def test_steady_state_info_log_does_not_flood(cloud, printer, make_connector):
+    connector = make_connector(unpaired_config(cloud, printer)).start(log_level="info")
+    connector.wait_log("Heartbeat sent")
+    pushed = len(cloud.heartbeats)
+    cloud.wait_for(lambda: len(cloud.heartbeats) >= pushed + 6)
+    assert connector.run_log.count("Heartbeat sent") == 1
+
+
+# -- webcam -----------------------------------------------------------------
+
+def test_webcam_request_is_answered_with_the_camera_image(cloud, paired, printer):
+    request_id = cloud.enqueue_webcam_request(paired.connector_id, paired.printer_id)
+    upload = cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] == request_id])[0]
+    assert upload["printer_id"] == str(paired.printer_id)
+    assert upload["content_type"] == "image/jpeg"
+    assert upload["body"][:2] == b"\xff\xd8"
+
+
+def test_absolute_webcam_url_from_moonraker_is_used(cloud, own_printer, make_connector):
+    own_printer.set_webcams([{"name": "cam", "enabled": True, "service": "mjpegstreamer",
+                              "snapshot_url": own_printer.ui_url + "/webcam/?action=snapshot",
+                              "stream_url": "/webcam/?action=stream"}])
+    connector = make_connector(unpaired_config(cloud, own_printer, moonraker=[
+        {"printer_id": 0, "base_url": own_printer.url, "ui_port": 1}]))  # the UI port is wrong on purpose
+    connector.start().wait_log("Pairing successful")
+    request_id = cloud.enqueue_webcam_request(connector.connector_id, connector.printer_id)
+    cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] == request_id])
+
+
+def test_webcam_falls_back_when_moonraker_lists_no_camera(cloud, own_printer, make_connector):
+    own_printer.set_webcams([])
+    connector = make_connector(unpaired_config(cloud, own_printer)).start()
+    connector.wait_log("Pairing successful")
+    request_id = cloud.enqueue_webcam_request(connector.connector_id, connector.printer_id)
+    cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] == request_id])
+
+
+def test_stale_webcam_requests_are_skipped(cloud, paired):
+    old = (datetime.datetime.utcnow() - datetime.timedelta(seconds=90)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stale = cloud.enqueue_webcam_request(paired.connector_id, paired.printer_id, created_at=old)
+    fresh = cloud.enqueue_webcam_request(paired.connector_id, paired.printer_id)
+    cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] == fresh])
+    assert not [u for u in cloud.webcam_uploads if u["id"] == stale]
+
+
+def test_webcam_images_over_10_mb_are_not_sent(cloud, own_printer, make_connector):
+    own_printer.set_webcam_image(b"\xff\xd8" + b"\0" * (10 * 1024 * 1024 + 10))
+    connector = make_connector(unpaired_config(cloud, own_printer)).start()
+    connector.wait_log("Pairing successful")
+    request_id = cloud.enqueue_webcam_request(connector.connector_id, connector.printer_id)
+    connector.wait_log("no webcam image.*too large")
+    assert not [u for u in cloud.webcam_uploads if u["id"] == request_id]
+
+
+def test_a_web_page_is_not_taken_for_a_webcam_image(cloud, own_printer, make_connector):
+    own_printer.set_webcam_image(b"<html>Mainsail</html>", content_type="text/html")
+    connector = make_connector(unpaired_config(cloud, own_printer)).start()
+    connector.wait_log("Pairing successful")
+    cloud.enqueue_webcam_request(connector.connector_id, connector.printer_id)
+    connector.wait_log("no webcam image.*not an image")
+
+
+# -- lifecycle --------------------------------------------------------------
+
+def test_sigterm_stops_within_5_seconds_with_exit_0(paired):
+    paired.wait_log("Heartbeat sent")
+    started = time.monotonic()
+    assert paired.stop(timeout=5) == 0
+    assert time.monotonic() - started < 5
+    assert "Connector stopped" in paired.run_log
+
+
+def test_sigterm_during_a_long_backoff_stops_at_once(cloud, paired):
+    paired.wait_log("Heartbeat sent")
+    cloud.set_fault("503")
+    paired.wait_log("heartbeat failed")
+    started = time.monotonic()
+    assert paired.stop(timeout=5) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_sigterm_during_a_slow_cloud_request_stops_within_5_seconds(cloud, paired):
+    paired.wait_log("Heartbeat sent")
+    cloud.set_fault("slow:30", endpoint="heartbeat")
+    cloud.wait_for(lambda: any(h["endpoint"] == "heartbeat" and h["mode"] == "slow:30" for h in cloud.fault_hits))
+    started = time.monotonic()
+    assert paired.stop(timeout=6) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_once_fails_with_exit_1_when_the_cloud_is_down(cloud, printer, make_connector):
+    connector = make_connector(unpaired_config(cloud, printer))
+    assert connector.run("--once") == 0
+    cloud.set_fault("503", endpoint="heartbeat")
+    assert connector.run("--once") == 1
+    assert "one round failed" in connector.run_log and "heartbeat" in connector.run_log
+
+
+def test_once_runs_one_round_of_every_loop(cloud, printer, make_connector):
+    connector = make_connector(unpaired_config(cloud, printer))
+    assert connector.run("--once", log_level="debug") == 0
+    assert "one round done\" loops=commands,heartbeat,snapshots,webcam" in connector.run_log
+    assert any(s["printer_id"] == connector.printer_id for s in cloud.snapshots)
+
+
+def test_fast_intervals_are_honoured(paired, cloud):
+    # Sanity of the harness itself: the intervals the tests rely on reach the agent.
+    assert paired.config["heartbeat_seconds"] == FAST["heartbeat_seconds"]
+    count = len(heartbeats_of(cloud, paired))
+    cloud.wait_for(lambda: len(heartbeats_of(cloud, paired)) >= count + 2, 5)
+    assert json.loads(paired.config_path.read_text())["connector_secret"]
