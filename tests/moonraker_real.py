@@ -84,7 +84,9 @@ class RealMoonraker:
             handle.write("\n".join(lines))
 
     def start(self):
-        self.port = free_port()
+        """Starts on a free port; a restart keeps the port (and the data folder)."""
+        if self.port is None:
+            self.port = free_port()
         self._write_config()
         log = open(self.log_path, "ab")
         started = time.monotonic()

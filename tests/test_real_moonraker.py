@@ -392,6 +392,11 @@ def identified(moonraker):
             if "Client Identified - Name: printer-connector" in line]
 
 
+def websocket_uid(line):
+    # "... Websocket 139795047660624 Client Identified - Name: ..."
+    return line.split("Websocket ", 1)[1].split()[0]
+
+
 def test_status_watcher_identifies_on_moonrakers_websocket(cloud, make_connector, moonraker):
     before = len(identified(moonraker))
 
@@ -412,3 +417,43 @@ def test_status_watcher_authenticates_with_the_api_key(cloud, make_connector, ke
     connector.wait_log("status websocket connected")
     wait_until(lambda: len(identified(keyed_moonraker)) > before, 10.0, "Moonraker logs the identified connector")
     wait_until(lambda: keyed_moonraker.get("/server/info")["websocket_count"] >= 1, 10.0, "an open websocket")
+
+
+def test_on_sigterm_the_status_websocket_is_closed_cleanly(cloud, make_connector, moonraker):
+    before = len(identified(moonraker))
+    connector = start_connector(cloud, make_connector, moonraker)
+    wait_until(lambda: len(identified(moonraker)) > before, 10.0, "Moonraker logs the identified connector")
+    uid = websocket_uid(identified(moonraker)[-1])
+
+    assert connector.stop(timeout=10.0) == 0
+
+    closed = "Websocket Closed: ID: %s " % uid
+    line = wait_until(lambda: [x for x in moonraker.log.splitlines() if closed in x], 10.0,
+                      "Moonraker logs the websocket closed")[0]
+    assert "Close Code: 1000" in line, line  # a close frame, not a dropped connection
+
+
+@pytest.fixture
+def own_moonraker(tmp_path):
+    """A Moonraker of the test's own, for a test that restarts it."""
+    instance = RealMoonraker(tmp_path / "own-moonraker", trusted=True).start()
+    yield instance
+    instance.stop()
+
+
+def test_after_a_moonraker_restart_heartbeats_recover_and_the_websocket_identifies_again(
+        cloud, make_connector, own_moonraker):
+    connector = start_connector(cloud, make_connector, own_moonraker)
+    wait_until(lambda: len(identified(own_moonraker)) == 1, 10.0, "the first identification")
+    wait_reachable_heartbeats(cloud, connector, True, count=1)
+
+    own_moonraker.stop()
+    wait_reachable_heartbeats(cloud, connector, False, count=1)
+    own_moonraker.start()
+
+    seen = len(heartbeats_of(cloud, connector))
+    cloud.wait_for(lambda: [b for b in heartbeats_of(cloud, connector)[seen:] if b["printers"][0]["reachable"]],
+                   timeout=COMMAND_TIMEOUT, message="a reachable heartbeat after the restart")
+    wait_until(lambda: len(identified(own_moonraker)) == 2, 20.0, "the websocket identifies again")
+    assert run_command(cloud, connector, "sync_files")["status"] == "succeeded"
+    assert connector.proc.poll() is None
