@@ -1168,19 +1168,6 @@ class _HashingWriter:
         self.handle.flush()
 
 
-def _backup_filter(config_path: str):
-    own = os.path.realpath(config_path)
-
-    def keep(info: tarfile.TarInfo) -> Optional[tarfile.TarInfo]:
-        base = os.path.basename(info.name)
-        if base in BACKUP_SECRET_NAMES or base.endswith(".secrets"):
-            return None
-        if info.issym() or info.islnk() or not (info.isfile() or info.isdir()):
-            return None  # links could pull in files from outside printer_data
-        return info
-    return keep, own
-
-
 def _folder_size(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -1220,58 +1207,65 @@ def _validate_backup(params: Dict[str, Any]) -> Tuple[str, str, List[str], str]:
 def action_create_backup(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
     backup_id, url, chosen, root = _validate_backup(params)
     base = {"backup_id": backup_id}
+    try:
+        return dict(base, **_build_and_upload_backup(ctx, url, chosen, root))
+    except CommandFailed as exc:
+        exc.result = dict(base, **exc.result)
+        raise
+    except OSError as exc:
+        raise CommandFailed("backup failed: %s" % exc, base) from None
+
+
+def _build_and_upload_backup(ctx: ActionContext, url: str, chosen: List[str], root: str) -> Dict[str, Any]:
     if not os.path.isdir(root):
-        raise CommandFailed("printer_data_root %s is not a folder" % root, base)
+        raise CommandFailed("printer_data_root %s is not a folder" % root)
     folders = [name for name in chosen if os.path.isdir(os.path.join(root, name))]
     if not folders:
-        raise CommandFailed("none of %s exists under %s" % (chosen, root), base)
+        raise CommandFailed("none of %s exists under %s" % (chosen, root))
     needed = sum(_folder_size(os.path.join(root, name)) for name in folders)
     free = shutil.disk_usage(ctx.config.state_dir).free
     if needed > free:
         raise CommandFailed("not enough free space in %s for the backup: need up to %d bytes, %d free"
-                            % (ctx.config.state_dir, needed, free), base)
+                            % (ctx.config.state_dir, needed, free))
+    # The archive goes to state_dir (the install's disk), never to a RAM /tmp.
     fd, archive = tempfile.mkstemp(prefix=".backup-", suffix=".tar.gz", dir=ctx.config.state_dir)
     try:
         with os.fdopen(fd, "wb") as raw:
             writer = _HashingWriter(raw)
-            keep, own_config = _backup_filter(ctx.config.path)
             with tarfile.open(fileobj=writer, mode="w:gz", compresslevel=6) as tar:
                 for name in folders:
-                    _add_tree(tar, root, name, keep, own_config, ctx.stop)
-        size, digest = writer.size, writer.sha256.hexdigest()
-        _upload_backup(ctx, url, archive, size)
-    except OSError as exc:
-        raise CommandFailed("backup failed: %s" % exc, base) from None
+                    _add_tree(tar, root, name, os.path.realpath(ctx.config.path), ctx.stop)
+        _upload_backup(url, archive, writer.size)
     finally:
-        try:
-            os.unlink(archive)
-        except OSError:
-            pass
-    return dict(base, size_bytes=size, sha256=digest, uploaded_at=now_rfc3339(), folders=folders)
+        os.unlink(archive)
+    return {"size_bytes": writer.size, "sha256": writer.sha256.hexdigest(), "uploaded_at": now_rfc3339(),
+            "folders": folders}
 
 
-def _add_tree(tar, root, name, keep, own_config, stop) -> None:
-    top = os.path.join(root, name)
-    for folder, dirs, files in os.walk(top):
+def _is_backup_secret(name: str) -> bool:
+    return name in BACKUP_SECRET_NAMES or name.endswith(".secrets")
+
+
+def _add_tree(tar: tarfile.TarFile, root: str, name: str, own_config: str, stop: threading.Event) -> None:
+    for folder, dirs, files in os.walk(os.path.join(root, name)):
         dirs.sort()
         for filename in sorted(files):
             if stop.is_set():
                 raise CommandFailed("backup interrupted: the connector is stopping")
             path = os.path.join(folder, filename)
-            if os.path.realpath(path) == own_config:
+            if _is_backup_secret(filename) or os.path.realpath(path) == own_config:
                 continue
-            arcname = os.path.relpath(path, root)
             try:
-                info = keep(tar.gettarinfo(path, arcname))
-                if info is None:
-                    continue
+                info = tar.gettarinfo(path, os.path.relpath(path, root))
+                if not info.isfile():
+                    continue  # links could pull in files from outside printer_data
                 with open(path, "rb") as handle:
                     tar.addfile(info, handle)
             except FileNotFoundError:
                 continue  # a log rotated away while we walked
 
 
-def _upload_backup(ctx: ActionContext, url: str, archive: str, size: int) -> None:
+def _upload_backup(url: str, archive: str, size: int) -> None:
     # A real file object with an explicit Content-Length: requests streams it
     # without chunked encoding, which S3 and its clones refuse.
     session = requests.Session()

@@ -1,0 +1,311 @@
+"""Every action of PROTOCOL.md 1.7, end to end: the cloud queues a command,
+the connector (a real process) runs it against the printer simulator, and
+the completion that reaches the cloud is checked along with the printer."""
+
+import base64
+import hashlib
+import io
+import os
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+
+def run_command(cloud, connector, action, params=None, printer_id=None, timeout=20):
+    command_id = cloud.enqueue_command(connector.connector_id,
+                                       connector.printer_id if printer_id is None else printer_id,
+                                       action, params=params)
+    return cloud.wait_for(lambda: cloud.completions_for(command_id), timeout)[-1]["body"]
+
+
+# -- print control ----------------------------------------------------------
+
+def test_start_print_starts_the_file(cloud, paired, printer):
+    printer.add_file("benchy.gcode")
+    body = run_command(cloud, paired, "start_print", {"filename": "benchy.gcode"})
+    assert body == {"status": "succeeded",
+                    "result": {"action": "start_print", "filename": "benchy.gcode", "post_snapshot": "captured"}}
+    assert printer.state == "printing"
+
+
+def test_start_print_of_a_missing_file_fails_with_moonrakers_message(cloud, paired, printer):
+    body = run_command(cloud, paired, "start_print", {"filename": "missing.gcode"})
+    assert body["status"] == "failed"
+    assert body["error_message"].startswith("moonraker http 400: ")
+    assert body["result"] == {"action": "start_print", "filename": "missing.gcode"}
+
+
+def test_start_print_without_a_filename_fails_without_calling_moonraker(cloud, paired, printer):
+    before = len(printer.requests)
+    body = run_command(cloud, paired, "start_print", {})
+    assert body["status"] == "failed" and "filename" in body["error_message"]
+    assert not [r for r in printer.requests[before:] if r["path"].startswith("/printer/print")]
+
+
+@pytest.mark.parametrize("action, state_before, state_after", [
+    ("pause", "printing", "paused"), ("resume", "paused", "printing"), ("cancel", "printing", "cancelled")])
+def test_print_control_actions_change_the_printer_state(cloud, paired, printer, action, state_before, state_after):
+    printer.add_file("part.gcode")
+    printer.set_state(state_before, filename="part.gcode")
+    body = run_command(cloud, paired, action)
+    assert body == {"status": "succeeded", "result": {"action": action, "post_snapshot": "captured"}}
+    assert printer.state == state_after
+
+
+def test_the_post_command_snapshot_shows_the_new_state(cloud, paired, printer):
+    printer.add_file("part.gcode")
+    printer.set_state("printing", filename="part.gcode")
+    before = len(cloud.snapshots)
+    run_command(cloud, paired, "pause")
+    assert any(s["payload"]["status"]["print_stats"]["state"] == "paused"
+               for s in cloud.snapshots[before:] if s["printer_id"] == paired.printer_id)
+
+
+def test_klippy_down_fails_the_command_with_its_message_and_the_agent_goes_on(cloud, paired, printer):
+    printer.set_klippy(False)
+    body = run_command(cloud, paired, "pause")
+    assert body["status"] == "failed"
+    assert body["error_message"] == "moonraker http 503: Klippy Host not connected"
+    printer.set_klippy(True)
+    assert run_command(cloud, paired, "sync_files")["status"] == "succeeded"
+
+
+def test_moonraker_down_fails_the_command(cloud, own_printer, make_connector):
+    from conftest import unpaired_config
+    connector = make_connector(unpaired_config(cloud, own_printer)).start()
+    connector.wait_log("Pairing successful")
+    own_printer.stop()
+    body = run_command(cloud, connector, "pause")
+    assert body["status"] == "failed" and "connection refused" in body["error_message"]
+
+
+def test_a_successful_action_without_status_reports_the_snapshot_error(cloud, paired, printer):
+    printer.set_fault("500", endpoint="/printer/objects/query", count=1)
+    body = run_command(cloud, paired, "sync_files")
+    assert body["status"] == "succeeded"
+    assert body["result"]["post_snapshot_error"].startswith("moonraker http 500")
+
+
+# -- homing -----------------------------------------------------------------
+
+@pytest.mark.parametrize("axes, script, reported", [(None, "G28 X Y Z", "all"), (["x", "Y"], "G28 X Y", ["X", "Y"])])
+def test_homing_sends_g28(cloud, paired, printer, axes, script, reported):
+    params = {} if axes is None else {"axes": axes}
+    body = run_command(cloud, paired, "homing", params)
+    assert body["status"] == "succeeded" and body["result"]["axes"] == reported
+    assert printer.gcode_scripts[-1] == script
+
+
+def test_homing_with_a_bad_axis_fails_locally(cloud, paired, printer):
+    count = len(printer.gcode_scripts)
+    body = run_command(cloud, paired, "homing", {"axes": ["Q"]})
+    assert body["status"] == "failed" and "axis" in body["error_message"]
+    assert len(printer.gcode_scripts) == count
+
+
+# -- files ------------------------------------------------------------------
+
+def test_upload_file_stores_the_bytes(cloud, paired, printer):
+    data = b"G28\nG1 X5 Y5\n" * 100
+    body = run_command(cloud, paired, "upload_file",
+                       {"filename": "uploads/cube.gcode", "content": base64.b64encode(data).decode()})
+    assert body["status"] == "succeeded"
+    assert body["result"]["filename"] == "uploads/cube.gcode" and body["result"]["size"] == len(data)
+    assert printer.files["uploads/cube.gcode"] == data
+
+
+def test_delete_file_removes_it(cloud, paired, printer):
+    printer.add_file("old.gcode")
+    body = run_command(cloud, paired, "delete_file", {"filename": "old.gcode"})
+    assert body["status"] == "succeeded" and body["result"]["filename"] == "old.gcode"
+    assert "old.gcode" not in printer.files
+
+
+def test_delete_of_a_missing_file_surfaces_the_real_reason(cloud, paired, printer):
+    body = run_command(cloud, paired, "delete_file", {"filename": "nope.gcode"})
+    assert body["status"] == "failed"
+    assert "Bad Request" not in body["error_message"] and "nope.gcode" in body["error_message"]
+
+
+@pytest.mark.parametrize("action", ["delete_file", "start_print", "upload_file"])
+@pytest.mark.parametrize("name", ["../config/printer.cfg", "/etc/passwd", "a/../../moonraker.conf", "x\\..\\y"])
+def test_path_traversal_fails_locally_and_never_reaches_moonraker(cloud, paired, printer, action, name):
+    before = len(printer.requests)
+    params = {"filename": name, "content": base64.b64encode(b"x").decode()}
+    body = run_command(cloud, paired, action, params)
+    assert body["status"] == "failed" and "invalid filename" in body["error_message"]
+    assert not [r for r in printer.requests[before:] if "/server/files" in r["path"] or "/print/" in r["path"]]
+
+
+def test_sync_files_returns_the_file_list(cloud, paired, printer):
+    printer.add_file("listed.gcode")
+    body = run_command(cloud, paired, "sync_files")
+    assert body["status"] == "succeeded"
+    assert "listed.gcode" in [f["path"] for f in body["result"]["files"]]
+    assert body["result"]["count"] == len(body["result"]["files"])
+
+
+def test_import_history_returns_moonrakers_history(cloud, paired, printer):
+    printer.add_file("done.gcode")
+    printer.set_state("printing", filename="done.gcode")
+    printer.set_state("complete")
+    body = run_command(cloud, paired, "import_history", {"limit": 5})
+    assert body["status"] == "succeeded"
+    assert body["result"]["count"] == len(body["result"]["history"]["jobs"]) >= 1
+
+
+# -- unknown things ---------------------------------------------------------
+
+def test_an_unknown_action_fails_naming_it(cloud, paired):
+    body = run_command(cloud, paired, "make_coffee")
+    assert body["status"] == "failed" and "make_coffee" in body["error_message"]
+
+
+def test_an_unknown_printer_fails_naming_it(cloud, paired):
+    body = run_command(cloud, paired, "pause", printer_id=987654)
+    assert body["status"] == "failed" and "987654" in body["error_message"]
+
+
+def test_commands_run_one_at_a_time_in_order(cloud, paired, printer):
+    printer.add_file("a.gcode")
+    ids = [cloud.enqueue_command(paired.connector_id, paired.printer_id, action, params)
+           for action, params in [("start_print", {"filename": "a.gcode"}), ("pause", None), ("resume", None),
+                                  ("cancel", None)]]
+    cloud.wait_for(lambda: all(cloud.completions_for(i) for i in ids))
+    finished = [c["command_id"] for c in cloud.completions if c["command_id"] in ids]
+    assert finished == [str(i) for i in ids]
+    assert all(cloud.completions_for(i)[0]["body"]["status"] == "succeeded" for i in ids)
+    assert printer.state == "cancelled"
+
+
+# -- backups ----------------------------------------------------------------
+
+class StorageHandler(BaseHTTPRequestHandler):
+    """A presigned-URL target like S3: refuses chunked uploads."""
+    protocol_version = "HTTP/1.1"
+
+    def do_PUT(self):
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.send_response(411)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.rfile.read(int(length))
+        self.server.uploads.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def storage():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StorageHandler)
+    server.uploads = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def printer_data(tmp_path):
+    root = tmp_path / "printer_data"
+    for folder, files in {"config": {"printer.cfg": b"[printer]\n", "moonraker.conf": b"[server]\n",
+                                     "moonraker.secrets": b"[api]\nkey: hush\n", ".moonraker.uuid": b"uuid"},
+                          "gcodes": {"part.gcode": os.urandom(300000)},
+                          "logs": {"klippy.log": b"log\n"},
+                          "database": {"moonraker-sql.db": b"db"}}.items():
+        (root / folder).mkdir(parents=True)
+        for name, data in files.items():
+            (root / folder / name).write_bytes(data)
+    return root
+
+
+def backup(cloud, paired, storage, printer_data, include, key="b1"):
+    url = "http://127.0.0.1:%d/bucket/%s.tar.gz?X-Amz-Signature=abc" % (storage.server_address[1], key)
+    return run_command(cloud, paired, "create_backup",
+                       {"backup_id": key, "presigned_url": url, "include": include,
+                        "printer_data_root": str(printer_data)}, timeout=60)
+
+
+def test_backup_uploads_a_tar_gz_with_size_and_sha256(cloud, paired, storage, printer_data):
+    body = backup(cloud, paired, storage, printer_data, {"config": True, "gcodes": True}, key="full")
+    assert body["status"] == "succeeded", body
+    upload = next(u for u in storage.uploads if u["path"].startswith("/bucket/full.tar.gz"))
+    assert upload["headers"]["Content-Type"] == "application/gzip"
+    assert "Transfer-Encoding" not in upload["headers"]
+    result = body["result"]
+    assert result["backup_id"] == "full" and result["size_bytes"] == len(upload["body"])
+    assert result["sha256"] == hashlib.sha256(upload["body"]).hexdigest()
+    assert result["uploaded_at"].endswith("Z")
+    names = tarfile.open(fileobj=io.BytesIO(upload["body"])).getnames()
+    assert "config/printer.cfg" in names and "gcodes/part.gcode" in names
+    assert not any(n.startswith(("logs", "database")) for n in names)
+
+
+def test_backup_leaves_out_secrets(cloud, paired, storage, printer_data):
+    body = backup(cloud, paired, storage, printer_data, {"config": True}, key="secrets")
+    assert body["status"] == "succeeded"
+    upload = next(u for u in storage.uploads if u["path"].startswith("/bucket/secrets.tar.gz"))
+    names = tarfile.open(fileobj=io.BytesIO(upload["body"])).getnames()
+    assert "config/moonraker.conf" in names
+    assert "config/moonraker.secrets" not in names and "config/.moonraker.uuid" not in names
+
+
+def test_backup_leaves_out_the_connectors_own_config(cloud, printer, make_connector, storage, printer_data):
+    from conftest import unpaired_config
+    # A connector whose config file lives inside printer_data/config.
+    inside = make_connector(unpaired_config(cloud, printer), name="printer_data/config").start()
+    inside.wait_log("Pairing successful")
+    body = backup(cloud, inside, storage, printer_data, {"config": True}, key="own")
+    assert body["status"] == "succeeded", body
+    upload = next(u for u in storage.uploads if u["path"].startswith("/bucket/own.tar.gz"))
+    archive = tarfile.open(fileobj=io.BytesIO(upload["body"]))
+    assert "config/config.json" not in archive.getnames()
+    secret = inside.config["connector_secret"].encode()
+    for member in archive.getmembers():
+        if member.isfile():
+            assert secret not in archive.extractfile(member).read(), member.name
+
+
+def test_backup_removes_its_temp_file(cloud, paired, storage, printer_data):
+    backup(cloud, paired, storage, printer_data, {"logs": True}, key="tmp")
+    assert not [n for n in os.listdir(paired.state_dir) if n.startswith(".backup-")]
+
+
+def test_backup_to_a_failing_url_fails_the_command(cloud, paired, printer_data):
+    body = run_command(cloud, paired, "create_backup",
+                       {"backup_id": "x", "presigned_url": "http://127.0.0.1:9/nothing",
+                        "include": {"config": True}, "printer_data_root": str(printer_data)})
+    assert body["status"] == "failed" and "upload failed" in body["error_message"]
+    assert body["result"]["backup_id"] == "x"
+    assert not [n for n in os.listdir(paired.state_dir) if n.startswith(".backup-")]
+
+
+def test_backup_of_a_missing_root_fails_clearly(cloud, paired, tmp_path):
+    body = run_command(cloud, paired, "create_backup",
+                       {"backup_id": "x", "presigned_url": "http://127.0.0.1:9/x", "include": {"config": True},
+                        "printer_data_root": str(tmp_path / "absent")})
+    assert body["status"] == "failed" and "is not a folder" in body["error_message"]
+
+
+def test_backup_does_not_stop_heartbeats(cloud, paired, storage, printer_data):
+    big = printer_data / "gcodes" / "big.gcode"
+    with open(big, "wb") as handle:
+        for _ in range(64):
+            handle.write(os.urandom(1 << 20))
+    command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "create_backup",
+                                       {"backup_id": "big", "include": {"gcodes": True},
+                                        "presigned_url": "http://127.0.0.1:%d/bucket/big" % storage.server_address[1],
+                                        "printer_data_root": str(printer_data)})
+    paired.wait_log("Command started\" id=%s" % command_id)
+    count = len([h for h in cloud.heartbeats if h["connector_id"] == paired.connector_id])
+    cloud.wait_for(lambda: cloud.completions_for(command_id) or
+                   len([h for h in cloud.heartbeats if h["connector_id"] == paired.connector_id]) >= count + 2, 30)
+    body = cloud.wait_for(lambda: cloud.completions_for(command_id), 60)[-1]["body"]
+    assert body["status"] == "succeeded" and body["result"]["size_bytes"] > 64 << 20
