@@ -457,3 +457,17 @@ def test_after_a_moonraker_restart_heartbeats_recover_and_the_websocket_identifi
     wait_until(lambda: len(identified(own_moonraker)) == 2, 20.0, "the websocket identifies again")
     assert run_command(cloud, connector, "sync_files")["status"] == "succeeded"
     assert connector.proc.poll() is None
+
+
+def test_a_rejected_websocket_identify_is_reported_not_taken_for_a_connection(cloud, make_connector, keyed_moonraker):
+    # Moonraker opens /websocket for anyone and only rejects the identify
+    # (JSON-RPC error -32602 "Invalid API Key"); nothing else will work on
+    # that socket, so the watcher must not treat it as connected.
+    rejected = "Requested Method: server.connection.identify, Code: -32602, Message: Invalid API Key"
+    before = keyed_moonraker.log.count(rejected)
+
+    connector = start_connector(cloud, make_connector, keyed_moonraker, api_key="f" * 32)
+
+    wait_until(lambda: keyed_moonraker.log.count(rejected) > before, 10.0, "Moonraker rejects the identify")
+    connector.wait_log(r'msg="status websocket.*Invalid API Key', timeout=5.0)
+    assert "status websocket connected" not in connector.run_log
