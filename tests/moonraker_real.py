@@ -14,6 +14,7 @@ machine provider is "none" (no D-Bus/systemd); update_manager, zeroconf and
 the other optional components are simply not configured.
 """
 
+import json
 import os
 import socket
 import sqlite3
@@ -45,7 +46,7 @@ def free_port():
 class RealMoonraker:
     """A Moonraker process; `.url` and `.ui_port` make it usable by unpaired_config()."""
 
-    def __init__(self, base_dir, trusted=True, webcam_url=None):
+    def __init__(self, base_dir, trusted=True, webcam_url=None, klippy_socket=None):
         self.base_dir = str(base_dir)
         self.data = os.path.join(self.base_dir, "printer_data")
         self.gcodes = os.path.join(self.data, "gcodes")
@@ -54,6 +55,8 @@ class RealMoonraker:
         self.log_path = os.path.join(self.base_dir, "moonraker.log")
         self.trusted = trusted
         self.webcam_url = webcam_url
+        # A socket nobody serves (Klipper stays "disconnected") unless a FakeKlippy listens there.
+        self.klippy_socket = klippy_socket or os.path.join(self.data, "comms", "klippy.sock")
         self.port = None
         self.ui_port = 80
         self.proc = None
@@ -69,8 +72,7 @@ class RealMoonraker:
         open(os.path.join(self.data, "misc", "usb.ids"), "w").close()  # no fetch from linux-usb.org
         lines = [
             "[server]", "host: 127.0.0.1", "port: %d" % self.port,
-            # A socket nobody serves: Klipper stays "disconnected".
-            "klippy_uds_address: %s" % os.path.join(self.data, "comms", "klippy.sock"),
+            "klippy_uds_address: %s" % self.klippy_socket,
             "", "[authorization]",
         ]
         if self.trusted:
@@ -218,3 +220,185 @@ def requests_logged(moonraker, needle):
     """Lines of Moonraker's (verbose) access log that mention `needle`."""
     return [line for line in moonraker.log.splitlines() if "application.py:log_request()" in line and needle in line]
 
+
+
+class FakeKlippy:
+    """Just enough of Klipper's API server (its Unix socket) for Moonraker to
+    report Klippy "ready": JSON messages ended by 0x03, the endpoints Moonraker
+    calls at start-up, objects query/subscribe, gcode scripts and
+    pause_resume. Status changes are pushed to Moonraker the way Klipper does
+    it: a `process_status_update` call with the changed fields.
+
+    print_stats.state follows the commands (SDCARD_PRINT_FILE of a file present
+    in the gcodes folder starts a print, pause/resume/cancel), and
+    set_print_state() stands for the printer itself (a print completing).
+    Every gcode script received is kept in `scripts`.
+    """
+
+    ENDPOINTS = ["info", "emergency_stop", "register_remote_method", "list_endpoints", "objects/list",
+                 "objects/query", "objects/subscribe", "gcode/script", "gcode/help", "gcode/subscribe_output",
+                 "pause_resume/pause", "pause_resume/resume", "pause_resume/cancel"]
+
+    def __init__(self, socket_path, gcodes):
+        self.socket_path, self.gcodes = socket_path, gcodes
+        self.lock = threading.Lock()
+        self.scripts = []
+        self.connections = []  # (socket, send lock, subscribed)
+        self.status = {
+            "webhooks": {"state": "ready", "state_message": "Printer is ready"},
+            "print_stats": {"state": "standby", "filename": "", "print_duration": 0.0, "total_duration": 0.0,
+                            "filament_used": 0.0, "message": "", "info": {"total_layer": None, "current_layer": None}},
+            "virtual_sdcard": {"progress": 0.0, "is_active": False, "file_position": 0, "file_path": None,
+                               "file_size": 0},
+            "pause_resume": {"is_paused": False},
+            "display_status": {"progress": 0.0, "message": None},
+            "toolhead": {"homed_axes": "", "position": [0.0, 0.0, 0.0, 0.0], "print_time": 0.0},
+            "extruder": {"temperature": 21.5, "target": 0.0, "power": 0.0},
+            "heater_bed": {"temperature": 21.0, "target": 0.0, "power": 0.0},
+            "configfile": {"config": {}, "settings": {}},
+        }
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.thread = threading.Thread(target=self._accept, name="fake-klippy", daemon=True)
+        self.closed = False
+
+    def start(self):
+        self.server.bind(self.socket_path)
+        self.server.listen(4)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.closed = True
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.server.close()
+        with self.lock:
+            for conn, _, _ in self.connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+        self.thread.join(5)
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            entry = (conn, threading.Lock(), [])
+            with self.lock:
+                self.connections.append(entry)
+            threading.Thread(target=self._serve, args=(entry,), name="fake-klippy-conn", daemon=True).start()
+
+    def _serve(self, entry):
+        conn = entry[0]
+        buffer = b""
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buffer += data
+            while b"\x03" in buffer:
+                raw, buffer = buffer.split(b"\x03", 1)
+                request = json.loads(raw.decode("utf-8"))
+                try:
+                    reply = {"id": request.get("id"), "result": self._handle(entry, request)}
+                except ValueError as exc:
+                    reply = {"id": request.get("id"), "error": {"error": "WebRequestError", "message": str(exc)}}
+                self._send(entry, reply)
+
+    @staticmethod
+    def _send(entry, message):
+        conn, send_lock, _ = entry
+        with send_lock:
+            try:
+                conn.sendall(json.dumps(message).encode("utf-8") + b"\x03")
+            except OSError:
+                pass
+
+    def _select(self, objects):
+        with self.lock:
+            found = {}
+            for name, fields in (objects or {}).items():
+                if name in self.status:
+                    value = json.loads(json.dumps(self.status[name]))
+                    found[name] = value if fields is None else {k: v for k, v in value.items() if k in fields}
+            return found
+
+    def _handle(self, entry, request):
+        method, params = request.get("method"), request.get("params") or {}
+        if method == "info":
+            return {"state": "ready", "state_message": "Printer is ready", "hostname": "fake-klippy",
+                    "software_version": "v0.12.0-fake", "cpu_info": "test", "app": "Klipper",
+                    "klipper_path": os.path.join(os.path.dirname(self.gcodes), "klipper"),
+                    "python_path": "/usr/bin/python3", "log_file": "", "config_file": ""}
+        if method == "list_endpoints":
+            return {"endpoints": list(self.ENDPOINTS)}
+        if method == "objects/list":
+            return {"objects": sorted(self.status)}
+        if method in ("objects/query", "objects/subscribe"):
+            if method == "objects/subscribe":
+                template = params.get("response_template")
+                with self.lock:
+                    entry[2][:] = [template] if template else []
+            return {"eventtime": time.monotonic(), "status": self._select(params.get("objects"))}
+        if method in ("gcode/subscribe_output", "register_remote_method", "emergency_stop"):
+            return {}
+        if method == "gcode/help":
+            return {"G28": "Home"}
+        if method == "gcode/script":
+            return self._gcode(str(params.get("script", "")))
+        if method == "pause_resume/pause":
+            return self._transition(("printing",), "paused")
+        if method == "pause_resume/resume":
+            return self._transition(("paused",), "printing")
+        if method == "pause_resume/cancel":
+            return self._transition(("printing", "paused"), "cancelled")
+        raise ValueError("Unknown endpoint %s" % method)
+
+    def _gcode(self, script):
+        with self.lock:
+            self.scripts.append(script)
+        words = script.split()
+        if words and words[0].upper() == "SDCARD_PRINT_FILE":
+            name = script.split("FILENAME=", 1)[-1].strip().strip('"')
+            if self.print_state() in ("printing", "paused"):
+                raise ValueError("SD busy")
+            if not os.path.isfile(os.path.join(self.gcodes, name)):
+                raise ValueError("Unable to open file")
+            self.set_print_state("printing", filename=name)
+        elif words and words[0].upper() == "G28":
+            axes = "".join(w.lower() for w in words[1:]) or "xyz"
+            self._update({"toolhead": {"homed_axes": "".join(a for a in "xyz" if a in axes)}})
+        return {}
+
+    def _transition(self, allowed, new_state):
+        if self.print_state() in allowed:
+            self.set_print_state(new_state)
+        return {}
+
+    def print_state(self):
+        with self.lock:
+            return self.status["print_stats"]["state"]
+
+    def set_print_state(self, state, filename=None):
+        changes = {"print_stats": {"state": state}, "pause_resume": {"is_paused": state == "paused"},
+                   "virtual_sdcard": {"is_active": state == "printing"}}
+        if filename is not None:
+            changes["print_stats"]["filename"] = filename
+        self._update(changes)
+
+    def _update(self, changes):
+        with self.lock:
+            for name, fields in changes.items():
+                self.status[name].update(fields)
+            targets = [(entry, entry[2][0]) for entry in self.connections if entry[2]]
+        for entry, template in targets:
+            self._send(entry, dict(template, params={"eventtime": time.monotonic(), "status": changes}))

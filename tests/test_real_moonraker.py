@@ -14,11 +14,14 @@ trusted clients, which wants X-Api-Key.
 
 import base64
 import os
+import shutil
+import tempfile
+import time
 
 import pytest
 
 from conftest import wait_until, unpaired_config
-from moonraker_real import ImageServer, RealMoonraker, requests_logged
+from moonraker_real import FakeKlippy, ImageServer, RealMoonraker, requests_logged
 from sim.printer import make_jpeg
 
 # One command's round trip (poll 0.3 s, Moonraker, completion) takes well
@@ -53,8 +56,8 @@ def keyed_moonraker(tmp_path_factory):
     instance.stop()
 
 
-def start_connector(cloud, make_connector, moonraker, api_key=None, ui_port=None):
-    config = unpaired_config(cloud, moonraker)
+def start_connector(cloud, make_connector, moonraker, api_key=None, ui_port=None, **overrides):
+    config = unpaired_config(cloud, moonraker, **overrides)
     if api_key is not None:
         config["moonraker"][0]["api_key"] = api_key
     if ui_port is not None:
@@ -471,3 +474,142 @@ def test_a_rejected_websocket_identify_is_reported_not_taken_for_a_connection(cl
     wait_until(lambda: keyed_moonraker.log.count(rejected) > before, 10.0, "Moonraker rejects the identify")
     connector.wait_log(r'msg="status websocket.*Invalid API Key', timeout=5.0)
     assert "status websocket connected" not in connector.run_log
+
+
+
+# --------------------------------------------------------------------------
+# With Klippy: the real Moonraker in front of a FakeKlippy on its Unix socket
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def klippy_moonraker(tmp_path_factory):
+    """Moonraker with "Klipper" ready; yields (moonraker, klippy)."""
+    sock_dir = tempfile.mkdtemp(prefix="klippy")  # Unix socket paths must stay short
+    instance = RealMoonraker(tmp_path_factory.mktemp("moonraker-klippy"), trusted=True,
+                             klippy_socket=os.path.join(sock_dir, "klippy.sock"))
+    os.makedirs(instance.gcodes, exist_ok=True)
+    klippy = FakeKlippy(instance.klippy_socket, instance.gcodes).start()
+    try:
+        instance.start()
+        try:
+            wait_until(lambda: instance.get("/server/info")["klippy_state"] == "ready", 15.0, "Klippy ready")
+            yield instance, klippy
+        finally:
+            instance.stop()
+    finally:
+        klippy.stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def klippy(klippy_moonraker):
+    moonraker, fake = klippy_moonraker
+    if fake.print_state() != "standby":
+        fake.set_print_state("standby")
+        wait_until(lambda: print_state_of(moonraker) == "standby", 10.0, "Moonraker sees standby")
+    return fake
+
+
+def print_state_of(moonraker):
+    return moonraker.request("POST", "/printer/objects/query",
+                             json={"objects": {"print_stats": ["state"]}})["status"]["print_stats"]["state"]
+
+
+def snapshots_of(cloud, connector):
+    return [s for s in cloud.snapshots if s["connector_id"] == str(connector.connector_id)]
+
+
+def states_seen(cloud, connector):
+    return [s["payload"]["status"]["print_stats"]["state"] for s in snapshots_of(cloud, connector)
+            if "print_stats" in s["payload"].get("status", {})]
+
+
+def test_with_klippy_snapshots_carry_moonrakers_real_status(cloud, make_connector, klippy_moonraker, klippy):
+    moonraker, _ = klippy_moonraker
+    connector = start_connector(cloud, make_connector, moonraker)
+
+    snapshot = cloud.wait_for(lambda: snapshots_of(cloud, connector), timeout=COMMAND_TIMEOUT,
+                              message="a snapshot")[0]
+
+    status = snapshot["payload"]["status"]
+    assert snapshot["printer_id"] == connector.printer_id
+    assert status["print_stats"]["state"] == "standby"
+    assert status["extruder"]["temperature"] == 21.5
+    assert set(status) == {"print_stats", "virtual_sdcard", "extruder", "heater_bed", "toolhead", "pause_resume"}
+    assert isinstance(snapshot["payload"]["eventtime"], float)
+    wait_reachable_heartbeats(cloud, connector, True, count=1)
+
+
+def test_with_klippy_start_print_succeeds_and_the_post_snapshot_shows_printing(
+        cloud, make_connector, klippy_moonraker, klippy):
+    moonraker, _ = klippy_moonraker
+    connector = start_connector(cloud, make_connector, moonraker)
+    write_gcode(moonraker, "benchy.gcode", b"G28\nG1 X10\n")
+
+    body = run_command(cloud, connector, "start_print", {"filename": "benchy.gcode"})
+
+    assert body["status"] == "succeeded", body
+    assert body["result"] == {"action": "start_print", "filename": "benchy.gcode", "post_snapshot": "captured"}
+    assert 'SDCARD_PRINT_FILE FILENAME="benchy.gcode"' in klippy.scripts
+    assert klippy.print_state() == "printing"
+    cloud.wait_for(lambda: "printing" in states_seen(cloud, connector), timeout=COMMAND_TIMEOUT,
+                   message="a snapshot that shows printing")
+
+
+def test_with_klippy_starting_a_missing_file_reports_klippers_message(cloud, make_connector, klippy_moonraker, klippy):
+    moonraker, _ = klippy_moonraker
+    connector = start_connector(cloud, make_connector, moonraker)
+
+    body = run_command(cloud, connector, "start_print", {"filename": "not_here.gcode"})
+
+    assert body["status"] == "failed", body
+    assert "Unable to open file" in body["error_message"], body
+    assert klippy.print_state() == "standby"
+
+
+def test_with_klippy_pause_and_resume_succeed(cloud, make_connector, klippy_moonraker, klippy):
+    moonraker, _ = klippy_moonraker
+    connector = start_connector(cloud, make_connector, moonraker)
+    write_gcode(moonraker, "pausable.gcode", b"G28\n")
+    assert run_command(cloud, connector, "start_print", {"filename": "pausable.gcode"})["status"] == "succeeded"
+
+    paused = run_command(cloud, connector, "pause")
+    assert paused["status"] == "succeeded", paused
+    assert klippy.print_state() == "paused"
+    resumed = run_command(cloud, connector, "resume")
+    assert resumed["status"] == "succeeded", resumed
+    assert klippy.print_state() == "printing"
+
+
+def test_with_klippy_homing_sends_g28_with_the_axes(cloud, make_connector, klippy_moonraker, klippy):
+    moonraker, _ = klippy_moonraker
+    connector = start_connector(cloud, make_connector, moonraker)
+
+    body = run_command(cloud, connector, "homing", {"axes": ["y", "X"]})
+
+    assert body["status"] == "succeeded", body
+    assert body["result"]["axes"] == ["X", "Y"]
+    assert klippy.scripts[-1] == "G28 X Y"
+
+
+def test_with_klippy_a_state_change_on_the_printer_reaches_the_cloud_within_2s(
+        cloud, make_connector, klippy_moonraker, klippy):
+    moonraker, _ = klippy_moonraker
+    # The periodic push is slow here: only the websocket subscription can be in time.
+    connector = start_connector(cloud, make_connector, moonraker, push_snapshots_seconds=60)
+    write_gcode(moonraker, "finishing.gcode", b"G28\n")
+    assert run_command(cloud, connector, "start_print", {"filename": "finishing.gcode"})["status"] == "succeeded"
+    cloud.wait_for(lambda: "printing" in states_seen(cloud, connector), timeout=COMMAND_TIMEOUT,
+                   message="the printing snapshot")
+    connector.wait_log("status websocket connected")
+    wait_until(lambda: "Client Identified - Name: printer-connector" in moonraker.log, 10.0, "identified")
+
+    changed_at = time.time()
+    klippy.set_print_state("complete")  # the print finishes on its own
+
+    snapshot = cloud.wait_for(
+        lambda: [s for s in snapshots_of(cloud, connector)
+                 if s["payload"]["status"].get("print_stats", {}).get("state") == "complete"],
+        timeout=COMMAND_TIMEOUT, message="a snapshot with state complete")[0]
+    assert snapshot["received_at"] - changed_at < 2.0, "took %.2fs" % (snapshot["received_at"] - changed_at)
+    connector.wait_log('msg="Print state changed".*state=complete')
