@@ -76,7 +76,10 @@ STATUS_OBJECTS = ("print_stats", "virtual_sdcard", "extruder", "heater_bed",
                   "toolhead", "pause_resume")
 PRINT_STATES = ("standby", "printing", "paused", "complete", "cancelled", "error")
 
-# Durable state bounds: completions are never dropped; snapshots are.
+# Durable state bounds: completions are never dropped; snapshots are, oldest
+# first, past these (config keys outbox_max_snapshots and outbox_max_bytes).
+# 10 000 snapshots is about 3.5 days at the default 30 s; a K1's /usr/data
+# has room for 16 MB many times over.
 SPILL_MAX_SNAPSHOTS = 10000
 SPILL_MAX_BYTES = 16 * 1024 * 1024
 LEDGER_KEEP_SECONDS = 7 * 24 * 3600
@@ -165,6 +168,8 @@ class Config:
     heartbeat_seconds: float = DEFAULT_INTERVALS["heartbeat_seconds"]
     poll_webcam_seconds: float = DEFAULT_INTERVALS["poll_webcam_seconds"]
     state_dir: str = DEFAULT_STATE_DIR
+    outbox_max_snapshots: int = SPILL_MAX_SNAPSHOTS
+    outbox_max_bytes: int = SPILL_MAX_BYTES
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -257,6 +262,10 @@ def parse_config(path: str, data: Any, environ=os.environ) -> Config:
         connector_secret=f.get("connector_secret", _is_str, None, "a string") or None,
         site_name=f.get("site_name", _is_str, None, "a string"),
         state_dir=f.get("state_dir", lambda v: _is_str(v) and bool(v), DEFAULT_STATE_DIR, "a folder path"),
+        outbox_max_snapshots=f.get("outbox_max_snapshots", lambda v: _is_int(v) and v > 0, SPILL_MAX_SNAPSHOTS,
+                                   "an integer > 0"),
+        outbox_max_bytes=f.get("outbox_max_bytes", lambda v: _is_int(v) and v >= 4096, SPILL_MAX_BYTES,
+                               "an integer >= 4096"),
         raw=data,
         **intervals,
     )
@@ -910,10 +919,13 @@ class Ledger:
 class SnapshotSpill:
     """Snapshots the cloud has not taken yet: on disk, bounded, oldest first."""
 
-    def __init__(self, state_dir: str, log: Logger):
+    def __init__(self, state_dir: str, log: Logger, max_snapshots: Optional[int] = None,
+                 max_bytes: Optional[int] = None):
         self.path = os.path.join(state_dir, "snapshots.jsonl")
         self.sent_path = os.path.join(state_dir, "snapshots.sent")
         self.log = log
+        self.max_snapshots = max_snapshots or SPILL_MAX_SNAPSHOTS
+        self.max_bytes = max_bytes or SPILL_MAX_BYTES
         self.lock = threading.RLock()
         self.dropped_total = 0
         self._count = None  # type: Optional[int]  # pending records, counted on first use
@@ -941,15 +953,15 @@ class SnapshotSpill:
             pending = self.count()
             append_line(self.path, b"".join(encode_line(s) for s in snapshots))
             self._count = pending + len(snapshots)
-            if self._count > SPILL_MAX_SNAPSHOTS or os.path.getsize(self.path) > SPILL_MAX_BYTES:
+            if self._count > self.max_snapshots or os.path.getsize(self.path) > self.max_bytes:
                 self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         records = self._pending_records()
-        encoded = [encode_line(r) for r in records[-SPILL_MAX_SNAPSHOTS:]]
+        encoded = [encode_line(r) for r in records[-self.max_snapshots:]]
         size = sum(len(line) for line in encoded)
         first = 0
-        while first < len(encoded) and size > SPILL_MAX_BYTES:
+        while first < len(encoded) and size > self.max_bytes:
             size -= len(encoded[first])
             first += 1
         encoded = encoded[first:]
@@ -1371,7 +1383,16 @@ class CommandRunner:
             self._redelivered(cloud, command_id, known)
             return
         action = raw.get("action")
-        self.ledger.start(command_id, action, raw.get("printer_id"))
+        try:
+            self.ledger.start(command_id, action, raw.get("printer_id"))
+        except OSError as exc:
+            # Without the record there is no at-most-once guarantee: do not run it.
+            self.log.error("cannot record the command in state_dir; failing it without running it",
+                           id=command_id, action=action, error=str(exc))
+            cloud.complete(command_id, completion_body("failed", {"action": action},
+                                                      "not run: the connector cannot write its state_dir (%s)"
+                                                      % (exc.strerror or exc)))
+            return
         if self.agent.stop.is_set():
             completion = completion_body("failed", {"action": action}, "not run: the connector was stopping")
         else:
@@ -1736,7 +1757,8 @@ class Agent:
         self.started = time.monotonic()
         check_state_dir(config.state_dir)
         self.ledger = Ledger(config.state_dir, log)
-        self.snapshots = SnapshotOutbox(SnapshotSpill(config.state_dir, log), log)
+        spill = SnapshotSpill(config.state_dir, log, config.outbox_max_snapshots, config.outbox_max_bytes)
+        self.snapshots = SnapshotOutbox(spill, log)
         self.commands = CommandRunner(self)
         self.loops = [
             Loop(self, "heartbeat", self.heartbeat, lambda: config.heartbeat_seconds),

@@ -325,8 +325,9 @@ class PrinterSimulator(Recorder):
     ws_calls = recorded("_ws_calls")
 
     def __init__(self, host="127.0.0.1", port=0, ui_port=0, api_key=None,
-                 print_seconds=30.0, tick_hz=2.0):
+                 print_seconds=30.0, tick_hz=2.0, websocket=True):
         self.host = host
+        self.websocket = websocket  # False: /websocket is a 404, like a proxy that drops upgrades
         self.port = port
         self.ui_port = ui_port
         self.api_key = api_key
@@ -404,10 +405,9 @@ class PrinterSimulator(Recorder):
         loop.close(all_fds=True)
 
     def _api_app(self):
-        return tornado.web.Application([
-            (r"/websocket", _WebSocketHandler, {"sim": self}),
-            (r"/.*", _HttpHandler, {"sim": self, "port_name": "api"}),
-        ], log_function=_log_request)
+        routes = [(r"/websocket", _WebSocketHandler, {"sim": self})] if self.websocket else []
+        routes.append((r"/.*", _HttpHandler, {"sim": self, "port_name": "api"}))
+        return tornado.web.Application(routes, log_function=_log_request)
 
     def _ui_app(self):
         return tornado.web.Application(

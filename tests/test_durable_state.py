@@ -110,10 +110,9 @@ def test_spill_resumes_after_the_last_delivered_batch(tmp_path, log, monkeypatch
     assert [s["payload"]["n"] for b in rest for s in b] == [2, 3, 4]
 
 
-def test_spill_drops_the_oldest_past_the_count_bound(tmp_path, monkeypatch):
-    monkeypatch.setattr(connector, "SPILL_MAX_SNAPSHOTS", 5)
+def test_spill_drops_the_oldest_past_the_count_bound(tmp_path):
     stream = io.StringIO()
-    spill = connector.SnapshotSpill(str(tmp_path), connector.Logger("info", stream=stream))
+    spill = connector.SnapshotSpill(str(tmp_path), connector.Logger("info", stream=stream), max_snapshots=5)
     for n in range(8):
         spill.add([snapshot(n)])
     kept = []
@@ -122,9 +121,8 @@ def test_spill_drops_the_oldest_past_the_count_bound(tmp_path, monkeypatch):
     assert "dropped the oldest" in stream.getvalue() and "dropped_total=3" in stream.getvalue()
 
 
-def test_spill_drops_the_oldest_past_the_byte_bound(tmp_path, log, monkeypatch):
-    monkeypatch.setattr(connector, "SPILL_MAX_BYTES", 1000)
-    spill = connector.SnapshotSpill(str(tmp_path), log)
+def test_spill_drops_the_oldest_past_the_byte_bound(tmp_path, log):
+    spill = connector.SnapshotSpill(str(tmp_path), log, max_bytes=1000)
     for n in range(20):
         spill.add([dict(snapshot(n), payload={"n": n, "pad": "x" * 100})])
     assert os.path.getsize(spill.path) <= 1000
