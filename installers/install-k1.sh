@@ -519,14 +519,13 @@ svc_log() {
 # Healthy: the service runs and its new process has logged a heartbeat.
 health_check() {
     say "waiting up to ${HEALTH_TIMEOUT}s for the first heartbeat"
-    waited=0
-    while [ "$waited" -lt "$HEALTH_TIMEOUT" ]; do
+    deadline=$(($(date +%s) + HEALTH_TIMEOUT))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
         if svc_log | grep -q 'msg="Heartbeat sent"' && svc_running; then
             say "heartbeat sent: the connector works"
             return 0
         fi
-        sleep 1
-        waited=$((waited + 1))
+        sleep 0.2 2>/dev/null || sleep 1
     done
     warn "no heartbeat within ${HEALTH_TIMEOUT}s; the connector's last lines:"
     svc_log | tail -n 15 >&2
@@ -614,7 +613,7 @@ supervise() {
         child=$!
         echo "$child" >"$CHILDFILE"
         while [ -z "$stopping" ] && running "$child"; do
-            sleep 5 &
+            sleep 2 &
             wait $! 2>/dev/null || true
             rotate
         done
@@ -1082,7 +1081,7 @@ EOF
     conf=$conf_dir/moonraker.conf
     if [ -f "$conf" ] && ! grep -qxF "[include $SERVICE-update.conf]" "$conf"; then
         [ -z "$(tail -c 1 "$conf")" ] || printf '\n' >>"$conf"
-        printf '\n[include %s-update.conf]\n' "$SERVICE" >>"$conf"
+        printf '[include %s-update.conf]\n' "$SERVICE" >>"$conf"
         say "added [include $SERVICE-update.conf] to $conf"
     fi
     restart_moonraker
@@ -1194,7 +1193,7 @@ parse_args() {
 main() {
     init_settings
     parse_args "$@"
-    for c in uname mktemp awk sed grep cut tr dd chmod mv cp rm mkdir wc tail kill; do
+    for c in uname mktemp awk sed grep cut tr dd date sleep chmod mv cp rm mkdir wc tail kill; do
         need_cmd "$c"
     done
     python_path >/dev/null

@@ -193,8 +193,9 @@ class Sandbox:
         self.home = self.root / "home" / self.user
         self.printer_data = self.home / "printer_data"
         (self.printer_data / "config").mkdir(parents=True)
-        (self.printer_data / "config" / "moonraker.conf").write_text(
-            "[server]\nhost: 127.0.0.1\nport: 7125\n\n[authorization]\ntrusted_clients:\n    127.0.0.0/8\n")
+        self.moonraker_conf = ("[server]\nhost: 127.0.0.1\nport: 7125\n\n"
+                               "[authorization]\ntrusted_clients:\n    127.0.0.0/8\n")
+        (self.printer_data / "config" / "moonraker.conf").write_text(self.moonraker_conf)
         (self.printer_data / "moonraker.asvc").write_text("klipper_mcu\nwebcamd\ncrowsnest\n")
         for path in [self.home] + list(self.home.rglob("*")):
             shutil.chown(path, self.user)
