@@ -72,7 +72,7 @@ source_version() {
 inputs_hash() {
     repo=$1
     src=$2
-    cat "$src" "$repo/specs/printer-connector.spec" "$repo/build/requirements-build.txt" \
+    cat "$src" "$repo/specs/printer-connector.spec" "$repo/specs/rthook_stop_with_launcher.py" "$repo/build/requirements-build.txt" \
         "$repo/requirements/runtime.txt" "$repo/build/build-binary.sh" | sha256sum | cut -d ' ' -f 1
 }
 
@@ -239,17 +239,21 @@ build_in_root() {
     # The sources the build reads, at the same places under /src.
     mkdir -p "$root/src/build" "$root/src/specs" "$root/src/requirements" "$root/src/dist"
     cp "$src" "$root/src/connector.py"
-    cp "$repo/specs/printer-connector.spec" "$root/src/specs/"
+    cp "$repo/specs/printer-connector.spec" "$repo/specs/rthook_stop_with_launcher.py" "$root/src/specs/"
     cp "$repo/requirements/runtime.txt" "$root/src/requirements/"
     cp "$repo/build/build-binary.sh" "$repo/build/ensure-debian-packages.sh" \
         "$repo/build/requirements-build.txt" "$root/src/build/"
     cp /etc/resolv.conf "$root/etc/resolv.conf"
+    # pip in the root trusts what this machine trusts (a proxy's CA, say).
+    ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
+    [ -f "$ca" ] && cp "$ca" "$root/etc/ssl/certs/build-host-ca.crt"
     trap 'unmount_root "$root"' EXIT
     trap 'unmount_root "$root"; exit 130' INT TERM
     is_mounted "$root/proc" || mount -t proc proc "$root/proc"
     say "building $target in $root"
-    chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        sh /src/build/build-binary.sh native
+    set -- HOME=/root LANG=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin
+    [ -f "$root/etc/ssl/certs/build-host-ca.crt" ] && set -- "$@" PIP_CERT=/etc/ssl/certs/build-host-ca.crt
+    chroot "$root" /usr/bin/env -i "$@" sh /src/build/build-binary.sh native
     unmount_root "$root"
     trap - EXIT INT TERM
     mkdir -p "$repo/dist"
