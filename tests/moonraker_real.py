@@ -4,7 +4,9 @@ One instance per RealMoonraker: its own data folder (config, gcodes, logs,
 database), a free port on 127.0.0.1, no Klipper. It is started with
 `moonraker -d DATA -c CONF -n -v`: no log file, and verbose logging so that
 every request it serves appears on its stdout (captured in DATA/../moonraker.log),
-which lets tests check what did, or did not, reach it.
+which lets tests check what did, or did not, reach it. FakeKlippy below
+stands in for Klipper on Moonraker's Unix socket when a test needs Klippy
+"ready".
 
 Outgoing network: the config turns off everything that would leave the
 machine. `[announcements] enable_moonlight: False` stops the RSS feed fetch
@@ -107,7 +109,8 @@ class RealMoonraker:
         """Until /server/info answers (401 counts: the server is up, it only wants a key)."""
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError("moonraker exited (%s) during start-up:\n%s" % (self.proc.returncode, self.log[-3000:]))
+                raise RuntimeError("moonraker exited (%s) during start-up:\n%s"
+                                   % (self.proc.returncode, self.log[-3000:]))
             try:
                 response = requests.get(self.url + "/server/info", timeout=1.0)
                 if response.status_code in (200, 401):
@@ -262,6 +265,8 @@ class FakeKlippy:
         self.closed = False
 
     def start(self):
+        if os.path.exists(self.socket_path):  # left by a stopped FakeKlippy (a "Klipper restart")
+            os.unlink(self.socket_path)
         self.server.bind(self.socket_path)
         self.server.listen(4)
         self.thread.start()

@@ -1,15 +1,22 @@
-"""connector.py against the real Moonraker 0.11 from PyPI, without Klipper.
+"""connector.py against the real Moonraker 0.11 from PyPI.
 
 Each test runs connector.py as a real process paired with the reference
 cloud, sends it commands through the cloud and checks both what the cloud
-received and what happened in Moonraker's data folder (or its access log).
-Without Klipper, Moonraker's file, history, webcam and websocket APIs work
-for real and its /printer/* routes fail: the connector must report that
-cleanly and keep going.
+received and what happened on Moonraker's side: its data folder, its access
+log (it runs verbose, so every request it served is there), its websocket
+clients.
 
-Two Moonraker instances per module: one with trusted_clients 127.0.0.0/8 and
-a webcam pointing at a JPEG server of the test's own, and one without
-trusted clients, which wants X-Api-Key.
+Three Moonraker instances per module, all on 127.0.0.1 with their own data
+folder:
+- trusted_clients 127.0.0.0/8, no Klipper, and a webcam whose snapshot_url
+  points at a JPEG server of the test's own. Without Klipper its file,
+  history, webcam and websocket APIs work for real and its /printer/* routes
+  fail: the connector must report that cleanly and keep going.
+- no trusted clients: every call needs X-Api-Key.
+- trusted, with a FakeKlippy (tests/moonraker_real.py) on its Klipper Unix
+  socket, so Moonraker reports Klippy "ready" and its /printer/* routes, its
+  status subscriptions and notify_status_update work through Moonraker's own
+  code.
 """
 
 import base64
@@ -130,6 +137,8 @@ def test_moonraker_starts_fast_on_loopback_without_klippy(moonraker):
     assert "update_manager" not in info["components"]
     assert "zeroconf" not in info["components"]
     assert "Moonlight Disabled" in moonraker.log
+    assert "Fetching latest usb.ids" not in moonraker.log
+    assert "Starting Moonraker on (127.0.0.1, %d)" % moonraker.port in moonraker.log
 
 
 # --------------------------------------------------------------------------
@@ -613,3 +622,54 @@ def test_with_klippy_a_state_change_on_the_printer_reaches_the_cloud_within_2s(
         timeout=COMMAND_TIMEOUT, message="a snapshot with state complete")[0]
     assert snapshot["received_at"] - changed_at < 2.0, "took %.2fs" % (snapshot["received_at"] - changed_at)
     connector.wait_log('msg="Print state changed".*state=complete')
+
+
+def subscriptions_received(moonraker):
+    return moonraker.log.count('WEBSOCKET Received::{"jsonrpc":"2.0","method":"printer.objects.subscribe"')
+
+
+@pytest.fixture
+def restartable_klippy(tmp_path):
+    """A Moonraker of the test's own whose FakeKlippy the test may restart; yields
+    (moonraker, start_klippy) where start_klippy() stops the current one and starts a new one."""
+    sock_dir = tempfile.mkdtemp(prefix="klippy")
+    moonraker = RealMoonraker(tmp_path / "moonraker", trusted=True, klippy_socket=os.path.join(sock_dir, "k.sock"))
+    os.makedirs(moonraker.gcodes, exist_ok=True)
+    fakes = []
+
+    def start_klippy():
+        if fakes:
+            fakes[-1].stop()
+        fakes.append(FakeKlippy(moonraker.klippy_socket, moonraker.gcodes).start())
+        return fakes[-1]
+    start_klippy()
+    try:
+        moonraker.start()
+        wait_until(lambda: moonraker.get("/server/info")["klippy_state"] == "ready", 15.0, "Klippy ready")
+        yield moonraker, start_klippy
+    finally:
+        moonraker.stop()
+        fakes[-1].stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_after_a_klipper_restart_the_watcher_subscribes_again_and_changes_arrive_within_2s(
+        cloud, make_connector, restartable_klippy):
+    moonraker, start_klippy = restartable_klippy
+    connector = start_connector(cloud, make_connector, moonraker, push_snapshots_seconds=60)
+    wait_until(lambda: subscriptions_received(moonraker) == 1, 10.0, "the first subscription")
+
+    klippy = start_klippy()  # Klipper restarts: Moonraker reconnects and sends notify_klippy_ready
+    wait_until(lambda: "Klippy ready" in moonraker.log.rsplit("Klippy Connection Established", 1)[-1], 15.0,
+               "Moonraker sees the new Klippy ready")
+    wait_until(lambda: subscriptions_received(moonraker) == 2, 10.0, "the watcher subscribes again")
+
+    write_gcode(moonraker, "after_restart.gcode", b"G28\n")
+    changed_at = time.time()
+    klippy.set_print_state("printing", filename="after_restart.gcode")
+
+    snapshot = cloud.wait_for(
+        lambda: [s for s in snapshots_of(cloud, connector)
+                 if s["payload"]["status"].get("print_stats", {}).get("state") == "printing"],
+        timeout=COMMAND_TIMEOUT, message="a snapshot with state printing")[0]
+    assert snapshot["received_at"] - changed_at < 2.0, "took %.2fs" % (snapshot["received_at"] - changed_at)
