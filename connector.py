@@ -1325,20 +1325,35 @@ def capture_snapshot(moonraker: Moonraker) -> Dict[str, Any]:
 
 
 class SnapshotOutbox:
-    def __init__(self, spill: SnapshotSpill, log: Logger):
-        self.spill, self.log = spill, log
+    """Pushes snapshots; while the cloud is failing, keeps capturing but only
+    spills, and tries the cloud again after a backoff of its own. So an outage
+    costs no snapshots, and a long one costs no requests."""
+
+    def __init__(self, spill: SnapshotSpill, log: Logger, interval: Callable[[], float]):
+        self.spill, self.log, self.interval = spill, log, interval
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_error = None  # type: Optional[ConnectorError]
 
     def push(self, cloud: Cloud, fresh: List[Dict[str, Any]]) -> None:
         with self.spill.lock:  # one sender at a time keeps the order
+            if self.last_error is not None and time.monotonic() < self.retry_at:
+                self._keep(fresh)
+                raise type(self.last_error)(str(self.last_error))
             try:
                 drained = self.spill.drain(cloud.push_snapshots)
                 if drained:
                     self.log.info("Delivered snapshots kept while the cloud was unreachable", count=drained)
                 if fresh:
                     cloud.push_snapshots(fresh)
-            except (HttpError, CredentialsRejected):
+            except (HttpError, CredentialsRejected) as exc:
                 self._keep(fresh)
+                self.failures += 1
+                slow = isinstance(exc, CredentialsRejected)
+                delay = CREDENTIALS_RETRY_SECONDS if slow else backoff_delay(self.failures, self.interval())
+                self.retry_at, self.last_error = time.monotonic() + delay, exc
                 raise
+            self.failures, self.last_error = 0, None
 
     def _keep(self, snapshots: List[Dict[str, Any]]) -> None:
         try:
@@ -1675,8 +1690,9 @@ class Loop:
     """A named step run every `interval()` seconds, or sooner when woken."""
 
     def __init__(self, agent: "Agent", name: str, step: Callable[[PrinterClients], None],
-                 interval: Callable[[], float]):
+                 interval: Callable[[], float], backoff: bool = True):
         self.agent, self.name, self.step, self.interval = agent, name, step, interval
+        self.backoff = backoff  # False: the step paces its own retries
         self.wake = threading.Event()
         self.failures = FailureTracker(agent.log, name)
         self.thread = threading.Thread(target=self.run, name=name, daemon=True)
@@ -1704,7 +1720,7 @@ class Loop:
         failures = 0
         try:
             while not self.agent.stop.is_set():
-                if self.run_once(clients):
+                if self.run_once(clients) or not self.backoff:
                     failures, delay = 0, self.interval()
                 else:
                     failures += 1
@@ -1758,12 +1774,12 @@ class Agent:
         check_state_dir(config.state_dir)
         self.ledger = Ledger(config.state_dir, log)
         spill = SnapshotSpill(config.state_dir, log, config.outbox_max_snapshots, config.outbox_max_bytes)
-        self.snapshots = SnapshotOutbox(spill, log)
+        self.snapshots = SnapshotOutbox(spill, log, lambda: config.push_snapshots_seconds)
         self.commands = CommandRunner(self)
         self.loops = [
             Loop(self, "heartbeat", self.heartbeat, lambda: config.heartbeat_seconds),
             Loop(self, "commands", self.poll_commands, lambda: config.poll_commands_seconds),
-            Loop(self, "snapshots", self.push_snapshots, lambda: config.push_snapshots_seconds),
+            Loop(self, "snapshots", self.push_snapshots, lambda: config.push_snapshots_seconds, backoff=False),
             Loop(self, "webcam", self.serve_webcam, lambda: config.poll_webcam_seconds),
         ]
         self.first_success = set()  # type: set

@@ -154,3 +154,28 @@ def test_spill_records_keep_their_capture_time(tmp_path, log):
     spill.add([snapshot(42)])
     with open(spill.path) as handle:
         assert json.loads(handle.readline())["captured_at"] == "2026-01-01T00:00:42Z"
+
+
+class FlakyCloud:
+    def __init__(self):
+        self.down, self.calls, self.received = True, 0, []
+
+    def push_snapshots(self, batch):
+        self.calls += 1
+        if self.down:
+            raise connector.HttpError("cloud http 503: down", 503)
+        self.received.extend(batch)
+
+
+def test_while_the_cloud_fails_snapshots_are_kept_without_asking_it_each_time(tmp_path, log):
+    outbox = connector.SnapshotOutbox(connector.SnapshotSpill(str(tmp_path), log), log, lambda: 30.0)
+    cloud = FlakyCloud()
+    for n in range(5):
+        with pytest.raises(connector.HttpError, match="down"):
+            outbox.push(cloud, [snapshot(n)])
+    assert cloud.calls == 1  # the others waited for the backoff
+    assert outbox.spill.count() == 5
+    cloud.down, outbox.retry_at = False, 0.0
+    outbox.push(cloud, [snapshot(5)])
+    assert [s["payload"]["n"] for s in cloud.received] == [0, 1, 2, 3, 4, 5]
+    assert outbox.spill.count() == 0
