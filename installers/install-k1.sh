@@ -777,14 +777,19 @@ swap_in() { # FILE
 
 release_info_path() { printf '%s/release_info.json\n' "$DIR"; }
 
-# Keeps release_info.json (read by Moonraker's update manager) true.
+# Keeps release_info.json (read by Moonraker's update manager) true. Its
+# version is the release's name, which is the tag: vX.Y.Z.
 release_info_set() { # VERSION ASSET
     [ "$LAYOUT" = systemd ] || return 0
-    pyhelp release-info "$(release_info_path)" "$REPO" "$1" "$2"
+    pyhelp release-info "$(release_info_path)" "$REPO" "v${1#v}" "$2"
     [ -z "$SVC_USER" ] || chown "$SVC_USER" "$(release_info_path)" 2>/dev/null || true
 }
 
-release_info_version() { pyhelp release-info-get "$(release_info_path)" version; }
+# The X.Y.Z in release_info.json (empty without one).
+release_info_version() {
+    v=$(pyhelp release-info-get "$(release_info_path)" version)
+    printf '%s\n' "${v#v}"
+}
 
 # The release asset this installation runs: from release_info.json, else by
 # architecture (systemd) or by kind (K1: a native binary or the .pyz).

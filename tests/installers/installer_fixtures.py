@@ -217,6 +217,11 @@ class Sandbox:
     def klipper_dir(self):
         return self.home / SERVICE
 
+    @property
+    def klipper_bin(self):
+        """Named as the release asset, the file Moonraker's update manager replaces."""
+        return self.klipper_dir / host_asset()
+
     def unit(self, name=SERVICE):
         return self.root / "etc/systemd/system" / (name + ".service")
 

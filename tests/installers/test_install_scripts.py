@@ -103,7 +103,7 @@ def test_klipper_fresh_install(sandbox, shell, tmp_path, cloud, printer, release
     assert_ok(result)
 
     d = sandbox.klipper_dir
-    binary, config_path = d / "printer-connector", d / "config.json"
+    binary, config_path = sandbox.klipper_bin, d / "config.json"
     assert subprocess.run([str(binary), "--version"], stdout=subprocess.PIPE, env=sandbox.env,
                           check=True).stdout.decode().strip() == "printer-connector 1.2.0"
     config = config_of(config_path)
@@ -130,7 +130,7 @@ def test_klipper_fresh_install(sandbox, shell, tmp_path, cloud, printer, release
     assert asvc == ["klipper_mcu", "webcamd", "crowsnest", SERVICE]
     info = config_of(d / "release_info.json")
     assert info == {"project_name": "printer-connector", "project_owner": "printdock",
-                    "version": "1.2.0", "asset_name": host_asset()}
+                    "version": "v1.2.0", "asset_name": host_asset()}
     assert not list(d.glob(".stage*"))
 
 
@@ -148,9 +148,9 @@ def test_klipper_rerun_upgrades_in_place_without_pairing_again(sandbox, tmp_path
     assert len(cloud.registrations) == registrations
     assert config_of(sandbox.klipper_dir / "config.json") == first
     assert "printer-connector 1.1.0" in subprocess.run(
-        [str(sandbox.klipper_dir / "printer-connector"), "--version"], stdout=subprocess.PIPE,
+        [str(sandbox.klipper_bin), "--version"], stdout=subprocess.PIPE,
         env=sandbox.env).stdout.decode()
-    assert (sandbox.klipper_dir / "backups/printer-connector.1").exists()
+    assert (sandbox.klipper_dir / "backups" / (host_asset() + ".1")).exists()
     cloud.wait_for(lambda: [h for h in heartbeats_of(cloud, first["connector_id"])
                             if h["body"]["status"]["version"] == "1.1.0"], 10, "a 1.1.0 heartbeat")
     asvc = (sandbox.printer_data / "moonraker.asvc").read_text().splitlines()
@@ -199,7 +199,7 @@ def test_klipper_local_binary_and_version_flag(sandbox, tmp_path, cloud, printer
     result = sandbox.run("busybox", "install-klipper.sh", "--version", "1.5.0", *install_args(cloud, printer))
     assert_ok(result)
     assert any(r.endswith("/download/v1.5.0/" + host_asset()) for r in release.requests)
-    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "1.5.0"
+    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v1.5.0"
 
     local = tmp_path / "local-connector"
     local.write_bytes(publish_connector.__globals__["connector_source"]("3.0.0"))
@@ -207,7 +207,7 @@ def test_klipper_local_binary_and_version_flag(sandbox, tmp_path, cloud, printer
     result = sandbox.run("dash", "install-klipper.sh", "--bin", str(local))
     assert_ok(result)
     assert len(release.requests) == served
-    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "3.0.0"
+    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v3.0.0"
 
 
 # ------------------------------------------------------------ Creality K1

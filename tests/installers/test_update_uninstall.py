@@ -52,9 +52,9 @@ def test_update_to_a_good_release(sandbox, tmp_path, cloud, printer, release):
     assert_ok(result)
     assert "updating 1.0.0 -> 1.1.0" in result.output
     assert "checksum of %s verified" % host_asset() in result.output
-    assert version_of(sandbox, d / "printer-connector") == "1.1.0"
-    assert version_of(sandbox, d / "backups/printer-connector.1") == "1.0.0"
-    assert config_of(d / "release_info.json")["version"] == "1.1.0"
+    assert version_of(sandbox, sandbox.klipper_bin) == "1.1.0"
+    assert version_of(sandbox, d / "backups" / (host_asset() + ".1")) == "1.0.0"
+    assert config_of(d / "release_info.json")["version"] == "v1.1.0"
     assert config_of(d / "config.json") == config
     assert release.requests[served:] == ["/latest/download/VERSION", "/download/v1.1.0/SHA256SUMS",
                                          "/download/v1.1.0/" + host_asset()]
@@ -78,7 +78,7 @@ def test_update_with_a_bad_checksum_changes_nothing(sandbox, tmp_path, cloud, pr
     install_klipper(sandbox, cloud, printer, release, tmp_path, shell="bash")
     d = sandbox.klipper_dir
     before = sandbox.snapshot_tree()
-    binary = (d / "printer-connector").read_bytes()
+    binary = (sandbox.klipper_bin).read_bytes()
     pid, calls = sandbox.service_pid(), len(sandbox.calls())
     publish_connector(release, "1.1.0", tmp_path, bad_sums=(host_asset(),))
 
@@ -86,7 +86,7 @@ def test_update_with_a_bad_checksum_changes_nothing(sandbox, tmp_path, cloud, pr
     assert result.returncode == 1
     assert "checksum mismatch for %s" % host_asset() in result.output
     assert "nothing was changed" in result.output
-    assert (d / "printer-connector").read_bytes() == binary
+    assert (sandbox.klipper_bin).read_bytes() == binary
     assert sandbox.snapshot_tree() == before
     assert sandbox.calls()[calls:] == []
     assert sandbox.service_pid() == pid
@@ -108,7 +108,7 @@ def test_update_to_a_binary_that_does_not_run_changes_nothing(sandbox, tmp_path,
 def test_update_to_a_binary_that_exits_at_start_rolls_back(sandbox, shell, tmp_path, cloud, printer, release):
     config = install_klipper(sandbox, cloud, printer, release, tmp_path, shell=shell)
     d = sandbox.klipper_dir
-    old = (d / "printer-connector").read_bytes()
+    old = (sandbox.klipper_bin).read_bytes()
     release.publish("1.1.0", {host_asset(): crashing_binary("1.1.0")})
     beats = len(heartbeats_of(cloud, config["connector_id"]))
 
@@ -117,8 +117,8 @@ def test_update_to_a_binary_that_exits_at_start_rolls_back(sandbox, shell, tmp_p
     assert "version 1.1.0 does not work here: restoring 1.0.0" in result.output
     assert "broken build" in result.output  # the failed run's log, shown
     assert "update to 1.1.0 failed and was rolled back; 1.0.0 runs again" in result.output
-    assert (d / "printer-connector").read_bytes() == old
-    assert config_of(d / "release_info.json")["version"] == "1.0.0"
+    assert (sandbox.klipper_bin).read_bytes() == old
+    assert config_of(d / "release_info.json")["version"] == "v1.0.0"
     assert sandbox.service_pid()
     assert 'msg="Heartbeat sent"' in sandbox.journal()
     cloud.wait_for(lambda: heartbeat_from_version(cloud, config["connector_id"], "1.0.0", beats), 10,
@@ -140,7 +140,7 @@ def test_update_refused_while_printing_unless_forced(sandbox, tmp_path, cloud, p
 
     result = sandbox.run("dash", "update.sh", "--force")
     assert_ok(result)
-    assert version_of(sandbox, sandbox.klipper_dir / "printer-connector") == "1.1.0"
+    assert version_of(sandbox, sandbox.klipper_bin) == "1.1.0"
 
 
 def test_check_and_rollback(sandbox, tmp_path, cloud, printer, release):
@@ -162,8 +162,8 @@ def test_check_and_rollback(sandbox, tmp_path, cloud, printer, release):
     result = sandbox.run("busybox", "update.sh", "--rollback")
     assert_ok(result)
     assert "rolling back 1.1.0 -> 1.0.0" in result.output
-    assert version_of(sandbox, d / "printer-connector") == "1.0.0"
-    assert config_of(d / "release_info.json")["version"] == "1.0.0"
+    assert version_of(sandbox, sandbox.klipper_bin) == "1.0.0"
+    assert config_of(d / "release_info.json")["version"] == "v1.0.0"
     cloud.wait_for(lambda: heartbeat_from_version(cloud, config["connector_id"], "1.0.0", beats), 10,
                    "a heartbeat after the rollback")
     result = sandbox.run("dash", "update.sh", "--rollback")
@@ -173,8 +173,8 @@ def test_check_and_rollback(sandbox, tmp_path, cloud, printer, release):
     for version in ("1.3.0", "1.4.0", "1.5.0"):
         publish_connector(release, version, tmp_path)
         assert_ok(sandbox.run("dash", "update.sh"))
-    assert sorted(p.name for p in (d / "backups").iterdir()) == ["printer-connector.1", "printer-connector.2"]
-    assert version_of(sandbox, d / "backups/printer-connector.2") == "1.3.0"
+    assert sorted(p.name for p in (d / "backups").iterdir()) == [host_asset() + ".1", host_asset() + ".2"]
+    assert version_of(sandbox, d / "backups" / (host_asset() + ".2")) == "1.3.0"
 
 
 def test_k1_update_and_automatic_rollback(sandbox, tmp_path, cloud, printer, release):
@@ -280,8 +280,7 @@ def test_uninstall_klipper(sandbox, shell, mode, tmp_path, cloud, printer, relea
     assert ["disable", SERVICE] in sandbox.systemctl_calls("disable")
     assert SERVICE not in (sandbox.printer_data / "moonraker.asvc").read_text().split()
     if mode == "config-only":
-        assert sorted(p.name for p in d.iterdir()) == ["backups", "printer-connector", "release_info.json"] or \
-            sorted(p.name for p in d.iterdir()) == ["printer-connector", "release_info.json"]
+        assert sorted(p.name for p in d.iterdir()) == [host_asset(), "release_info.json"]
         assert not (d / "config.json").exists()
     else:
         assert not d.exists()
