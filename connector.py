@@ -1559,6 +1559,7 @@ class StatusWatcher:
         self.agent, self.printer, self.log = agent, printer, agent.log
         self.state = None  # type: Optional[str]
         self.next_id = 0
+        self.identify_id = -1
         self.failures = FailureTracker(self.log, "status websocket (printer %s)" % (printer.name or printer.base_url))
 
     def run(self) -> None:
@@ -1576,9 +1577,10 @@ class StatusWatcher:
         finally:
             moonraker.close()
 
-    def _send(self, ws, method: str, params: Dict[str, Any]) -> None:
+    def _send(self, ws, method: str, params: Dict[str, Any]) -> int:
         self.next_id += 1
         ws.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": self.next_id}))
+        return self.next_id
 
     def _subscribe(self, ws) -> None:
         self._send(ws, "printer.objects.subscribe", {"objects": {"print_stats": ["state"]}})
@@ -1594,11 +1596,9 @@ class StatusWatcher:
                         "url": "https://github.com/printdock/printer-connector"}
             if self.printer.api_key:
                 identify["api_key"] = self.printer.api_key
-            self._send(ws, "server.connection.identify", identify)
+            self.identify_id = self._send(ws, "server.connection.identify", identify)
             self._subscribe(ws)
             ws.settimeout(1.0)
-            self.failures.succeeded()
-            self.log.debug("status websocket connected", printer=self.printer.base_url)
             while not self.agent.stop.is_set():
                 try:
                     message = ws.recv()
@@ -1626,8 +1626,21 @@ class StatusWatcher:
             self._subscribe(ws)  # Moonraker drops subscriptions when Klippy restarts
         elif method in ("notify_klippy_disconnected", "notify_klippy_shutdown"):
             self._changed(None)
+        elif data.get("id") == self.identify_id:
+            self._on_identified(data)
         elif isinstance(data.get("result"), dict):
             self._on_status(data["result"].get("status"))
+        elif isinstance(data.get("error"), dict):
+            # A subscribe refused while Klippy is down: notify_klippy_ready resubscribes.
+            self.log.debug("status websocket call refused", error=data["error"].get("message"))
+
+    def _on_identified(self, data: Dict[str, Any]) -> None:
+        error = data.get("error")
+        if error is not None:
+            message = error.get("message") if isinstance(error, dict) else error
+            raise websocket.WebSocketException("identify refused by Moonraker: %s" % message)
+        self.failures.succeeded()
+        self.log.debug("status websocket connected", printer=self.printer.base_url)
 
     def _on_status(self, status) -> None:
         stats = status.get("print_stats") if isinstance(status, dict) else None
