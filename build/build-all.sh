@@ -4,8 +4,9 @@
 #                                                   a Debian bookworm root
 #   printer-connector.pyz                           zipapp for Python >= 3.8
 #   SHA256SUMS, VERSION                             of the above
-# then smoke-tests them (build/smoke-test.sh). Needs root (debootstrap,
-# chroot); foreign architectures run under qemu-user-static.
+# then smoke-tests them (build/smoke-test.sh) and runs tests/test_artifacts.py
+# on each binary. Needs root (debootstrap, chroot); foreign architectures run
+# under qemu-user-static.
 #
 #   build-all.sh                  everything
 #   build-all.sh TARGET...        only these (amd64 arm64 armv7 pyz), then sums
@@ -56,6 +57,24 @@ write_sums() {
     say "wrote dist/SHA256SUMS ($# files) and dist/VERSION ($version)"
 }
 
+# tests/test_artifacts.py on the binaries just built, foreign ones under
+# qemu-user-static, integration subset included (with the pyz under 3.8).
+test_artifacts() {
+    repo=$1
+    shift
+    arches=""
+    for target in "$@"; do
+        case "$target" in
+            amd64 | arm64 | armv7) arches="$arches $target" ;;
+        esac
+    done
+    [ -n "$arches" ] || return 0
+    make -C "$repo" venv .venv-moonraker/.stamp deb-deps
+    say "testing the binaries:$arches"
+    ARTIFACT_ARCHES=$arches MOONRAKER_BIN="$repo/.venv-moonraker/bin/moonraker" \
+        "$repo/.venv/bin/python" -m pytest -q -p no:cacheprovider "$repo/tests/test_artifacts.py"
+}
+
 main() {
     repo=$(cd "$(dirname "$0")/.." && pwd)
     need_cmd sha256sum
@@ -70,6 +89,7 @@ main() {
     done
     write_sums "$repo"
     sh "$repo/build/smoke-test.sh" "$repo/dist"
+    test_artifacts "$repo" "$@"
 }
 
 main "$@"

@@ -9,6 +9,7 @@
 #                                        binfmt_misc (make binary-all, release)
 #   build-binary.sh native               what the two above run: the build in
 #                                        the current root (host or build root)
+#   build-binary.sh check TARGET         exit 0 if that artifact is up to date
 #
 # PyInstaller (specs/printer-connector.spec, --onefile) freezes connector.py
 # with the pinned runtime packages, then staticx bundles glibc and every
@@ -76,6 +77,23 @@ inputs_hash() {
         "$repo/requirements/runtime.txt" "$repo/build/build-binary.sh" | sha256sum | cut -d ' ' -f 1
 }
 
+# Whether OUT was built from inputs with hash HASH, as STAMP_FILE records
+# (the inputs' hash and the output's).
+is_current() {
+    stamp_file=$1
+    hash=$2
+    out=$3
+    [ -x "$out" ] && [ -f "$stamp_file" ] &&
+        [ "$(cat "$stamp_file")" = "$hash $(sha256sum <"$out" | cut -d ' ' -f 1)" ]
+}
+
+record_stamp() {
+    stamp_file=$1
+    hash=$2
+    out=$3
+    printf '%s %s\n' "$hash" "$(sha256sum <"$out" | cut -d ' ' -f 1)" >"$stamp_file"
+}
+
 elapsed_since() {
     echo "$(($(date +%s) - $1))s"
 }
@@ -125,10 +143,11 @@ build_native() {
     out="$repo/dist/printer-connector-linux-$arch"
     work="$repo/build/work/$arch"
     stamp=$(inputs_hash "$repo" "$src")
-    if [ -x "$out" ] && [ "$(cat "$work/stamp" 2>/dev/null)" = "$stamp" ]; then
+    if is_current "$work/stamp" "$stamp" "$out"; then
         say "$out is up to date ($version)"
         return 0
     fi
+    [ "${CHECK_ONLY:-}" = 1 ] && err "$out is missing or older than its sources"
     started=$(date +%s)
     ensure_build_packages "$repo"
     ensure_build_venv "$repo"
@@ -146,7 +165,7 @@ build_native() {
     chmod 755 "$work/printer-connector"
     mv "$work/printer-connector" "$out"
     rm -rf "$work/frozen" "$work/pyinstaller"
-    printf '%s\n' "$stamp" >"$work/stamp"
+    record_stamp "$work/stamp" "$stamp" "$out"
     say "built $out ($(wc -c <"$out") bytes) in $(elapsed_since "$started")"
 }
 
@@ -191,13 +210,31 @@ ensure_binfmt() {
     say "registered qemu-$qemu in binfmt_misc"
 }
 
+# A binfmt entry without the F flag (fix binary) opens its interpreter only
+# when a program starts, inside the chroot: the root then needs a copy.
+provide_interpreter() {
+    qemu=$1
+    root=$2
+    entry="/proc/sys/fs/binfmt_misc/qemu-$qemu"
+    grep -q '^flags:.*F' "$entry" && return 0
+    interpreter=$(sed -n 's/^interpreter //p' "$entry")
+    [ -n "$interpreter" ] || err "no interpreter in $entry"
+    mkdir -p "$root$(dirname "$interpreter")"
+    cp -L "$interpreter" "$root$interpreter"
+}
+
 make_root() {
     root=$1
     debarch=$2
-    [ -f "$root/.complete" ] && return 0
+    qemu=$3
+    if [ -f "$root/.complete" ]; then
+        [ -n "$qemu" ] && provide_interpreter "$qemu" "$root"
+        return 0
+    fi
     [ -e "$root" ] && remove_root "$root"
     say "creating the $SUITE $debarch build root $root (debootstrap)"
     mkdir -p "$root"
+    [ -n "$qemu" ] && provide_interpreter "$qemu" "$root"
     packages=$(echo "$ROOT_PACKAGES" | tr ' ' ',')
     if ! debootstrap --variant=minbase --arch="$debarch" --include="$packages" \
         "$SUITE" "$root" "$MIRROR" >"$root.debootstrap.log" 2>&1; then
@@ -217,11 +254,11 @@ build_in_root() {
     root="$repo/build/work/root-$target"
     out="$repo/dist/printer-connector-linux-$target"
     stamp=$(inputs_hash "$repo" "$src")
-    if [ -x "$out" ] && [ "$(cat "$root/src/build/work/$target/stamp" 2>/dev/null)" = "$stamp" ] &&
-        cmp -s "$out" "$root/src/dist/printer-connector-linux-$target"; then
+    if is_current "$root.stamp" "$stamp" "$out"; then
         say "$out is up to date"
         return 0
     fi
+    [ "${CHECK_ONLY:-}" = 1 ] && err "$out is missing or older than its sources"
     [ "$(id -u)" -eq 0 ] || err "building in a root needs root (debootstrap, mount, chroot)"
     started=$(date +%s)
     packages=debootstrap
@@ -235,7 +272,7 @@ build_in_root() {
     need_cmd debootstrap
     need_cmd chroot
     [ -n "$qemu" ] && ensure_binfmt "$qemu"
-    make_root "$root" "$debarch"
+    make_root "$root" "$debarch" "$qemu"
     # The sources the build reads, at the same places under /src.
     mkdir -p "$root/src/build" "$root/src/specs" "$root/src/requirements" "$root/src/dist"
     cp "$src" "$root/src/connector.py"
@@ -259,17 +296,23 @@ build_in_root() {
     mkdir -p "$repo/dist"
     cp "$root/src/dist/printer-connector-linux-$target" "$out.tmp"
     mv "$out.tmp" "$out"
+    record_stamp "$root.stamp" "$stamp" "$out"
     say "$target done in $(elapsed_since "$started")"
 }
 
 main() {
     repo=$(cd "$(dirname "$0")/.." && pwd)
     target=${1:-host}
+    if [ "$target" = check ]; then
+        # Only tells whether the artifact is up to date (exit 0) or not.
+        CHECK_ONLY=1
+        target=${2:-host}
+    fi
     case "$target" in
         native | host) build_native "$repo" ;;
         amd64 | arm64 | armv7) build_in_root "$repo" "$target" ;;
         remove-root) remove_root "$repo/build/work/root-${2:?which root: amd64, arm64 or armv7}" ;;
-        *) err "usage: $0 host|amd64|arm64|armv7|remove-root ARCH" ;;
+        *) err "usage: $0 [check] host|amd64|arm64|armv7, or $0 remove-root ARCH" ;;
     esac
 }
 

@@ -4,7 +4,7 @@
 # Python 3.8, the Python of the Creality K1), with a `#!/usr/bin/env python3`
 # line. It runs on any Python from 3.8 on: `python3 printer-connector.pyz`.
 # A build whose inputs (connector.py, the pins, this script) are unchanged is
-# skipped.
+# skipped; `build-pyz.sh check` only tells whether dist/ is up to date.
 set -eu
 
 say() { printf 'build-pyz: %s\n' "$*"; }
@@ -60,10 +60,11 @@ main() {
     out="$repo/dist/printer-connector.pyz"
     work="$repo/build/work/pyz"
     stamp=$(cat "$src" "$repo/requirements/runtime.txt" "$repo/build/build-pyz.sh" | sha256sum | cut -d ' ' -f 1)
-    if [ -f "$out" ] && [ "$(cat "$work/stamp" 2>/dev/null)" = "$stamp" ]; then
+    if [ -f "$out" ] && [ "$(cat "$work/stamp" 2>/dev/null)" = "$stamp $(sha256sum <"$out" | cut -d ' ' -f 1)" ]; then
         say "$out is up to date ($version)"
         return 0
     fi
+    [ "${1:-}" = check ] && err "$out is missing or older than its sources"
     python=$(pick_python "$repo")
     rm -rf "$work"
     mkdir -p "$work/app" "$repo/dist"
@@ -78,7 +79,7 @@ main() {
     chmod 755 "$work/printer-connector.pyz"
     mv "$work/printer-connector.pyz" "$out"
     rm -rf "$work/app"
-    printf '%s\n' "$stamp" >"$work/stamp"
+    printf '%s %s\n' "$stamp" "$(sha256sum <"$out" | cut -d ' ' -f 1)" >"$work/stamp"
     say "built $out ($(wc -c <"$out") bytes)"
 }
 
