@@ -1,134 +1,20 @@
 """Shared fixtures: the reference cloud and the printer simulator, started once
-per session on loopback, and a handle that runs the connector as a real
-process against them.
+per session on loopback, and connectors run as real processes against them
+(see harness.py)."""
 
-CONNECTOR_CMD (a shell-quoted command, default "<python> connector.py") runs
-the same tests against a built artifact (binary, zipapp, QEMU).
-"""
-
-import itertools
-import json
 import os
-import re
-import shlex
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import ROOT, Connector, unpaired_config  # noqa: E402
+
 sys.path.insert(0, ROOT)
 
 from sim.cloud import ReferenceCloud  # noqa: E402
 from sim.printer import PrinterSimulator  # noqa: E402
-
-_tokens = itertools.count(1)
-
-
-def connector_cmd():
-    custom = os.environ.get("CONNECTOR_CMD")
-    if custom:
-        return shlex.split(custom)
-    return [sys.executable, os.path.join(ROOT, "connector.py")]
-
-
-def wait_until(predicate, timeout=10.0, message="condition", interval=0.05):
-    """For state that gives no notification (files, processes): polls briefly."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("%s not met within %.1fs" % (message, timeout))
-        time.sleep(interval)
-
-
-class Connector:
-    """One connector process with its own config and state_dir."""
-
-    def __init__(self, tmp_path, config, name="connector"):
-        self.dir = tmp_path / name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.dir / "config.json"
-        self.log_path = self.dir / "stdout.log"
-        self.state_dir = self.dir / "state"
-        config.setdefault("state_dir", str(self.state_dir))
-        self.write_config(config)
-        self.proc = None
-        self._log_offset = 0
-
-    def write_config(self, config):
-        self.config_path.write_text(json.dumps(config, indent=2))
-        os.chmod(self.config_path, 0o600)
-
-    @property
-    def config(self):
-        return json.loads(self.config_path.read_text())
-
-    def start(self, *args, log_level="debug", env=None):
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")
-        full_env = dict(os.environ, **(env or {}))
-        full_env.pop("CLOUD_URL", None) if not (env and "CLOUD_URL" in env) else None
-        self.proc = subprocess.Popen(
-            connector_cmd() + ["--config", str(self.config_path), "--log-level", log_level] + list(args),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env)
-        log.close()
-        return self
-
-    def run(self, *args, timeout=60, log_level="debug", env=None):
-        """Runs to completion (e.g. --once); returns the exit code."""
-        self.start(*args, log_level=log_level, env=env)
-        return self.proc.wait(timeout)
-
-    @property
-    def log(self):
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    @property
-    def run_log(self):
-        """The output of the latest start only."""
-        return self.log[self._log_offset:]
-
-    def wait_log(self, pattern, timeout=15.0, count=1):
-        regex = re.compile(pattern)
-
-        def found():
-            if self.proc is not None and self.proc.poll() is not None and len(regex.findall(self.run_log)) < count:
-                raise AssertionError("connector exited (%s) before logging %r:\n%s"
-                                     % (self.proc.returncode, pattern, self.run_log[-3000:]))
-            return len(regex.findall(self.run_log)) >= count
-        try:
-            wait_until(found, timeout, "log line %r" % pattern)
-        except AssertionError as exc:
-            raise AssertionError("%s\n--- connector log ---\n%s" % (exc, self.run_log[-3000:])) from None
-
-    def stop(self, timeout=10.0):
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    @property
-    def connector_id(self):
-        return self.config.get("connector_id")
-
-    @property
-    def printer_id(self):
-        return self.config["moonraker"][0]["printer_id"]
-
-
-# Intervals short enough for quick tests, long enough not to load the machine.
-FAST = {"poll_commands_seconds": 0.3, "heartbeat_seconds": 0.5, "push_snapshots_seconds": 2.0,
-        "poll_webcam_seconds": 0.3}
 
 
 @pytest.fixture(scope="session")
@@ -166,20 +52,6 @@ def own_printer():
     server = PrinterSimulator(print_seconds=3600.0).start()
     yield server
     server.stop()
-
-
-def new_token(cloud, polling=None):
-    token = "PAIR_test_%d_%d" % (os.getpid(), next(_tokens))
-    cloud.add_pairing_token(token, polling=polling)
-    return token
-
-
-def unpaired_config(cloud, printer, **overrides):
-    config = {"cloud_url": cloud.url, "pairing_token": new_token(cloud), "site_name": "Test bench",
-              "moonraker": [{"printer_id": 0, "name": "Sim", "base_url": printer.url, "ui_port": printer.ui_port}]}
-    config.update(FAST)
-    config.update(overrides)
-    return config
 
 
 @pytest.fixture

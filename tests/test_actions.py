@@ -73,7 +73,7 @@ def test_klippy_down_fails_the_command_with_its_message_and_the_agent_goes_on(cl
 
 
 def test_moonraker_down_fails_the_command(cloud, own_printer, make_connector):
-    from conftest import unpaired_config
+    from harness import unpaired_config
     connector = make_connector(unpaired_config(cloud, own_printer)).start()
     connector.wait_log("Pairing successful")
     own_printer.stop()
@@ -258,7 +258,7 @@ def test_backup_leaves_out_secrets(cloud, paired, storage, printer_data):
 
 
 def test_backup_leaves_out_the_connectors_own_config(cloud, printer, make_connector, storage, printer_data):
-    from conftest import unpaired_config
+    from harness import unpaired_config
     # A connector whose config file lives inside printer_data/config.
     inside = make_connector(unpaired_config(cloud, printer), name="printer_data/config").start()
     inside.wait_log("Pairing successful")

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 import connector
-from conftest import connector_cmd
+from harness import connector_cmd
 
 PAIRED = {"cloud_url": "https://cloud.example", "connector_id": 7, "connector_secret": "sk_live_s3cret",
           "moonraker": [{"printer_id": 3, "base_url": "http://127.0.0.1:7125"}]}

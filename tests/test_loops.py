@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import FAST, unpaired_config
+from harness import FAST, unpaired_config
 
 
 def heartbeats_of(cloud, connector):

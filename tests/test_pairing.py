@@ -4,7 +4,7 @@ import json
 import os
 import stat
 
-from conftest import new_token, unpaired_config
+from harness import new_token, unpaired_config
 
 
 def test_pairing_rewrites_the_config_with_credentials(cloud, printer, make_connector):

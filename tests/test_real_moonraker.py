@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from conftest import wait_until, unpaired_config
+from harness import wait_until, unpaired_config
 from moonraker_real import FakeKlippy, ImageServer, RealMoonraker, requests_logged
 from sim.printer import make_jpeg
 
@@ -454,7 +454,7 @@ def own_moonraker(tmp_path):
 
 
 def test_after_a_moonraker_restart_heartbeats_recover_and_the_websocket_identifies_again(
-        cloud, make_connector, own_moonraker):
+        cloud, own_moonraker, make_connector):  # this order stops the connector before Moonraker
     connector = start_connector(cloud, make_connector, own_moonraker)
     wait_until(lambda: len(identified(own_moonraker)) == 1, 10.0, "the first identification")
     wait_reachable_heartbeats(cloud, connector, True, count=1)
@@ -654,7 +654,7 @@ def restartable_klippy(tmp_path):
 
 
 def test_after_a_klipper_restart_the_watcher_subscribes_again_and_changes_arrive_within_2s(
-        cloud, make_connector, restartable_klippy):
+        cloud, restartable_klippy, make_connector):  # this order stops the connector before Moonraker
     moonraker, start_klippy = restartable_klippy
     connector = start_connector(cloud, make_connector, moonraker, push_snapshots_seconds=60)
     wait_until(lambda: subscriptions_received(moonraker) == 1, 10.0, "the first subscription")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import unpaired_config, wait_until
+from harness import unpaired_config, wait_until
 from sim.cloud import ReferenceCloud
 from sim.printer import PrinterSimulator
 

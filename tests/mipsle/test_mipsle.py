@@ -22,7 +22,7 @@ import zipfile
 
 import pytest
 
-from conftest import unpaired_config
+from harness import unpaired_config
 
 pytestmark = pytest.mark.artifacts
 
