@@ -160,12 +160,12 @@ def test_binary_runs_in_an_empty_root(arch, tmp_path):
     assert os.listdir(str(root / "tmp")) == [], "the binary left files behind in /tmp"
 
 
-def unreachable_config(folder):
+def unreachable_config(folder, scheme="http"):
     """A config whose cloud and printer ports are closed: the connector keeps
     retrying to pair until it is stopped."""
     config = folder / "config.json"
     config.write_text(json.dumps({
-        "cloud_url": "http://127.0.0.1:9",
+        "cloud_url": scheme + "://127.0.0.1:9",
         "pairing_token": "PAIR_artifacts",
         "state_dir": str(folder / "state"),
         "moonraker": [{"printer_id": 0, "name": "test", "base_url": "http://127.0.0.1:9"}],
@@ -278,6 +278,27 @@ def test_pyz_is_a_small_pure_python_zipapp():
     compiled = [name for name in names if name.endswith((".so", ".pyd", ".pyc"))]
     assert compiled == [], "not pure Python: %s" % compiled
     assert os.path.getsize(PYZ) < 2 * 1024 * 1024
+
+
+def test_pyz_leaves_nothing_in_tmpdir_under_python38(tmp_path):
+    """On 3.8 certifi copies its CA bundle out of the zip into a temporary
+    file for an https cloud; it is gone again after SIGTERM."""
+    unpack = tmp_path / "unpack"
+    unpack.mkdir()
+    env = dict(os.environ, TMPDIR=str(unpack))
+    proc = subprocess.Popen([python38(), PYZ, "--config", unreachable_config(tmp_path, "https")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        read_until(proc, "pairing failed; retrying", timeout=60)
+        assert os.listdir(str(unpack)), "certifi made no temporary copy: was https used?"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, 1), proc.returncode
+    assert os.listdir(str(unpack)) == [], "left behind in TMPDIR: %s" % os.listdir(str(unpack))
 
 
 @pytest.mark.parametrize("which", ["3.8", "current"])
