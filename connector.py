@@ -483,9 +483,10 @@ class FailureTracker:
 # The one place that does HTTP: a keep-alive session per peer and thread,
 # connect and read timeouts on every call, a cap on every body we read, and
 # every failure mapped to HttpError with a short message. trust_env is off
-# (no per-request proxy and netrc look-ups: they cost CPU on every poll), and
-# only the headers the protocol needs are sent: every byte is paid for on
-# metered links. TLS verification stays on.
+# (no per-request proxy and netrc look-ups: they cost CPU on every poll); the
+# environment's proxy for the peer is read once instead. Only the headers the
+# protocol needs are sent: every byte is paid for on metered links. TLS
+# verification stays on.
 
 import requests  # noqa: E402  (third-party imports follow the stdlib ones)
 
@@ -543,6 +544,7 @@ class HttpClient:
         self.log, self.peer = log, peer
         self.session = requests.Session()
         self.session.trust_env = False
+        self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))
         self.session.headers.clear()
         self.session.headers.update(headers)
 
@@ -2007,6 +2009,305 @@ def pair(config: Config, log: Logger, stop: threading.Event, attempts: Optional[
 
 import click  # noqa: E402
 
+# --------------------------------------------------------------------------
+# Doctor
+# --------------------------------------------------------------------------
+# `--doctor` runs every check an owner would otherwise do by hand with curl
+# and journalctl, one line each: ok / warn / fail and, when not ok, the fix in
+# plain words. It never prints a secret and never sends the pairing token.
+
+DOCTOR_MIN_FREE_BYTES = 20 * 1024 * 1024
+DOCTOR_MAX_CLOCK_SKEW = 120.0
+
+
+@dataclass
+class Finding:
+    status: str  # "ok", "warn" or "fail"
+    check: str
+    detail: str
+    fix: str = ""
+
+
+class Doctor:
+    def __init__(self, config_path: str, service: str, log: Logger):
+        self.config_path, self.service, self.log = config_path, service, log
+        self.findings = []  # type: List[Finding]
+        self.config = None  # type: Optional[Config]
+
+    def note(self, status: str, check: str, detail: str, fix: str = "") -> None:
+        finding = Finding(status, check, detail, fix)
+        self.findings.append(finding)
+        line = "%-4s  %-12s %s" % (status, check, detail)
+        if fix:
+            line += "\n      fix: %s" % fix
+        for secret in self.log.secrets:
+            line = line.replace(secret, "[redacted]")
+        click.echo(line)
+
+    def run(self) -> int:
+        self.check_config()
+        if self.config is not None:
+            for secret in self.config.secrets():
+                self.log.add_secret(secret)
+            self.check_state_dir()
+            for printer in self.config.moonraker:
+                self.check_moonraker(printer)
+            self.check_cloud()
+            self.check_credentials()
+        self.check_release_info()
+        self.check_service()
+        failed = sum(1 for f in self.findings if f.status == "fail")
+        warned = sum(1 for f in self.findings if f.status == "warn")
+        click.echo("%d checks: %d failed, %d warnings" % (len(self.findings), failed, warned))
+        return EXIT_FAILURE if failed else EXIT_OK
+
+    # -- config and disk ---------------------------------------------------
+
+    def check_config(self) -> None:
+        try:
+            self.config = load_config(self.config_path)
+        except ConfigError as exc:
+            self.note("fail", "config", str(exc), "correct the file; README.md, section Configure, lists every key")
+            return
+        info = os.stat(self.config_path)
+        mode = info.st_mode & 0o777
+        owner = _user_name(info.st_uid)
+        detail = "%s is valid (mode %04o, owner %s)" % (self.config_path, mode, owner)
+        service_user = _service_user(self.service)
+        if mode & 0o077:
+            self.note("fail", "config", detail + "; others can read the secret",
+                      "chmod 600 %s" % self.config_path)
+        elif service_user and service_user != owner:
+            self.note("warn", "config", detail + "; the service runs as %s" % service_user,
+                      "chown %s %s" % (service_user, self.config_path))
+        else:
+            self.note("ok", "config", detail)
+
+    def check_state_dir(self) -> None:
+        state_dir = self.config.state_dir
+        try:
+            check_state_dir(state_dir)
+        except StateDirError as exc:
+            self.note("fail", "state_dir", str(exc), "create it and give it to the service user: "
+                      "mkdir -p %s && chown USER %s" % (state_dir, state_dir))
+            return
+        free = shutil.disk_usage(state_dir).free
+        detail = "%s is writable, %d MB free" % (state_dir, free // (1024 * 1024))
+        if free < DOCTOR_MIN_FREE_BYTES:
+            self.note("warn", "state_dir", detail, "free some space: the outbox needs room during cloud outages")
+        else:
+            self.note("ok", "state_dir", detail)
+
+    # -- printers ----------------------------------------------------------
+
+    def check_moonraker(self, printer: PrinterConfig) -> None:
+        name = "moonraker" if len(self.config.moonraker) == 1 else "moonraker %s" % (printer.name or printer.base_url)
+        client = Moonraker(printer, self.log, user_agent())
+        try:
+            info = client.server_info()
+        except HttpError as exc:
+            self.note("fail", name, "%s does not answer: %s" % (printer.base_url, exc), _moonraker_fix(exc, printer))
+            client.close()
+            return
+        state = info.get("klippy_state")
+        detail = "%s answers (Moonraker %s%s)" % (printer.base_url, info.get("moonraker_version", "?"),
+                                                   ", with api_key" if printer.api_key else "")
+        self.note("ok", name, detail)
+        if state == "ready":
+            self.note("ok", "klippy", "Klipper is ready")
+        else:
+            self.note("warn", "klippy", "Klipper is %s: status and print commands fail until it is ready" % state,
+                      "check Klipper's log (klippy.log) and restart it from Mainsail or Fluidd")
+        self.check_webcam(client)
+        client.close()
+
+    def check_webcam(self, client: Moonraker) -> None:
+        errors = []
+        for url in webcam_candidates(client):
+            try:
+                image, ctype = fetch_webcam_image(client, url)
+            except HttpError as exc:
+                errors.append(str(exc))
+                continue
+            self.note("ok", "webcam", "%s gives a %d-byte %s" % (url, len(image), ctype))
+            return
+        self.note("warn", "webcam", "no camera image: %s" % _short("; ".join(errors), 300),
+                  "configure the camera in Moonraker ([webcam] snapshot_url) or set ui_port to the web UI's port")
+
+    # -- cloud -------------------------------------------------------------
+
+    def check_cloud(self) -> None:
+        url = self.config.cloud_url
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
+        except socket.gaierror as exc:
+            self.note("fail", "cloud", "%s does not resolve: %s" % (parts.hostname, exc.strerror or exc),
+                      "check cloud_url for typos, and the printer's DNS and internet connection")
+            return
+        session = requests.Session()
+        session.trust_env = False  # as the agent does (see HttpClient)
+        session.proxies.update(requests.utils.get_environ_proxies(url))
+        try:
+            response = session.get(url + "/", timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), allow_redirects=False,
+                                   headers={"User-Agent": user_agent()})
+        except requests.exceptions.SSLError as exc:
+            self.note("fail", "cloud", "%s: the TLS certificate is not valid: %s" % (url, _short(str(exc), 160)),
+                      "check the printer's clock (date -u) and that nothing intercepts HTTPS")
+            return
+        except requests.exceptions.RequestException as exc:
+            self.note("fail", "cloud", "%s: %s" % (url, _transport_message(exc)),
+                      "check cloud_url and that the printer can reach the internet (firewall, proxy)")
+            return
+        finally:
+            session.close()
+        tls = "valid certificate" if parts.scheme == "https" else "plain http, no certificate to check"
+        self.note("ok", "cloud", "%s answers (%s)" % (url, tls))
+        self.check_clock(response.headers.get("Date"))
+
+    def check_clock(self, date_header: Optional[str]) -> None:
+        import email.utils
+        try:
+            server_time = email.utils.parsedate_to_datetime(date_header).timestamp() if date_header else None
+        except (TypeError, ValueError):
+            server_time = None
+        if server_time is None:
+            self.note("warn", "clock", "the cloud sent no Date header to compare the clock with")
+            return
+        skew = time.time() - server_time
+        if abs(skew) > DOCTOR_MAX_CLOCK_SKEW:
+            self.note("fail", "clock", "this clock is %+.0f s off the cloud's" % skew,
+                      "set the time (timedatectl set-ntp true, or date -s); TLS fails with a wrong clock")
+        else:
+            self.note("ok", "clock", "within %.0f s of the cloud's" % abs(skew))
+
+    def check_credentials(self) -> None:
+        if not self.config.paired:
+            self.note("ok", "pairing", "a pairing token is set; it is used once, by the service, so it is not "
+                      "tried here")
+            return
+        cloud = Cloud(self.config, self.log)
+        body = {"status": {"uptime_seconds": 0, "version": __version__},
+                "printers": [{"printer_id": p.printer_id, "reachable": True} for p in self.config.active_printers()]}
+        try:
+            cloud.heartbeat(body)
+            self.note("ok", "credentials", "connector %s is accepted by the cloud" % self.config.connector_id)
+        except CredentialsRejected:
+            self.note("fail", "credentials", "the cloud rejects connector %s" % self.config.connector_id,
+                      "pair again: remove connector_id and connector_secret, add a new pairing_token, restart")
+        except HttpError as exc:
+            self.note("fail", "credentials", "heartbeat failed: %s" % exc, "see the cloud check above")
+        finally:
+            cloud.close()
+
+    # -- installation ------------------------------------------------------
+
+    def check_release_info(self) -> None:
+        for folder in _install_folders(self.config_path):
+            path = os.path.join(folder, "release_info.json")
+            try:
+                with open(path) as handle:
+                    info = json.load(handle)
+            except (OSError, ValueError):
+                continue
+            recorded = str(info.get("version", "")).lstrip("v") if isinstance(info, dict) else ""
+            if recorded == __version__:
+                self.note("ok", "version", "%s matches %s" % (__version__, path))
+            else:
+                self.note("warn", "version", "this binary is %s but %s says %s" % (__version__, path, recorded or "?"),
+                          "run update.sh (checksum-verified, with rollback) to put them in step")
+            return
+
+    def check_service(self) -> None:
+        init_script = "/etc/init.d/S99%s" % self.service
+        if shutil.which("systemctl"):
+            self._systemd_service()
+        elif os.path.exists(init_script):
+            self._init_service(init_script)
+        else:
+            self.note("warn", "service", "no systemd and no %s: the connector is not installed as a service"
+                      % init_script, "install with installers/install-klipper.sh or install-k1.sh")
+
+    def _systemd_service(self) -> None:
+        enabled = _run(["systemctl", "is-enabled", self.service])
+        active = _run(["systemctl", "is-active", self.service])
+        if enabled[0] == 0 and active[0] == 0:
+            self.note("ok", "service", "%s is enabled and running" % self.service)
+        elif "booted with systemd" in enabled[1] + active[1] or "connect to bus" in enabled[1] + active[1]:
+            self.note("warn", "service", "systemd is not running here, so the service cannot be checked")
+            return
+        else:
+            state = "%s and %s" % (enabled[1].splitlines()[0] if enabled[1] else "not installed",
+                                   active[1].splitlines()[0] if active[1] else "not running")
+            self.note("fail", "service", "%s is %s" % (self.service, state),
+                      "sudo systemctl enable --now %s" % self.service)
+        code, lines = _run(["journalctl", "-u", self.service, "-n", "5", "--no-pager", "-o", "cat"])
+        self._show_log(lines if code == 0 else "")
+
+    def _init_service(self, init_script: str) -> None:
+        code, output = _run([init_script, "status"])
+        if code == 0:
+            self.note("ok", "service", "%s: %s" % (init_script, output or "running"))
+        else:
+            self.note("fail", "service", "%s: %s" % (init_script, output or "not running"), "%s start" % init_script)
+        log_file = os.path.join(os.path.dirname(os.path.abspath(self.config_path)), "%s.log" % self.service)
+        try:
+            with open(log_file, "rb") as handle:
+                handle.seek(max(0, os.path.getsize(log_file) - 4096))
+                self._show_log(handle.read().decode("utf-8", "replace").splitlines()[-5:])
+        except OSError:
+            pass
+
+    def _show_log(self, lines) -> None:
+        lines = lines.splitlines() if isinstance(lines, str) else lines
+        if lines:
+            click.echo("      latest log lines:")
+            for line in lines[-5:]:
+                for secret in self.log.secrets:
+                    line = line.replace(secret, "[redacted]")
+                click.echo("        " + line)
+
+
+def _run(argv: List[str]) -> Tuple[int, str]:
+    import subprocess
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return 127, str(exc)
+    return done.returncode, done.stdout.decode("utf-8", "replace").strip()
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _service_user(service: str) -> Optional[str]:
+    if not shutil.which("systemctl"):
+        return None
+    code, output = _run(["systemctl", "show", "-p", "User", "--value", service])
+    return output if code == 0 and output else None
+
+
+def _install_folders(config_path: str) -> List[str]:
+    here = os.path.dirname(os.path.abspath(sys.executable if getattr(sys, "frozen", False) else sys.argv[0]))
+    return list(dict.fromkeys([here, os.path.dirname(os.path.abspath(config_path))]))
+
+
+def _moonraker_fix(exc: HttpError, printer: PrinterConfig) -> str:
+    if exc.status == 401:
+        if printer.api_key:
+            return "the api_key is wrong: copy Moonraker's key (Mainsail: Settings, General, API key)"
+        return ("Moonraker wants an API key: set api_key for this printer, or add 127.0.0.1 to "
+                "[authorization] trusted_clients in moonraker.conf")
+    return "start Moonraker (sudo systemctl start moonraker) and check base_url %s" % printer.base_url
+
+
 
 def _print_version(ctx, _param, value):
     if value and not ctx.resilient_parsing:
@@ -2019,13 +2320,19 @@ def _print_version(ctx, _param, value):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warn", "error"]), default="info",
               show_default=True, help="Least severe level that is logged.")
 @click.option("--once", is_flag=True, help="Pair if needed, run one round of each loop, exit 0 if all went through.")
+@click.option("--doctor", is_flag=True, help="Check the config, printer, cloud and service; print what is wrong and "
+              "how to fix it.")
+@click.option("--service-name", default="printer-connector", show_default=True, metavar="NAME",
+              help="The installed service to check with --doctor.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Print the version and exit.")
-def cli(config_path, log_level, once):
+def cli(config_path, log_level, once, doctor, service_name):
     """Bridges a Klipper printer's Moonraker API to the cloud over outbound HTTPS."""
     if not config_path:
         raise click.UsageError("--config PATH is required")
     log = Logger(log_level)
+    if doctor:
+        sys.exit(Doctor(config_path, service_name, log).run())
     try:
         config = load_config(config_path)
     except ConfigError as exc:
