@@ -19,6 +19,7 @@ import pwd
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 INSTALLERS = REPO / "installers"
 STUBS = Path(__file__).resolve().parent / "stubs"
+TLS_DIR = Path(__file__).resolve().parent / "tls"
 SCRIPTS = ["install-klipper.sh", "install-k1.sh", "update.sh", "uninstall.sh"]
 SHELLS = {"dash": ["dash"], "bash": ["bash"], "busybox": ["busybox", "sh"]}
 SERVICE = "printer-connector"
@@ -113,7 +115,7 @@ class Release:
     """Releases laid out as GitHub serves them: BASE/latest/download/ASSET
     and BASE/download/vX.Y.Z/ASSET, each with SHA256SUMS and VERSION."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, tls=False):
         self.dir = Path(workdir) / "releases"
         self.dir.mkdir(parents=True)
         self.latest = None
@@ -141,7 +143,15 @@ class Release:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        scheme = "http"
+        if tls:
+            # A self-signed certificate for 127.0.0.1 (tls/cert.pem) that no
+            # CA store trusts, like a man in the middle would present.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(TLS_DIR / "cert.pem", TLS_DIR / "key.pem")
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = "%s://127.0.0.1:%d" % (scheme, self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -288,6 +298,21 @@ class Sandbox:
                 os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
+
+
+def stock_k1_path(tmp_path):
+    """A PATH with what a stock rooted K1 has: BusyBox applets (its wget checks
+    no certificate) and python3; no curl, no GNU wget, no bash."""
+    k1bin = Path(tmp_path) / "k1-bin"
+    k1bin.mkdir()
+    busybox = shutil.which("busybox")
+    applets = subprocess.run([busybox, "--list"], stdout=subprocess.PIPE, check=True).stdout.decode().split()
+    for applet in applets:
+        os.symlink(busybox, k1bin / applet)
+    # The test's Python (a venv: it must be started by its own path).
+    (k1bin / "python3").write_text('#!/bin/sh\nexec "%s" "$@"\n' % sys.executable)
+    os.chmod(k1bin / "python3", 0o755)
+    return str(k1bin)
 
 
 def path_of(script):

@@ -6,14 +6,12 @@ import pwd
 import re
 import stat
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from installer_fixtures import (INSTALLERS, PYZ, SCRIPTS, SERVICE, SHELLS, config_of, crashing_binary,
                                 heartbeats_of, host_asset, install_args, make_pyz, new_token,
-                                publish_connector, wait_until)
+                                publish_connector, stock_k1_path, wait_until)
 
 ALL_SHELLS = pytest.mark.parametrize("shell", list(SHELLS))
 
@@ -249,17 +247,9 @@ def test_k1_install_with_only_busybox_and_python(sandbox, tmp_path, cloud, print
     """A stock rooted K1 has BusyBox (its wget, sha256sum, ...) and python3:
     no curl, no GNU wget, no bash."""
     publish_connector(release, "1.0.0", tmp_path, pyz=True)
-    k1bin = tmp_path / "k1-bin"
-    k1bin.mkdir()
-    applets = subprocess.run(["busybox", "--list"], stdout=subprocess.PIPE, check=True).stdout.decode().split()
-    for applet in applets:
-        os.symlink(subprocess.run(["sh", "-c", "command -v busybox"], stdout=subprocess.PIPE)
-                   .stdout.decode().strip(), k1bin / applet)
-    # The test's Python (a venv: it must be started by its own path).
-    (k1bin / "python3").write_text('#!/bin/sh\nexec "%s" "$@"\n' % sys.executable)
-    os.chmod(k1bin / "python3", 0o755)
-    assert not (k1bin / "curl").exists() and not (k1bin / "bash").exists()
-    result = sandbox.run("busybox", "install-k1.sh", *install_args(cloud, printer), path=str(k1bin))
+    k1bin = stock_k1_path(tmp_path)
+    assert not os.path.exists(os.path.join(k1bin, "curl")) and not os.path.exists(os.path.join(k1bin, "bash"))
+    result = sandbox.run("busybox", "install-k1.sh", *install_args(cloud, printer), path=k1bin)
     assert_ok(result)
     config = config_of(sandbox.k1_dir / "config.json")
     cloud.wait_for(lambda: heartbeats_of(cloud, config["connector_id"]), 10, "a heartbeat")
