@@ -48,12 +48,16 @@ from sim.printer import PrinterSimulator  # noqa: E402
 RESULTS = os.path.join(HERE, "results")
 PYTHON38 = os.environ.get("PYTHON38", "/root/.pyenv/versions/3.8.18/bin/python3.8")
 CLOUD_ENDPOINTS = ("heartbeat", "commands", "snapshots", "webcam_requests", "complete", "webcam_upload", "register")
+# Requests per hour at the default intervals: 3 s, 2 s, 10 s, 30 s.
+NOMINAL_PER_HOUR = {"commands": 1200, "webcam_requests": 1800, "heartbeat": 360, "snapshots": 120}
 MB = 1000.0 * 1000.0
 MIB = 1024.0 * 1024.0
 
 # (key, label, target, unit, how to show a value)
 TARGETS = [
     ("wire_bytes_per_hour", "wire, both directions (MB/h)", 1.0 * MB, "<= 1.0", lambda v: "%.3f" % (v / MB)),
+    ("wire_bytes_per_hour_nominal", "  same at exactly 3480 req/h (MB/h)", 1.0 * MB, "<= 1.0",
+     lambda v: "%.3f" % (v / MB)),
     ("requests_per_hour", "requests per hour", None, "(Go: ~3480)", lambda v: "%.0f" % v),
     ("cpu_seconds_per_hour", "CPU, whole tree (s/h)", 3.6, "<= 3.6", lambda v: "%.2f" % v),
     ("peak_rss_bytes", "peak RSS, whole tree (MiB)", 30 * MIB, "<= 30", lambda v: "%.1f" % (v / MIB)),
@@ -125,6 +129,15 @@ class Rig:
         with open(self.config_path, "w") as handle:
             json.dump(config, handle, indent=2)
         os.chmod(self.config_path, 0o600)
+        self.endpoint_bytes = {}  # endpoint -> [requests, bytes to cloud, bytes from cloud]
+        count_request = self.cloud._count_request
+
+        def count_per_endpoint(endpoint, bytes_in, bytes_out):
+            with self.cloud._lock:
+                entry = self.endpoint_bytes.setdefault(endpoint, [0, 0, 0])
+                entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + bytes_in, entry[2] + bytes_out
+            count_request(endpoint, bytes_in, bytes_out)
+        self.cloud._count_request = count_per_endpoint  # the cloud's stats keep only totals
         self.proc = None
         self.log_bytes = 0
         self.log_tail = collections.deque(maxlen=400)
@@ -191,7 +204,9 @@ class Rig:
     def reading(self):
         with self._log_lock:
             log_bytes = self.log_bytes
-        return {"time": time.monotonic(), "stats": self.cloud.stats(), "tree": procfs.sample_tree(self.proc.pid),
+        with self.cloud._lock:
+            per_endpoint = {k: list(v) for k, v in self.endpoint_bytes.items()}
+        return {"time": time.monotonic(), "stats": self.cloud.stats(), "per_endpoint": per_endpoint, "tree": procfs.sample_tree(self.proc.pid),
                 "files": procfs.files_state(self.state_dir), "log_bytes": log_bytes}
 
     def wait_steady(self, timeout=90.0):
@@ -235,8 +250,19 @@ def rates(first, last):
                    for name in sorted(set(a["by_endpoint"]) | set(b["by_endpoint"]))}
     writes = ((last["tree"]["write_bytes"] - last["tree"]["cancelled_write_bytes"])
               - (first["tree"]["write_bytes"] - first["tree"]["cancelled_write_bytes"]))
+    bytes_per_request = {}
+    for name, (count, sent, received) in last["per_endpoint"].items():
+        before = first["per_endpoint"].get(name, [0, 0, 0])
+        if count > before[0]:
+            n = count - before[0]
+            bytes_per_request[name] = {"to_cloud": round((sent - before[1]) / n, 1),
+                                       "from_cloud": round((received - before[2]) / n, 1)}
+    nominal = sum(NOMINAL_PER_HOUR[name] * (per["to_cloud"] + per["from_cloud"])
+                  for name, per in bytes_per_request.items() if name in NOMINAL_PER_HOUR)
     return {
         "seconds": last["time"] - first["time"],
+        "wire_bytes_per_request_by_endpoint": bytes_per_request,
+        "wire_bytes_per_hour_nominal": nominal if set(NOMINAL_PER_HOUR) <= set(bytes_per_request) else None,
         "wire_bytes_per_hour": (b["bytes_in"] + b["bytes_out"] - a["bytes_in"] - a["bytes_out"]) / hours,
         "wire_bytes_to_cloud_per_hour": (b["bytes_in"] - a["bytes_in"]) / hours,
         "wire_bytes_from_cloud_per_hour": (b["bytes_out"] - a["bytes_out"]) / hours,
@@ -336,7 +362,10 @@ def format_table(results, markdown=False):
     for endpoint in CLOUD_ENDPOINTS:
         values = [results[k].get("requests_per_hour_by_endpoint", {}).get(endpoint) for k in keys]
         if any(values):
-            rows.append(["  %s requests/h" % endpoint, ""] + ["%.0f" % (v or 0) for v in values])
+            per = [results[k].get("wire_bytes_per_request_by_endpoint", {}).get(endpoint) for k in keys]
+            rows.append(["  %s requests/h (bytes up+down each)" % endpoint, ""] + [
+                "%.0f (%s)" % (v or 0, "%.0f+%.0f" % (p["to_cloud"], p["from_cloud"]) if p else "-")
+                for v, p in zip(values, per)])
     if markdown:
         header = ["measure", "target"] + [results[k]["label"] for k in keys]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -422,29 +451,82 @@ def import_costs(python):
     return found
 
 
+def _fast_intervals(speedup):
+    return {"poll_commands_seconds": 3.0 / speedup, "heartbeat_seconds": 10.0 / speedup,
+            "push_snapshots_seconds": 30.0 / speedup, "poll_webcam_seconds": 2.0 / speedup}
+
+
 def run_profile(args, subject, out_dir):
-    """connector.py under cProfile in every thread, default intervals."""
+    """connector.py under cProfile in every thread (and py-spy, if given), intervals / --speedup.
+
+    The traffic is the default mix, only faster, so that a run of a few minutes
+    holds enough calls (or samples) to show where the CPU of an hour goes.
+    """
+    intervals = _fast_intervals(args.speedup)
     prof_path = os.path.join(out_dir, "connector.prof")
     command = [subject.python, os.path.join(HERE, "profile_connector.py"), prof_path, subject.artifact]
-    workdir = os.path.join(out_dir, "profile")
-    rig = Rig(subject, workdir, command=command).start()
+    rig = Rig(subject, os.path.join(out_dir, "cprofile"), intervals, command=command).start()
     try:
         rig.wait_steady()
         first = rig.reading()
         time.sleep(args.duration)
-        figures = rates(first, rig.reading())
+        figures = {"cprofile": rates(first, rig.reading())}
     finally:
         rig.stop()
-    log("profiled run: %.2f CPU s/h under cProfile (overhead included)" % figures["cpu_seconds_per_hour"])
+    log("cProfile run: %.1f requests/h, %.2f CPU s/h (profiler overhead included)" % (
+        figures["cprofile"]["requests_per_hour"], figures["cprofile"]["cpu_seconds_per_hour"]))
     text_path = os.path.join(out_dir, "connector-profile.txt")
     with open(text_path, "w") as handle:
         stats = pstats.Stats(prof_path, stream=handle)
-        stats.sort_stats("tottime").print_stats(40)
-        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(60)
+        stats.sort_stats("cumulative").print_stats(60)
     stats = pstats.Stats(prof_path, stream=sys.stdout)
-    print("\nTop functions by own time (whole run, all threads):")
-    stats.sort_stats("tottime").print_stats(25)
-    print("Full listing: %s" % text_path)
+    print("\ncProfile, all threads, %.0f s at intervals / %g:" % (args.duration, args.speedup))
+    stats.sort_stats("tottime").print_stats(30)
+    print("Full listing: %s" % os.path.relpath(text_path, ROOT))
+    if args.py_spy:
+        figures["py_spy"] = run_py_spy(args, subject, out_dir, intervals)
+    return figures
+
+
+def run_py_spy(args, subject, out_dir, intervals):
+    """Samples the plain connector.py (no cProfile overhead) with py-spy; prints self and total shares."""
+    raw_path = os.path.join(out_dir, "py-spy.txt")
+    rig = Rig(subject, os.path.join(out_dir, "py-spy"), intervals).start()
+    try:
+        rig.wait_steady()
+        first = rig.reading()
+        spy = subprocess.run([args.py_spy, "record", "--pid", str(rig.proc.pid), "--duration", str(int(args.duration)),
+                              "--rate", "250", "--format", "raw", "--output", raw_path, "--nonblocking"],
+                             capture_output=True, text=True)
+        figures = rates(first, rig.reading())
+    finally:
+        rig.stop()
+    if spy.returncode != 0 or not os.path.exists(raw_path):
+        log("py-spy failed: %s" % spy.stderr[-500:])
+        return figures
+    own, total, samples = collections.Counter(), collections.Counter(), 0
+    with open(raw_path) as handle:
+        for line in handle:
+            stack, _, count = line.rstrip().rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = stack.split(";")
+            samples += int(count)
+            own[frames[-1]] += int(count)
+            for frame in set(frames):
+                total[frame] += int(count)
+    print("\npy-spy, plain connector.py, %d samples of busy threads (%.2f CPU s/h at this speed):" % (
+        samples, figures["cpu_seconds_per_hour"]))
+    print("  own time:")
+    for frame, count in own.most_common(20):
+        print("  %5.1f%%  %s" % (100.0 * count / samples, frame))
+    print("  including callees:")
+    for frame, count in total.most_common(30):
+        print("  %5.1f%%  %s" % (100.0 * count / samples, frame))
+    figures["py_spy_samples"] = samples
+    figures["py_spy_top_own"] = [(f, c) for f, c in own.most_common(40)]
+    figures["py_spy_top_total"] = [(f, c) for f, c in total.most_common(60)]
     return figures
 
 
@@ -515,7 +597,10 @@ def main(argv=None):
     parser.add_argument("--write-doc", metavar="PATH", help="put the table into PATH between the bench markers")
     parser.add_argument("--soak", action="store_true", help="1 s intervals for --soak-minutes; RSS start vs end")
     parser.add_argument("--soak-minutes", type=float, default=30.0, help="soak length (default 30)")
-    parser.add_argument("--profile", action="store_true", help="cProfile connector.py for --duration seconds")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile connector.py (all threads) for --duration seconds at intervals / --speedup")
+    parser.add_argument("--speedup", type=float, default=10.0, help="--profile: divide the intervals by this")
+    parser.add_argument("--py-spy", metavar="PATH", help="--profile: also sample a plain run with this py-spy")
     args = parser.parse_args(argv)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -537,13 +622,22 @@ def main(argv=None):
         report = {"meta": meta, "profile": run_profile(args, subject, out_dir)}
     elif args.soak:
         report = {"meta": meta, "soak": {}}
-        for subject in subjects:
+
+        def soak_one(subject):
             why = subject.missing()
             if why:
                 report["soak"][subject.key] = {"label": subject.label, "error": why}
-                continue
+                return
             log("soak: %s for %.0f min at 1 s intervals" % (subject.label, args.soak_minutes))
-            report["soak"][subject.key] = run_soak(args, subject, out_dir)
+            try:
+                report["soak"][subject.key] = run_soak(args, subject, out_dir)
+            except Exception as exc:  # one broken artifact must not hide the others
+                report["soak"][subject.key] = {"label": subject.label, "error": "failed: %s" % exc}
+        threads = [threading.Thread(target=soak_one, args=(subject,)) for subject in subjects]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         print("\nSoak, 1 s intervals:")
         for key, soak in report["soak"].items():
             if "error" in soak:
