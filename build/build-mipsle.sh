@@ -42,7 +42,10 @@ BUILD_PYTHON=/usr/bin/python3.11
 ZIG_TARGET=mipsel-linux-musleabihf
 ZIG_CPU=mips32r2+nan2008
 QEMU_CPU=P5600
-CFLAGS_OPT=-Os
+# Small code: optimise for size, one section per function and object so the
+# linker drops what nothing calls, no unwind tables (C only, no C++).
+CFLAGS_OPT="-Os -ffunction-sections -fdata-sections -fno-asynchronous-unwind-tables -fno-unwind-tables"
+LDFLAGS_OPT="-static -Wl,--gc-sections"
 
 # Debian packages the build needs on the build machine.
 BUILD_PACKAGES="python3.11 python3-pip qemu-user-static file binutils make perl bzip2 ca-certificates"
@@ -188,7 +191,7 @@ write_wrappers() {
     AR="$WORK/bin/mipsel-ar"
     RANLIB="$WORK/bin/mipsel-ranlib"
     export CC AR RANLIB
-    CC_KEY=$(text_hash "$(sha256sum "$CONF/toolchain.txt")" "$ZIG_TARGET" "$ZIG_CPU" "$CFLAGS_OPT")
+    CC_KEY=$(text_hash "$(sha256sum "$CONF/toolchain.txt")" "$ZIG_TARGET" "$ZIG_CPU" "$CFLAGS_OPT" "$LDFLAGS_OPT")
 }
 
 # Zig builds musl's C files for the target CPU's NaN mode, but assembles its
@@ -257,7 +260,7 @@ build_openssl() {
         cd "$dir"
         # shellcheck disable=SC2086  # one argument per option
         run_logged "$WORK/openssl.log" perl ./Configure linux-mips32 --prefix="$SYSROOT" --libdir=lib \
-            --openssldir=/etc/ssl $OPENSSL_OPTIONS "$CFLAGS_OPT"
+            --openssldir=/etc/ssl $OPENSSL_OPTIONS $CFLAGS_OPT
         run_logged "$WORK/openssl.log" make -j2 build_libs
         run_logged "$WORK/openssl.log" make install_dev
     )
@@ -299,7 +302,7 @@ build_python() {
             --host=mipsel-linux-musl --build=x86_64-pc-linux-gnu --prefix=/usr/data/printer-connector \
             --disable-shared --disable-test-modules --without-ensurepip \
             --with-build-python="$BUILD_PYTHON" --with-openssl="$SYSROOT" \
-            CFLAGS="$CFLAGS_OPT" CPPFLAGS="-I$SYSROOT/include" LDFLAGS="-static -L$SYSROOT/lib" LIBS="$NANFIX"
+            CFLAGS="$CFLAGS_OPT" CPPFLAGS="-I$SYSROOT/include" LDFLAGS="$LDFLAGS_OPT -L$SYSROOT/lib" LIBS="$NANFIX"
         for module in _ssl _hashlib zlib _socket select math binascii _json unicodedata; do
             grep -q "^MODULE_$(echo "$module" | tr '[:lower:]' '[:upper:]')_STATE=yes" Makefile ||
                 err "configure did not enable the $module module (see $WORK/python.log and $PYBUILD/config.log)"
@@ -319,14 +322,14 @@ build_python() {
 }
 
 build_launcher() {
-    key=$(text_hash "$PY_KEY" "$(cat "$CONF/launcher.c" "$CONF/launcher.mk")")
+    key=$(text_hash "$PY_KEY" "$(cat "$CONF/launcher.c" "$CONF/launcher.mk" "$CONF/discard-pdr.ld")")
     stage_done launcher "$key" && [ -f "$PYBUILD/printer-connector-launcher" ] && return 0
     say "linking the launcher"
     rm -f "$PYBUILD/printer-connector-launcher"
     (
         cd "$PYBUILD"
         run_logged "$WORK/launcher.log" make -f Makefile -f "$CONF/launcher.mk" \
-            printer-connector-launcher LAUNCHER_SRC="$CONF/launcher.c"
+            printer-connector-launcher LAUNCHER_SRC="$CONF/launcher.c" LAUNCHER_LDSCRIPT="$CONF/discard-pdr.ld"
     )
     stage_mark launcher "$key"
 }
@@ -431,7 +434,7 @@ main() {
     need_cmd perl
     need_cmd "$BUILD_PYTHON"
     need_cmd readelf
-    started=$(date +%s)
+    build_started=$(date +%s)
     mkdir -p "$WORK"
     fetch_sources
     fetch_toolchain
@@ -443,7 +446,7 @@ main() {
     build_python
     build_launcher
     assemble "$connector"
-    say "build took $(elapsed_since "$started")"
+    say "build took $(elapsed_since "$build_started")"
     smoke_test
 }
 

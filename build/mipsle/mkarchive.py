@@ -23,9 +23,10 @@ import zipfile
 
 # Top-level names of the standard library left out of the archive.
 STDLIB_EXCLUDED = {
-    "__phello__", "ctypes", "curses", "dbm", "distutils", "ensurepip", "idlelib",
-    "lib2to3", "msilib", "pydoc_data", "site-packages", "sqlite3", "test",
-    "tkinter", "turtle.py", "turtledemo", "unittest", "venv", "xmlrpc",
+    "__phello__", "asyncio", "ctypes", "curses", "dbm", "distutils", "ensurepip",
+    "idlelib", "lib2to3", "msilib", "multiprocessing", "pydoc.py", "pydoc_data",
+    "site-packages", "sqlite3", "test", "tkinter", "turtle.py", "turtledemo",
+    "unittest", "venv", "xml", "xmlrpc",
 }
 # Directory names left out wherever they are (test suites inside packages).
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "__pycache__"}
@@ -45,9 +46,9 @@ class Archive:
             raise SystemExit("mkarchive: %s is in the archive twice" % name)
         self.entries[name] = data
 
-    def add_python(self, name, source):
+    def add_python(self, name, source, optimize=0):
         """Adds NAME.py (given as its source bytes) as NAME.pyc."""
-        code = compile(source, name, "exec", dont_inherit=True, optimize=0)
+        code = compile(source, name, "exec", dont_inherit=True, optimize=optimize)
         pyc = bootstrap_external._code_to_hash_pyc(
             code, importlib.util.source_hash(source), checked=False)
         self.add_bytes(name[:-3] + ".pyc", bytes(pyc))
@@ -74,26 +75,31 @@ def read(path):
 
 
 def add_stdlib(archive, lib):
+    """The standard library, without docstrings and asserts (-OO): nothing
+    the agent runs reads the standard library's docstrings. The packages and
+    connector.py keep theirs (click builds --help from them)."""
     for top in sorted(os.listdir(lib)):
         if top in STDLIB_EXCLUDED:
             continue
         path = os.path.join(lib, top)
         if os.path.isfile(path):
             if top.endswith(".py"):
-                archive.add_python(top, read(path))
+                archive.add_python(top, read(path), optimize=2)
             continue
         for root, dirs, files in os.walk(path):
             dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS)
             for name in sorted(files):
                 if name.endswith(".py"):
                     rel = os.path.relpath(os.path.join(root, name), lib).replace(os.sep, "/")
-                    archive.add_python(rel, read(os.path.join(root, name)))
+                    archive.add_python(rel, read(os.path.join(root, name)), optimize=2)
 
 
 def add_wheel(archive, wheel):
     with zipfile.ZipFile(wheel) as whl:
         for name in sorted(whl.namelist()):
             if name.endswith("/") or name.endswith(".dist-info/RECORD"):
+                continue
+            if EXCLUDED_DIRS.intersection(name.split("/")[:-1]):
                 continue
             archive.add_file(name, whl.read(name))
 

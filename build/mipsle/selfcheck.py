@@ -2,12 +2,16 @@
 printer-connector-linux-mipsle with this module in place of connector.py's
 runner, so build-mipsle.sh can check the interpreter's parts under QEMU
 without giving the shipped binary a way to run arbitrary code.
+
+    selfcheck                  checks the modules and certifi's bundle
+    selfcheck URL CAFILE       GETs URL over HTTPS trusting CAFILE (tests)
 """
 import hashlib
 import json
 import socket
 import ssl
 import sys
+import urllib.parse
 import zlib
 
 import certifi
@@ -30,4 +34,17 @@ def main():
         websocket.__version__, sys.version.split()[0]))
 
 
-main()
+def fetch(url, cafile):
+    parts = urllib.parse.urlsplit(url)
+    context = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as raw:
+        with context.wrap_socket(raw, server_hostname=parts.hostname) as tls:
+            version = tls.version()
+    response = requests.get(url, verify=cafile, timeout=60)
+    print("status %d %s" % (response.status_code, version))
+
+
+if len(sys.argv) == 3:
+    fetch(sys.argv[1], sys.argv[2])
+else:
+    main()

@@ -14,3 +14,9 @@ OPT_IN = "PRINTER_CONNECTOR_TEST_MIPSLE"
 
 if os.environ.get(OPT_IN) != "1":
     collect_ignore_glob = ["test_*.py"]
+
+
+def pytest_report_header(config):
+    if os.environ.get(OPT_IN) == "1":
+        return "mipsle binary tests: on (%s=1)" % OPT_IN
+    return "mipsle binary tests: not collected; set %s=1 to run them" % OPT_IN
