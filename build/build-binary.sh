@@ -102,6 +102,7 @@ elapsed_since() {
 
 ensure_build_packages() {
     repo=$1
+    [ -x /usr/bin/python3 ] || sh "$repo/build/ensure-debian-packages.sh" python3
     python_minor=$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     packages="python3-venv libpython$python_minor binutils patchelf"
     if [ "$(dpkg --print-architecture)" != amd64 ]; then
@@ -134,7 +135,6 @@ build_native() {
     repo=$1
     need_cmd dpkg
     need_cmd sha256sum
-    [ -x /usr/bin/python3 ] || err "need Debian's /usr/bin/python3"
     arch=$(asset_arch "$(dpkg --print-architecture)")
     src=${CONNECTOR_SOURCE:-$repo/connector.py}
     [ -f "$src" ] || err "$src not found"
