@@ -206,8 +206,9 @@ class Rig:
             log_bytes = self.log_bytes
         with self.cloud._lock:
             per_endpoint = {k: list(v) for k, v in self.endpoint_bytes.items()}
-        return {"time": time.monotonic(), "stats": self.cloud.stats(), "per_endpoint": per_endpoint, "tree": procfs.sample_tree(self.proc.pid),
-                "files": procfs.files_state(self.state_dir), "log_bytes": log_bytes}
+        return {"time": time.monotonic(), "stats": self.cloud.stats(), "per_endpoint": per_endpoint,
+                "tree": procfs.sample_tree(self.proc.pid), "files": procfs.files_state(self.state_dir),
+                "log_bytes": log_bytes}
 
     def wait_steady(self, timeout=90.0):
         """Paired, running, and every loop has reached the cloud once."""
@@ -268,7 +269,8 @@ def rates(first, last):
         "wire_bytes_from_cloud_per_hour": (b["bytes_out"] - a["bytes_out"]) / hours,
         "requests_per_hour": (b["requests"] - a["requests"]) / hours,
         "requests_per_hour_by_endpoint": {k: v for k, v in by_endpoint.items() if v},
-        "cpu_seconds_per_hour": (last["tree"]["cpu_seconds"] - first["tree"]["cpu_seconds"]) / hours,
+        "cpu_seconds_per_hour": (last["tree"]["cpu_seconds_precise"] - first["tree"]["cpu_seconds_precise"]) / hours,
+        "cpu_seconds_per_hour_ticks": (last["tree"]["cpu_seconds"] - first["tree"]["cpu_seconds"]) / hours,
         "disk_write_bytes_per_hour": max(0, writes) / hours,
         "log_bytes_per_hour": (last["log_bytes"] - first["log_bytes"]) / hours,
     }
@@ -403,7 +405,8 @@ def run_bench(args, subjects, out_dir):
     results, threads = {}, []
 
     def one(subject):
-        entry = {"label": subject.label, "command": subject.command, "artifact": os.path.relpath(subject.artifact, ROOT)}
+        entry = {"label": subject.label, "command": subject.command,
+                 "artifact": os.path.relpath(subject.artifact, ROOT)}
         results[subject.key] = entry
         why = subject.missing()
         if why:
