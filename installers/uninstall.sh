@@ -29,6 +29,8 @@ need_cmd() {
     command -v "$1" >/dev/null 2>&1 || err "'$1' is needed but was not found on PATH"
 }
 
+need_arg() { [ $# -ge 2 ] || err "$1 needs a value (see --help)"; }
+
 # -------------------------------------------------------------- settings
 # Everything set from the environment, once, by every script's main.
 init_settings() {
@@ -756,6 +758,42 @@ confirm() { # QUESTION
 }
 
 # ------------------------------------------------------- installing
+# The installers' flags (install-k1.sh refuses the systemd-only ones).
+# shellcheck disable=SC2034  # the values are read by the installers' main only
+parse_install_args() {
+    CLOUD_URL=""
+    TOKEN=""
+    PRINTERS=""
+    OPT_VERSION=""
+    OPT_BIN=""
+    OPT_CONFIG=""
+    OPT_USER=""
+    LOG_LEVEL=info
+    UPDATE_MANAGER=1
+    FORCE=0
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --cloud-url) need_arg "$@"; CLOUD_URL=$2; shift ;;
+            --pairing-token) need_arg "$@"; TOKEN=$2; shift ;;
+            --printer) need_arg "$@"; PRINTERS="${PRINTERS:+$PRINTERS
+}$2"; shift ;;
+            --version) need_arg "$@"; OPT_VERSION=$2; shift ;;
+            --bin) need_arg "$@"; OPT_BIN=$2; shift ;;
+            --config) need_arg "$@"; OPT_CONFIG=$2; shift ;;
+            --log-level) need_arg "$@"; LOG_LEVEL=$2; shift ;;
+            --service-name) need_arg "$@"; SERVICE=$2; shift ;;
+            --user) need_arg "$@"; OPT_USER=$2; shift ;;
+            --no-update-manager) UPDATE_MANAGER=0 ;;
+            --force) FORCE=1 ;;
+            -h | --help) usage; exit 0 ;;
+            *) usage >&2; err "unknown option: $1" ;;
+        esac
+        shift
+    done
+    case $LOG_LEVEL in debug | info | warn | error) ;; *) err "--log-level must be debug, info, warn or error" ;; esac
+    case $SERVICE in '' | *[!A-Za-z0-9_.-]*) err "--service-name may use letters, digits, '.', '_' and '-'" ;; esac
+}
+
 # Backups of BIN: backups/NAME.1 is the newest, NAME.2 the one before.
 backup_path() { printf '%s/backups/%s.%s\n' "$DIR" "$(basename "$BIN")" "$1"; }
 
@@ -1156,8 +1194,6 @@ usage: uninstall.sh [options]
   --service-name NAME   the systemd service (default printer-connector)
 EOT
 }
-
-need_arg() { [ $# -ge 2 ] || err "$1 needs a value (see --help)"; }
 
 main() {
     init_settings
