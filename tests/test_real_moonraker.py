@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from harness import wait_until, unpaired_config
+from harness import Connector, unpaired_config, wait_until
 from moonraker_real import FakeKlippy, ImageServer, RealMoonraker, requests_logged
 from sim.printer import make_jpeg
 
@@ -75,10 +75,23 @@ def start_connector(cloud, make_connector, moonraker, api_key=None, ui_port=None
     return connector
 
 
+@pytest.fixture(scope="module")
+def shared_connector(cloud_server, moonraker, tmp_path_factory):
+    """One connector for the tests that only send commands to the trusted
+    Moonraker: starting one per test would double the module's run time."""
+    connector = Connector(tmp_path_factory.mktemp("shared-connector"), unpaired_config(cloud_server, moonraker))
+    connector.start()
+    connector.wait_log("Pairing successful")
+    connector.wait_log("Connector running")
+    yield connector
+    connector.kill()
+
+
 @pytest.fixture
-def connector(cloud, make_connector, moonraker):
+def connector(cloud, shared_connector):
     """A running connector paired with the cloud and talking to the trusted Moonraker."""
-    return start_connector(cloud, make_connector, moonraker)
+    assert shared_connector.proc.poll() is None, "the shared connector died:\n" + shared_connector.run_log[-3000:]
+    return shared_connector
 
 
 def run_command(cloud, connector, action, params=None):
@@ -431,26 +444,27 @@ def test_status_watcher_authenticates_with_the_api_key(cloud, make_connector, ke
     wait_until(lambda: keyed_moonraker.get("/server/info")["websocket_count"] >= 1, 10.0, "an open websocket")
 
 
-def test_on_sigterm_the_status_websocket_is_closed_cleanly(cloud, make_connector, moonraker):
-    before = len(identified(moonraker))
-    connector = start_connector(cloud, make_connector, moonraker)
-    wait_until(lambda: len(identified(moonraker)) > before, 10.0, "Moonraker logs the identified connector")
-    uid = websocket_uid(identified(moonraker)[-1])
-
-    assert connector.stop(timeout=10.0) == 0
-
-    closed = "Websocket Closed: ID: %s " % uid
-    line = wait_until(lambda: [x for x in moonraker.log.splitlines() if closed in x], 10.0,
-                      "Moonraker logs the websocket closed")[0]
-    assert "Close Code: 1000" in line, line  # a close frame, not a dropped connection
-
-
 @pytest.fixture
 def own_moonraker(tmp_path):
     """A Moonraker of the test's own, for a test that restarts it."""
     instance = RealMoonraker(tmp_path / "own-moonraker", trusted=True).start()
     yield instance
     instance.stop()
+
+
+def test_on_sigterm_the_status_websocket_is_closed_cleanly(cloud, own_moonraker, make_connector):
+    # A Moonraker of its own: the only websocket it ever sees is this connector's.
+    connector = start_connector(cloud, make_connector, own_moonraker)
+    wait_until(lambda: len(identified(own_moonraker)) == 1, 10.0, "Moonraker logs the identified connector")
+    uid = websocket_uid(identified(own_moonraker)[0])
+
+    assert connector.stop(timeout=10.0) == 0
+
+    closed = "Websocket Closed: ID: %s " % uid
+    line = wait_until(lambda: [x for x in own_moonraker.log.splitlines() if closed in x], 10.0,
+                      "Moonraker logs the websocket closed")[0]
+    # A close frame, not a dropped connection.
+    assert "Close Code: 1000" in line, line + "\n" + connector.run_log[-2500:]
 
 
 def test_after_a_moonraker_restart_heartbeats_recover_and_the_websocket_identifies_again(
@@ -610,8 +624,8 @@ def test_with_klippy_a_state_change_on_the_printer_reaches_the_cloud_within_2s(
     assert run_command(cloud, connector, "start_print", {"filename": "finishing.gcode"})["status"] == "succeeded"
     cloud.wait_for(lambda: "printing" in states_seen(cloud, connector), timeout=COMMAND_TIMEOUT,
                    message="the printing snapshot")
-    connector.wait_log("status websocket connected")
-    wait_until(lambda: "Client Identified - Name: printer-connector" in moonraker.log, 10.0, "identified")
+    # The watcher's subscription is live: it saw standby -> printing.
+    connector.wait_log('msg="Print state changed".*state=printing')
 
     changed_at = time.time()
     klippy.set_print_state("complete")  # the print finishes on its own
@@ -624,8 +638,10 @@ def test_with_klippy_a_state_change_on_the_printer_reaches_the_cloud_within_2s(
     connector.wait_log('msg="Print state changed".*state=complete')
 
 
-def subscriptions_received(moonraker):
-    return moonraker.log.count('WEBSOCKET Received::{"jsonrpc":"2.0","method":"printer.objects.subscribe"')
+def subscriptions_answered(moonraker):
+    """Subscriptions Moonraker has answered (with the state at that moment);
+    notifications on that websocket can only come after the answer."""
+    return moonraker.log.count('WEBSOCKET Response::{"jsonrpc":"2.0","result":{"eventtime"')
 
 
 @pytest.fixture
@@ -657,12 +673,12 @@ def test_after_a_klipper_restart_the_watcher_subscribes_again_and_changes_arrive
         cloud, restartable_klippy, make_connector):  # this order stops the connector before Moonraker
     moonraker, start_klippy = restartable_klippy
     connector = start_connector(cloud, make_connector, moonraker, push_snapshots_seconds=60)
-    wait_until(lambda: subscriptions_received(moonraker) == 1, 10.0, "the first subscription")
+    wait_until(lambda: subscriptions_answered(moonraker) == 1, 10.0, "the first subscription")
 
     klippy = start_klippy()  # Klipper restarts: Moonraker reconnects and sends notify_klippy_ready
     wait_until(lambda: "Klippy ready" in moonraker.log.rsplit("Klippy Connection Established", 1)[-1], 15.0,
                "Moonraker sees the new Klippy ready")
-    wait_until(lambda: subscriptions_received(moonraker) == 2, 10.0, "the watcher subscribes again")
+    wait_until(lambda: subscriptions_answered(moonraker) == 2, 10.0, "the watcher subscribes again")
 
     write_gcode(moonraker, "after_restart.gcode", b"G28\n")
     changed_at = time.time()
