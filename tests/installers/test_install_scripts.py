@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from installer_fixtures import (INSTALLERS, PYZ, SCRIPTS, SERVICE, SHELLS, config_of, crashing_binary,
-                                heartbeats_of, host_asset, install_args, make_pyz, new_token,
+from installer_fixtures import (INSTALLERS, PYZ, SCRIPTS, SERVICE, SHELLS, config_of, connector_source,
+                                crashing_binary, heartbeats_of, host_asset, install_args, make_pyz, new_token,
                                 publish_connector, stock_k1_path, wait_until)
 
 ALL_SHELLS = pytest.mark.parametrize("shell", list(SHELLS))
@@ -200,12 +200,27 @@ def test_klipper_local_binary_and_version_flag(sandbox, tmp_path, cloud, printer
     assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v1.5.0"
 
     local = tmp_path / "local-connector"
-    local.write_bytes(publish_connector.__globals__["connector_source"]("3.0.0"))
+    local.write_bytes(connector_source("3.0.0"))
     served = len(release.requests)
     result = sandbox.run("dash", "install-klipper.sh", "--bin", str(local))
     assert_ok(result)
     assert len(release.requests) == served
     assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v3.0.0"
+
+
+@pytest.mark.parametrize("machine,message", [
+    ("armv6l", "unsupported architecture 'armv6l'"),
+    ("armv7l", "release 1.0.0 has no artifact that runs here (tried: printer-connector-linux-armv7)"),
+])
+def test_klipper_architecture_without_a_release_asset_is_a_clear_error(sandbox, machine, message, tmp_path, cloud,
+                                                                       printer, release):
+    release.publish("1.0.0", {"printer-connector-linux-amd64": connector_source("1.0.0")})
+    before = sandbox.snapshot_tree()
+    result = sandbox.run("dash", "install-klipper.sh", *install_args(cloud, printer),
+                         env={"PRINTER_CONNECTOR_ARCH": machine})
+    assert result.returncode == 1
+    assert message in result.output
+    assert sandbox.snapshot_tree() == before
 
 
 # ------------------------------------------------------------ Creality K1
@@ -264,3 +279,12 @@ def test_k1_prefers_a_mipsle_binary_that_runs_and_falls_back_to_the_pyz(sandbox,
     assert_ok(result)
     assert "printer-connector-linux-mipsle does not run here" in result.output
     assert "printer-connector.pyz runs here" in result.output
+    assert (sandbox.k1_dir / "printer-connector").read_bytes()[:2] == b"#!"
+
+    # A release whose mipsle binary starts here: the re-run switches to it.
+    mipsle = connector_source("1.1.0")
+    release.publish("1.1.0", {"printer-connector-linux-mipsle": mipsle, PYZ: make_pyz("1.1.0", tmp_path)})
+    result = sandbox.run("busybox", "install-k1.sh", env=env)
+    assert_ok(result)
+    assert "printer-connector-linux-mipsle runs here and reports version 1.1.0" in result.output
+    assert (sandbox.k1_dir / "printer-connector").read_bytes() == mipsle
