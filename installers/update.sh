@@ -706,6 +706,7 @@ asvc_add() { # FILE
     # A last line without a newline must not swallow ours.
     [ -z "$(tail -c 1 "$1")" ] || printf '\n' >>"$1"
     printf '%s\n' "$SERVICE" >>"$1"
+    MOONRAKER_CHANGED=1
     say "added $SERVICE to $1"
 }
 
@@ -1103,7 +1104,9 @@ moonraker_conf_dir() {
 install_moonraker_entries() {
     [ "$UPDATE_MANAGER" = 1 ] || { say "--no-update-manager: Moonraker's config left alone"; return 0; }
     conf_dir=$(moonraker_conf_dir)
-    [ -d "$conf_dir" ] || { warn "no $conf_dir: not registering with Moonraker"; return 0; }
+    conf=$conf_dir/moonraker.conf
+    [ -f "$conf" ] || { warn "no $conf: not registering with Moonraker's update manager"; return 0; }
+    MOONRAKER_CHANGED=0
     asvc_add "$(dirname "$conf_dir")/moonraker.asvc"
     um_file=$conf_dir/$SERVICE-update.conf
     cat >"$um_file.tmp" <<EOF
@@ -1118,15 +1121,22 @@ repo: $REPO
 path: $DIR
 managed_services: $SERVICE
 EOF
-    mv -f "$um_file.tmp" "$um_file"
-    [ -z "$SVC_USER" ] || chown "$SVC_USER" "$um_file" 2>/dev/null || true
-    conf=$conf_dir/moonraker.conf
-    if [ -f "$conf" ] && ! grep -qxF "[include $SERVICE-update.conf]" "$conf"; then
+    if [ -f "$um_file" ] && cmp -s "$um_file.tmp" "$um_file"; then
+        rm -f "$um_file.tmp"
+    else
+        mv -f "$um_file.tmp" "$um_file"
+        [ -z "$SVC_USER" ] || chown "$SVC_USER" "$um_file" 2>/dev/null || true
+        MOONRAKER_CHANGED=1
+        say "wrote $um_file"
+    fi
+    if ! grep -qxF "[include $SERVICE-update.conf]" "$conf"; then
         [ -z "$(tail -c 1 "$conf")" ] || printf '\n' >>"$conf"
         printf '[include %s-update.conf]\n' "$SERVICE" >>"$conf"
+        MOONRAKER_CHANGED=1
         say "added [include $SERVICE-update.conf] to $conf"
     fi
-    restart_moonraker
+    # Moonraker reads these only when it starts; a re-run changes nothing.
+    [ "$MOONRAKER_CHANGED" = 0 ] || restart_moonraker
 }
 
 remove_moonraker_entries() {
@@ -1145,7 +1155,6 @@ remove_moonraker_entries() {
     fi
 }
 
-# Moonraker reads its config and moonraker.asvc only when it starts.
 restart_moonraker() {
     if systemctl is-active --quiet moonraker 2>/dev/null; then
         if systemctl restart moonraker; then

@@ -120,9 +120,11 @@ def test_listed_by_moonraker_and_follows_update_and_uninstall(sandbox, moonraker
         % sandbox.klipper_dir in section
     assert_listed(moonraker, "v1.0.0")
 
-    # Re-running changes nothing in Moonraker's files.
+    # Re-running changes nothing in Moonraker's files, so it is not restarted.
+    moonraker_pid = sandbox.service_pid("moonraker")
     assert_ok(sandbox.run("dash", "install-klipper.sh"))
     assert moonraker.conf.read_text() == conf
+    assert sandbox.service_pid("moonraker") == moonraker_pid
     assert (sandbox.printer_data / "moonraker.asvc").read_text().split().count(SERVICE) == 1
 
     publish_connector(release, "1.1.0", tmp_path)
