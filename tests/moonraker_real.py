@@ -18,9 +18,11 @@ the other optional components are simply not configured.
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,6 +64,7 @@ class RealMoonraker:
         self.port = None
         self.ui_port = 80
         self.proc = None
+        self.sock_dir = None
         self.started_in = None
 
     @property
@@ -94,8 +97,19 @@ class RealMoonraker:
         self._write_config()
         log = open(self.log_path, "ab")
         started = time.monotonic()
-        self.proc = subprocess.Popen([moonraker_bin(), "-d", self.data, "-c", self.conf_path, "-n", "-v"],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # Moonraker stages uploads in $TMPDIR/moonraker.upload-<whole seconds of the
+        # monotonic clock>.mru: two instances uploading within the same second
+        # (parallel test runs) would take each other's file. A TMPDIR of its own.
+        tmpdir = os.path.join(self.base_dir, "tmp")
+        os.makedirs(tmpdir, exist_ok=True)
+        # Its own Unix socket (for local agents) goes to a short path: the
+        # default, DATA/comms/moonraker.sock, can pass the 108-byte limit
+        # under a deep pytest tmp folder.
+        self.sock_dir = tempfile.mkdtemp(prefix="mr")
+        self.proc = subprocess.Popen([moonraker_bin(), "-d", self.data, "-c", self.conf_path, "-n", "-v",
+                                      "-u", os.path.join(self.sock_dir, "moonraker.sock")],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=dict(os.environ, TMPDIR=tmpdir))
         log.close()
         try:
             self._wait_ready(started)
@@ -130,6 +144,9 @@ class RealMoonraker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if self.sock_dir:
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+            self.sock_dir = None
 
     @property
     def log(self):
