@@ -91,13 +91,14 @@ class Subject:
         return None
 
 
-def all_subjects(python):
-    connector = os.path.join(ROOT, "connector.py")
+def all_subjects(python, connector=None):
+    connector = connector or os.path.join(ROOT, "connector.py")
     binary = os.path.join(ROOT, "dist", "printer-connector-linux-amd64")
     pyz = os.path.join(ROOT, "dist", "printer-connector.pyz")
     version = ".".join(platform.python_version_tuple()[:2])
     return {
-        "py": Subject("py", "connector.py (py%s)" % version, [python, connector], connector, python),
+        "py": Subject("py", "%s (py%s)" % (os.path.basename(connector), version), [python, connector], connector,
+                      python),
         "binary": Subject("binary", "binary (amd64)", [binary], binary),
         "pyz": Subject("pyz", "zipapp (py3.8)", [PYTHON38, pyz], pyz, PYTHON38),
     }
@@ -296,7 +297,7 @@ def measure_run(subject, workdir, duration, warmup, latency_samples, window=60.0
         result["state_dir_changes"] = procfs.files_changed(readings[0]["files"], readings[-1]["files"])
         result["rss_bytes_steady"] = readings[-1]["tree"]["rss_bytes"]
         result["hwm_bytes_sum"] = readings[-1]["tree"]["hwm_bytes"]
-        result["processes"] = len(readings[-1]["tree"]["pids"])
+        result["processes"] = readings[-1]["tree"]["processes"]
         latencies = []
         cycle = ["printing", "paused", "printing", "cancelled", "standby"]
         for index in range(latency_samples):
@@ -597,6 +598,7 @@ def main(argv=None):
     parser.add_argument("--targets", default="py,binary,pyz", help="comma list of py, binary, pyz")
     parser.add_argument("--sequential", action="store_true", help="one subject at a time (default: side by side)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for connector.py")
+    parser.add_argument("--connector", help="measure this copy of connector.py instead (a proposed change)")
     parser.add_argument("--write-doc", metavar="PATH", help="put the table into PATH between the bench markers")
     parser.add_argument("--soak", action="store_true", help="1 s intervals for --soak-minutes; RSS start vs end")
     parser.add_argument("--soak-minutes", type=float, default=30.0, help="soak length (default 30)")
@@ -608,9 +610,9 @@ def main(argv=None):
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     mode = "soak" if args.soak else "profile" if args.profile else "bench"
-    out_dir = os.path.join(RESULTS, "%s-%s" % (mode, stamp))
+    out_dir = os.path.join(RESULTS, "%s-%s-%d" % (mode, stamp, os.getpid()))
     os.makedirs(out_dir, exist_ok=True)
-    subjects_by_key = all_subjects(args.python)
+    subjects_by_key = all_subjects(args.python, args.connector and os.path.abspath(args.connector))
     wanted = [k.strip() for k in args.targets.split(",") if k.strip()]
     unknown = [k for k in wanted if k not in subjects_by_key]
     if unknown:
@@ -666,6 +668,10 @@ def main(argv=None):
             os.path.basename(args.python),
             ", ".join("%s %.1f MiB" % (k, v / MIB) for k, v in meta["import_rss_bytes"].items())))
         for key, entry in results.items():
+            if len(entry.get("processes") or []) > 1:
+                print("process tree of %s at the end of the window: %s" % (entry["label"], ", ".join(
+                    "%s RSS %.1f MiB (peak %.1f)" % (p["name"], p["rss_bytes"] / MIB, p["hwm_bytes"] / MIB)
+                    for p in entry["processes"])))
             if entry.get("state_dir_changes"):
                 print("state_dir changes during the window (%s): %s" % (entry["label"], entry["state_dir_changes"]))
         markdown = format_table(results, markdown=True)

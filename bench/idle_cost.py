@@ -50,8 +50,9 @@ def measure(rig, duration, results, name):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=120.0)
+    parser.add_argument("--connector", help="measure this copy of connector.py instead (a proposed change)")
     args = parser.parse_args(argv)
-    subject = bench.all_subjects(sys.executable)["py"]
+    subject = bench.all_subjects(sys.executable, args.connector and os.path.abspath(args.connector))["py"]
     work = tempfile.mkdtemp(prefix="idle-", dir=bench.RESULTS if os.path.isdir(bench.RESULTS) else None)
     rigs = {"printer simulator": bench.Rig(subject, os.path.join(work, "sim"), IDLE)}
     real = None

@@ -80,8 +80,8 @@ def sample_tree(root):
     reaped children included; cpu_seconds_precise sums the nanosecond counters
     of the live threads (exact for a tree whose threads live on).
     """
-    total = {"pids": [], "cpu_seconds": 0.0, "cpu_seconds_precise": 0.0, "rss_bytes": 0, "hwm_bytes": 0,
-             "write_bytes": 0, "cancelled_write_bytes": 0}
+    total = {"pids": [], "processes": [], "cpu_seconds": 0.0, "cpu_seconds_precise": 0.0, "rss_bytes": 0,
+             "hwm_bytes": 0, "write_bytes": 0, "cancelled_write_bytes": 0}
     for pid in tree_pids(root):
         try:
             fields = _stat_fields(pid)
@@ -95,6 +95,11 @@ def sample_tree(root):
         except (OSError, IndexError, ValueError):
             continue  # exited between the listing and the reading
         total["pids"].append(pid)
+        try:
+            name = _read("/proc/%d/comm" % pid).strip()
+        except OSError:
+            name = "?"
+        total["processes"].append({"pid": pid, "name": name, "rss_bytes": rss, "hwm_bytes": hwm})
         total["cpu_seconds"] += ticks / CLOCK_TICKS
         total["cpu_seconds_precise"] += precise
         total["rss_bytes"] += rss
