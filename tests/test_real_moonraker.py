@@ -499,7 +499,6 @@ def test_a_rejected_websocket_identify_is_reported_not_taken_for_a_connection(cl
     assert "status websocket connected" not in connector.run_log
 
 
-
 # --------------------------------------------------------------------------
 # With Klippy: the real Moonraker in front of a FakeKlippy on its Unix socket
 # --------------------------------------------------------------------------
