@@ -241,7 +241,6 @@ def requests_logged(moonraker, needle):
     return [line for line in moonraker.log.splitlines() if "application.py:log_request()" in line and needle in line]
 
 
-
 class FakeKlippy:
     """Just enough of Klipper's API server (its Unix socket) for Moonraker to
     report Klippy "ready": JSON messages ended by 0x03, the endpoints Moonraker
