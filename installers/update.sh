@@ -799,18 +799,21 @@ parse_install_args() {
 # Backups of BIN: backups/NAME.1 is the newest, NAME.2 the one before.
 backup_path() { printf '%s/backups/%s.%s\n' "$DIR" "$(basename "$BIN")" "$1"; }
 
+# Both return non-zero on any failure (also where set -e is off).
 backup_current() {
     [ -f "$BIN" ] || return 0
-    mkdir -p "$DIR/backups"
-    [ ! -f "$(backup_path 1)" ] || mv -f "$(backup_path 1)" "$(backup_path 2)"
-    cp -p "$BIN" "$(backup_path 1)"
+    mkdir -p "$DIR/backups" || return 1
+    if [ -f "$(backup_path 1)" ]; then mv -f "$(backup_path 1)" "$(backup_path 2)" || return 1; fi
+    cp -p "$BIN" "$(backup_path 1).tmp" && mv -f "$(backup_path 1).tmp" "$(backup_path 1)"
 }
 
 # Puts FILE in place of BIN with one rename (same folder, so atomic).
 swap_in() { # FILE
-    cp "$1" "$BIN.new"
-    chmod 755 "$BIN.new"
-    mv -f "$BIN.new" "$BIN"
+    if cp "$1" "$BIN.new" && chmod 755 "$BIN.new" && mv -f "$BIN.new" "$BIN"; then
+        return 0
+    fi
+    rm -f "$BIN.new"
+    return 1
 }
 
 release_info_path() { printf '%s/release_info.json\n' "$DIR"; }
@@ -957,8 +960,8 @@ install_connector() { # ASSETS...
     stage_artifact "$@"
 
     svc_stop_if_installed
-    backup_current
-    swap_in "$NEW"
+    backup_current || err "could not back up $BIN (disk full?)"
+    swap_in "$NEW" || err "could not install $BIN (disk full?)"
     [ "$LAYOUT" != k1 ] || [ "$NEW_ASSET" != printer-connector.pyz ] || k1_ca_bundle "$BIN"
     if [ "$CONFIG_STATE" != paired ]; then
         pyhelp write-config "$CONFIG.tmp" "$CLOUD_URL" "$TOKEN" "$DIR/state" "$PRINTERS"
@@ -1060,18 +1063,23 @@ do_update() {
     [ "$got" = "$target" ] || err "the downloaded $asset reports '${got:-nothing}' instead of $target; nothing was changed"
     say "updating ${CURRENT_VERSION:-unknown} -> $target"
     svc_stop
-    backup_current
-    swap_in "$STAGE/$asset"
+    if ! backup_current; then
+        svc_start || true
+        err "could not back up $BIN (disk full?); nothing was changed"
+    fi
+    if ! swap_in "$STAGE/$asset"; then
+        svc_start || true
+        err "could not put the new binary in place (disk full?); ${CURRENT_VERSION:-the previous version} runs again"
+    fi
     [ "$asset" != printer-connector.pyz ] || [ "$LAYOUT" != k1 ] || k1_ca_bundle "$BIN"
-    release_info_set "$target" "$asset"
-    if svc_start && health_check; then
+    if release_info_set "$target" "$asset" && svc_start && health_check; then
         say "updated to $target; the previous binary is kept in $(backup_path 1)"
         return 0
     fi
     warn "version $target does not work here: restoring ${CURRENT_VERSION:-the previous binary}"
     svc_stop
-    swap_in "$(backup_path 1)"
-    release_info_set "$CURRENT_VERSION" "$asset"
+    swap_in "$(backup_path 1)" || err "could not restore $(backup_path 1) to $BIN; copy it back by hand"
+    release_info_set "$CURRENT_VERSION" "$asset" || warn "could not write $(release_info_path)"
     svc_start || true
     if health_check; then
         err "update to $target failed and was rolled back; ${CURRENT_VERSION} runs again"
@@ -1085,7 +1093,10 @@ do_rollback() {
     old=$(bin_version "$b1") || err "the backup $b1 does not run; not rolling back"
     say "rolling back ${CURRENT_VERSION:-unknown} -> $old"
     svc_stop
-    swap_in "$b1"
+    if ! swap_in "$b1"; then
+        svc_start || true
+        err "could not put $b1 in place (disk full?); nothing was changed"
+    fi
     if [ -f "$(backup_path 2)" ]; then mv -f "$(backup_path 2)" "$b1"; else rm -f "$b1"; fi
     release_info_set "$old" "$(current_asset)"
     svc_start || err "the service did not start; see: $(log_hint)"

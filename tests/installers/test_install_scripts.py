@@ -258,6 +258,15 @@ def test_k1_fresh_install(sandbox, shell, tmp_path, cloud, printer, release):
     assert status.returncode == 3
 
 
+def test_k1_rejected_token_leaves_nothing(sandbox, tmp_path, cloud, printer, release):
+    publish_connector(release, "1.0.0", tmp_path, pyz=True)
+    before = sandbox.snapshot_tree()
+    result = sandbox.run("busybox", "install-k1.sh", *install_args(cloud, printer, token="PAIR_never_issued"))
+    assert result.returncode == 1, result.output
+    assert "rejected the pairing token" in result.output and "Nothing was installed" in result.output
+    assert sandbox.snapshot_tree() == before  # not even /usr/data or /etc/init.d
+
+
 def test_k1_install_with_only_busybox_and_python(sandbox, tmp_path, cloud, printer, release):
     """A stock rooted K1 has BusyBox (its wget, sha256sum, ...) and python3:
     no curl, no GNU wget, no bash."""

@@ -144,16 +144,25 @@ def test_update_refused_while_printing_unless_forced(sandbox, tmp_path, cloud, p
 
 
 def test_check_and_rollback(sandbox, tmp_path, cloud, printer, release):
+    """Three updates keep the last two binaries; --check changes nothing;
+    --rollback steps back one binary at a time."""
     config = install_klipper(sandbox, cloud, printer, release, tmp_path, shell="bash")
     d = sandbox.klipper_dir
-    publish_connector(release, "1.1.0", tmp_path)
-    assert_ok(sandbox.run("bash", "update.sh"))
 
-    publish_connector(release, "1.2.0", tmp_path)
+    def backup(n):
+        return d / "backups" / ("%s.%d" % (host_asset(), n))
+
+    for version in ("1.1.0", "1.2.0", "1.3.0"):
+        publish_connector(release, version, tmp_path)
+        assert_ok(sandbox.run("bash", "update.sh"))
+    assert sorted(p.name for p in (d / "backups").iterdir()) == [backup(1).name, backup(2).name]
+    assert (version_of(sandbox, backup(1)), version_of(sandbox, backup(2))) == ("1.2.0", "1.1.0")
+
+    publish_connector(release, "1.4.0", tmp_path)
     before, calls = sandbox.snapshot_tree(), len(sandbox.calls())
     result = sandbox.run("bash", "update.sh", "--check")
     assert_ok(result)
-    assert "installed: 1.1.0" in result.output and "latest:    1.2.0" in result.output
+    assert "installed: 1.3.0" in result.output and "latest:    1.4.0" in result.output
     assert "an update is available" in result.output
     assert sandbox.snapshot_tree() == before
     assert sandbox.calls()[calls:] == []
@@ -161,20 +170,16 @@ def test_check_and_rollback(sandbox, tmp_path, cloud, printer, release):
     beats = len(heartbeats_of(cloud, config["connector_id"]))
     result = sandbox.run("busybox", "update.sh", "--rollback")
     assert_ok(result)
-    assert "rolling back 1.1.0 -> 1.0.0" in result.output
-    assert version_of(sandbox, sandbox.klipper_bin) == "1.0.0"
-    assert config_of(d / "release_info.json")["version"] == "v1.0.0"
-    cloud.wait_for(lambda: heartbeat_from_version(cloud, config["connector_id"], "1.0.0", beats), 10,
+    assert "rolling back 1.3.0 -> 1.2.0" in result.output
+    assert version_of(sandbox, sandbox.klipper_bin) == "1.2.0"
+    assert config_of(d / "release_info.json")["version"] == "v1.2.0"
+    cloud.wait_for(lambda: heartbeat_from_version(cloud, config["connector_id"], "1.2.0", beats), 10,
                    "a heartbeat after the rollback")
+    # The older backup is next in line; there is no third.
+    assert version_of(sandbox, backup(1)) == "1.1.0" and not backup(2).exists()
+    backup(1).unlink()
     result = sandbox.run("dash", "update.sh", "--rollback")
     assert result.returncode == 1 and "no backup to roll back to" in result.output
-
-    # Two backups at most.
-    for version in ("1.3.0", "1.4.0", "1.5.0"):
-        publish_connector(release, version, tmp_path)
-        assert_ok(sandbox.run("dash", "update.sh"))
-    assert sorted(p.name for p in (d / "backups").iterdir()) == [host_asset() + ".1", host_asset() + ".2"]
-    assert version_of(sandbox, d / "backups" / (host_asset() + ".2")) == "1.3.0"
 
 
 def test_k1_update_and_automatic_rollback(sandbox, tmp_path, cloud, printer, release):
