@@ -11,7 +11,6 @@ pairs with the reference cloud and sends heartbeats.
 
 import hashlib
 import http.server
-import itertools
 import json
 import os
 import platform
@@ -23,13 +22,15 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import zipapp
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from harness import new_token, wait_until  # noqa: E402,F401  (the shared test harness)
+
 INSTALLERS = REPO / "installers"
 STUBS = Path(__file__).resolve().parent / "stubs"
 TLS_DIR = Path(__file__).resolve().parent / "tls"
@@ -37,14 +38,6 @@ SCRIPTS = ["install-klipper.sh", "install-k1.sh", "update.sh", "uninstall.sh"]
 SHELLS = {"dash": ["dash"], "bash": ["bash"], "busybox": ["busybox", "sh"]}
 SERVICE = "printer-connector"
 PYZ = "printer-connector.pyz"
-
-_tokens = itertools.count(1)
-
-
-def new_token(cloud):
-    token = "PAIR_installer_%d_%d" % (os.getpid(), next(_tokens))
-    cloud.add_pairing_token(token)
-    return token
 
 
 def host_asset():
@@ -54,18 +47,6 @@ def host_asset():
         arch = "armv7"
     assert arch, "no release architecture for %s" % machine
     return "printer-connector-linux-" + arch
-
-
-def wait_until(predicate, timeout=20.0, message="condition"):
-    """For state with no notification (files, processes): polls briefly."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("%s not met within %.0fs" % (message, timeout))
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- artifacts

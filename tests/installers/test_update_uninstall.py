@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from installer_fixtures import (PYZ, SERVICE, config_of, connector_source, crashing_binary, dead_binary,
-                                heartbeats_of, host_asset, install_args, make_pyz, process_alive,
+                                heartbeats_of, host_asset, install_args, process_alive,
                                 publish_connector, wait_until)
 
 
