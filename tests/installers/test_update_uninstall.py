@@ -1,6 +1,7 @@
 """update.sh and uninstall.sh on installations made by the installers (and
 by the Go connector), run for real in a sandbox."""
 
+import json
 import os
 import stat
 import subprocess
@@ -252,6 +253,38 @@ def test_update_switches_a_go_connector_k1_install_keeping_its_pairing(sandbox, 
     result = sandbox.run("dash", "update.sh", "--check")
     assert_ok(result)
     assert "installed: 1.0.0" in result.output
+
+
+def test_update_takes_over_a_go_connector_systemd_install_in_place(sandbox, tmp_path, cloud, printer, release):
+    """The Go connector's Pi installer: ~/printer-connector/printer-connector
+    and a unit without User= (it ran as root)."""
+    d = sandbox.klipper_dir
+    (d / "state").mkdir(parents=True)
+    old_bin = d / "printer-connector"
+    old_bin.write_bytes(connector_source("0.9.0"))
+    os.chmod(old_bin, 0o755)
+    (d / "config.json").write_text(json.dumps({
+        "cloud_url": cloud.url, "pairing_token": install_args(cloud, printer)[3], "state_dir": str(d / "state"),
+        "moonraker": [{"printer_id": 0, "name": "Pi", "base_url": printer.url}]}))
+    paired = subprocess.run([str(old_bin), "--config", str(d / "config.json"), "--once"], env=sandbox.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert paired.returncode == 0, paired.stdout.decode()
+    old_config = config_of(d / "config.json")
+    sandbox.unit().parent.mkdir(parents=True)
+    sandbox.unit().write_text("[Unit]\nDescription=Printer Connector Agent\n\n[Service]\nType=simple\n"
+                              "ExecStart=%s --config %s --log-level info\nRestart=always\n" % (old_bin, d / "config.json"))
+    subprocess.run(["systemctl", "start", SERVICE], env=sandbox.env, check=True)
+    registrations = len(cloud.registrations)
+
+    publish_connector(release, "1.0.0", tmp_path)
+    result = sandbox.run("dash", "update.sh")
+    assert_ok(result)
+    assert "updating 0.9.0 -> 1.0.0" in result.output
+    assert version_of(sandbox, old_bin) == "1.0.0"
+    assert version_of(sandbox, d / "backups/printer-connector.1") == "0.9.0"
+    assert config_of(d / "config.json") == old_config
+    assert len(cloud.registrations) == registrations
+    cloud.wait_for(lambda: heartbeat_from_version(cloud, old_config["connector_id"], "1.0.0"), 10, "1.0.0 heartbeat")
 
 
 def test_update_finds_nothing_to_update(sandbox):
