@@ -271,8 +271,9 @@ def test_update_takes_over_a_go_connector_systemd_install_in_place(sandbox, tmp_
     assert paired.returncode == 0, paired.stdout.decode()
     old_config = config_of(d / "config.json")
     sandbox.unit().parent.mkdir(parents=True)
-    sandbox.unit().write_text("[Unit]\nDescription=Printer Connector Agent\n\n[Service]\nType=simple\n"
-                              "ExecStart=%s --config %s --log-level info\nRestart=always\n" % (old_bin, d / "config.json"))
+    sandbox.unit().write_text(
+        "[Unit]\nDescription=Printer Connector Agent\n\n[Service]\nType=simple\n"
+        "ExecStart=%s --config %s --log-level info\nRestart=always\n" % (old_bin, d / "config.json"))
     subprocess.run(["systemctl", "start", SERVICE], env=sandbox.env, check=True)
     registrations = len(cloud.registrations)
 
