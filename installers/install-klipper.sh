@@ -1058,11 +1058,11 @@ do_update() {
         return 0
     fi
     refuse_if_printing "$CONFIG"
+    say "updating ${CURRENT_VERSION:-unknown} -> $target"
     asset=$(current_asset)
     fetch_asset "$STAGE" "$target" "$asset"
     got=$(bin_version "$STAGE/$asset" || true)
     [ "$got" = "$target" ] || err "the downloaded $asset reports '${got:-nothing}' instead of $target; nothing was changed"
-    say "updating ${CURRENT_VERSION:-unknown} -> $target"
     svc_stop
     if ! backup_current; then
         svc_start || true
@@ -1203,7 +1203,7 @@ do_uninstall() {
         [ "$(dirname "$CONFIG")" = "$DIR" ] || rm -f "$CONFIG"
         say "removed the service and $DIR"
     fi
-    say "printer_data and Klipper were not touched"
+    say "Klipper and the rest of printer_data were not touched"
 }
 # <<< common.sh
 
