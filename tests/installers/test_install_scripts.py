@@ -247,6 +247,14 @@ def test_k1_fresh_install(sandbox, shell, tmp_path, cloud, printer, release):
     assert status.returncode == 0 and b"is running" in status.stdout
     child = sandbox.k1_child_pid()
     assert child
+    if shell == "dash":  # (once: the supervisor looks every 2 s)
+        # The log cannot grow without bound: past 1 MiB it moves to .log.1.
+        log = d / "printer-connector.log"
+        with open(log, "ab") as f:
+            f.write(b"x" * (1024 * 1024 + 1) + b"\n")
+        wait_until(lambda: (d / "printer-connector.log.1").exists() and log.stat().st_size < 1024 * 1024,
+                   15, "the log rotated")
+        assert (d / "printer-connector.log.1").stat().st_size > 1024 * 1024
     if shell == "busybox":  # (once: it waits out the 5 s restart delay)
         # The supervisor restarts a connector that dies.
         os.kill(child, 9)
