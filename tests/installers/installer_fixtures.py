@@ -281,7 +281,7 @@ class Sandbox:
                 pass
 
 
-def stock_k1_path(tmp_path):
+def stock_k1_path(tmp_path, python=sys.executable):
     """A PATH with what a stock rooted K1 has: BusyBox applets (its wget checks
     no certificate) and python3; no curl, no GNU wget, no bash."""
     k1bin = Path(tmp_path) / "k1-bin"
@@ -290,8 +290,8 @@ def stock_k1_path(tmp_path):
     applets = subprocess.run([busybox, "--list"], stdout=subprocess.PIPE, check=True).stdout.decode().split()
     for applet in applets:
         os.symlink(busybox, k1bin / applet)
-    # The test's Python (a venv: it must be started by its own path).
-    (k1bin / "python3").write_text('#!/bin/sh\nexec "%s" "$@"\n' % sys.executable)
+    # Started by its own path (a venv's Python must be).
+    (k1bin / "python3").write_text('#!/bin/sh\nexec "%s" "$@"\n' % python)
     os.chmod(k1bin / "python3", 0o755)
     return str(k1bin)
 

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from installer_fixtures import (PYZ, REPO, config_of, heartbeats_of, host_asset, install_args, process_alive,
-                                wait_until)
+                                stock_k1_path, wait_until)
+from test_artifacts import python38  # Python 3.8, the K1's: $PYTHON38, python3.8 on PATH or pyenv
 
 pytestmark = pytest.mark.artifacts
 
@@ -46,9 +47,11 @@ def test_klipper_host_runs_the_static_binary(sandbox, cloud, printer, release):
     wait_until(lambda: not process_alive(pid), 10, "the connector stopped")
 
 
-def test_k1_runs_the_zipapp(sandbox, cloud, printer, release):
+def test_k1_runs_the_zipapp_with_busybox_and_python38(sandbox, tmp_path, cloud, printer, release):
+    """As on a stock K1: BusyBox, Python 3.8 without any package, the zipapp."""
     version = dist_release(release)
-    result = sandbox.run("busybox", "install-k1.sh", *install_args(cloud, printer))
+    k1 = stock_k1_path(tmp_path, python=python38())
+    result = sandbox.run("busybox", "install-k1.sh", *install_args(cloud, printer), path=k1)
     assert result.returncode == 0, result.output
     d = sandbox.k1_dir
     assert (d / "printer-connector").read_bytes() == (DIST / PYZ).read_bytes()
@@ -59,3 +62,4 @@ def test_k1_runs_the_zipapp(sandbox, cloud, printer, release):
                             if h["body"]["status"]["version"] == version], 15, "a heartbeat")
     out = subprocess.run(["sh", str(sandbox.k1_init), "status"], stdout=subprocess.PIPE, env=sandbox.env)
     assert out.returncode == 0, out.stdout
+    assert 'PYTHON="%s/python3"' % k1 in sandbox.k1_init.read_text()
