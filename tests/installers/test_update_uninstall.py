@@ -74,6 +74,13 @@ def test_update_to_a_good_release(sandbox, tmp_path, cloud, printer, release):
     assert len(sandbox.calls()) == calls
     assert sandbox.service_pid() == new_pid
 
+    # --version picks a release, also an older one.
+    result = sandbox.run("bash", "update.sh", "--version", "1.0.0")
+    assert_ok(result)
+    assert "updating 1.1.0 -> 1.0.0" in result.output
+    assert version_of(sandbox, sandbox.klipper_bin) == "1.0.0"
+    assert release.requests[-1] == "/download/v1.0.0/" + host_asset()
+
 
 def test_update_with_a_bad_checksum_changes_nothing(sandbox, tmp_path, cloud, printer, release):
     install_klipper(sandbox, cloud, printer, release, tmp_path, shell="bash")
