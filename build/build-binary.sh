@@ -119,14 +119,27 @@ ensure_build_packages() {
 ensure_build_venv() {
     repo=$1
     venv="$repo/.venv-build"
-    want=$(cat "$repo/build/requirements-build.txt" "$repo/requirements/runtime.txt" | sha256sum | cut -d ' ' -f 1)
+    # PyInstaller has no armhf wheel: its bootloader is compiled here. With
+    # large-file support its readdir() also copes with 64-bit directory
+    # offsets (ext4 seen by a 32-bit program under qemu-user), without which
+    # it cannot remove what it unpacked. No pip cache then: a wheel built
+    # without the flag must not come back.
+    cflags=""
+    cache=""
+    if [ "$(dpkg --print-architecture)" = armhf ]; then
+        cflags="-D_FILE_OFFSET_BITS=64"
+        cache="--no-cache-dir"
+    fi
+    want=$(printf 'CFLAGS=%s\n' "$cflags" | cat - "$repo/build/requirements-build.txt" "$repo/requirements/runtime.txt" |
+        sha256sum | cut -d ' ' -f 1)
     if [ -x "$venv/bin/pyinstaller" ] && [ "$(cat "$venv/.stamp" 2>/dev/null)" = "$want" ]; then
         return 0
     fi
     say "creating $venv"
     rm -rf "$venv"
     /usr/bin/python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-warn-script-location \
+    # shellcheck disable=SC2086  # $cache is one option or none
+    CFLAGS=$cflags "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-warn-script-location $cache \
         -r "$repo/build/requirements-build.txt" -r "$repo/requirements/runtime.txt"
     printf '%s\n' "$want" >"$venv/.stamp"
 }

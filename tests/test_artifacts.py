@@ -397,8 +397,14 @@ INTEGRATION_SUBSET = "pairing or heartbeat or command or sigterm"
 
 @pytest.mark.parametrize("artifact", ["binary-%s" % arch for arch in ARCHES] + ["pyz-python3.8"])
 def test_integration_subset_passes_with_the_artifact(artifact):
+    subset = INTEGRATION_SUBSET
     if artifact.startswith("binary-"):
-        command = shlex.quote(binary(artifact[len("binary-"):]))
+        arch = artifact[len("binary-"):]
+        command = shlex.quote(binary(arch))
+        if arch != host_arch():
+            # That test expects the host's architecture in the registration;
+            # a foreign binary rightly reports its own.
+            subset = "(%s) and not test_pairing_sends_the_device_and_printers" % subset
     else:
         command = "%s %s" % (shlex.quote(python38()), shlex.quote(PYZ))
     files = [os.path.join(REPO, "tests", name) for name in INTEGRATION_FILES
@@ -406,7 +412,7 @@ def test_integration_subset_passes_with_the_artifact(artifact):
     assert files, "none of the integration test files %s exists" % INTEGRATION_FILES
     env = dict(os.environ, CONNECTOR_CMD=command)
     out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not artifacts",
-               "-k", INTEGRATION_SUBSET] + files, env=env, cwd=REPO, timeout=1800)
+               "-k", subset] + files, env=env, cwd=REPO, timeout=1800)
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     passed = re.search(r"(\d+) passed", summary)
