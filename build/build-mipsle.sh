@@ -46,15 +46,20 @@ QEMU_CPU=P5600
 # linker drops what nothing calls, no unwind tables (C only, no C++).
 CFLAGS_OPT="-Os -ffunction-sections -fdata-sections -fno-asynchronous-unwind-tables -fno-unwind-tables"
 LDFLAGS_OPT="-static -Wl,--gc-sections"
+# Dates built into the binary (OpenSSL's "built on", via its mkbuildinf.pl)
+# are this one, so the same inputs give the same bytes: 2023-02-07 00:00 UTC,
+# the release date of CPython 3.11.2 (also the date in sys.version).
+SOURCE_DATE_EPOCH=1675728000
+export SOURCE_DATE_EPOCH
 
 # Debian packages the build needs on the build machine.
 BUILD_PACKAGES="python3.11 python3-pip qemu-user-static file binutils make perl bzip2 ca-certificates"
 
-# OpenSSL: only the libraries, no assembler (the perlasm MIPS code is not
-# NaN-mode aware and clang's assembler rejects parts of it), and without what
-# Python's ssl and hashlib modules do not use. BROKEN_CLANG_ATOMICS makes
-# OpenSSL use its lock-based counters: MIPS32 has no 64-bit atomics and musl
-# has no libatomic for __atomic_is_lock_free.
+# OpenSSL: only the libraries, in C (no-asm: its generated MIPS assembly
+# would be marked legacy-NaN like musl's, see build_nan2008_libc_fix; C is
+# fast enough for a connector's few handshakes), without what Python's ssl
+# and hashlib modules do not use. BROKEN_CLANG_ATOMICS makes OpenSSL use its
+# lock-based counters: the toolchain has no __atomic_is_lock_free for MIPS32.
 OPENSSL_OPTIONS="no-shared no-asm no-dso no-module no-engine no-async no-comp no-tests
 no-ui-console no-legacy no-afalgeng no-ssl3 no-srp no-idea no-mdc2 no-rc5 no-seed
 no-whirlpool no-cms no-ts no-ocsp no-ct no-siphash no-sm2 no-sm3 no-sm4 no-gost
@@ -191,7 +196,7 @@ write_wrappers() {
     AR="$WORK/bin/mipsel-ar"
     RANLIB="$WORK/bin/mipsel-ranlib"
     export CC AR RANLIB
-    CC_KEY=$(text_hash "$(sha256sum "$CONF/toolchain.txt")" "$ZIG_TARGET" "$ZIG_CPU" "$CFLAGS_OPT" "$LDFLAGS_OPT")
+    CC_KEY=$(text_hash "$(sha256sum "$CONF/toolchain.txt")" "$ZIG_TARGET" "$ZIG_CPU" "$CFLAGS_OPT" "$LDFLAGS_OPT" "$SOURCE_DATE_EPOCH")
 }
 
 # Zig builds musl's C files for the target CPU's NaN mode, but assembles its
