@@ -47,13 +47,39 @@ init_settings() {
     K1_INIT=$ROOT/etc/init.d/S99printer-connector
     LEGACY_INIT=""
     CLEANUP_PATHS=""
+    UPDATE_PHASE=""
     trap cleanup EXIT
-    trap 'exit 130' INT TERM
+    # A dropped SSH session (HUP) or Ctrl-C ends the script through cleanup.
+    trap 'exit 129' HUP
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
 }
 
-# Paths named in CLEANUP_PATHS (one a line) are removed when the script
-# exits, whatever the reason; commit_path takes one off the list.
+# On exit, whatever the reason: an update cut short puts the previous
+# binary back and starts the service again (UPDATE_PHASE), and the paths
+# named in CLEANUP_PATHS (one a line) are removed; commit_path takes one off
+# the list.
 cleanup() {
+    trap '' HUP INT TERM
+    case $UPDATE_PHASE in
+        legacy)
+            UPDATE_PHASE=""
+            if ! grep -q '^# printer-connector init script' "$K1_INIT" 2>/dev/null; then
+                warn "the switch did not finish: starting the Go connector again"
+                if mv -f "$STAGE/legacy-init" "$LEGACY_INIT"; then "$LEGACY_INIT" start || true; fi
+            fi ;;
+        stopped)
+            UPDATE_PHASE=""
+            warn "interrupted: starting the service again"
+            svc_start || true ;;
+        swapped)
+            UPDATE_PHASE=""
+            warn "interrupted: putting ${CURRENT_VERSION:-the previous version} back and starting it"
+            svc_stop
+            swap_in "$(backup_path 1)" || warn "could not restore $(backup_path 1) to $BIN"
+            release_info_set "$CURRENT_VERSION" "$(current_asset)" || true
+            svc_start || true ;;
+    esac
     [ -n "$CLEANUP_PATHS" ] || return 0
     printf '%s\n' "$CLEANUP_PATHS" | while IFS= read -r p; do
         [ -n "$p" ] && rm -rf "$p"
@@ -977,23 +1003,52 @@ install_connector() { # ASSETS...
     commit_path "$CREATED_DIR"
     say "installed printer-connector $NEW_VERSION in $DIR"
     svc_start || err "the service did not start; see: $(log_hint)"
+    UPDATE_PHASE=""
     if ! health_check; then
         err "installed, but the connector sent no heartbeat; see: $(log_hint)"
     fi
     say "done. Logs: $(log_hint)"
 }
 
+# Whether PID is gone (or a zombie) within 10 seconds.
+wait_gone() { # PID
+    tries=0
+    while kill -0 "$1" 2>/dev/null && [ "$tries" -lt 50 ]; do
+        if [ -r "/proc/$1/stat" ] && grep -q '^[0-9]* (.*) Z' "/proc/$1/stat"; then
+            return 0
+        fi
+        sleep 0.2 2>/dev/null || sleep 1
+        tries=$((tries + 1))
+    done
+    ! kill -0 "$1" 2>/dev/null
+}
+
 svc_stop_if_installed() {
     if [ -n "$LEGACY_INIT" ]; then
-        # The Go connector's init script goes; ours replaces it.
+        # The Go connector's init script goes (ours replaces it); until
+        # ours is written, it is kept to be put back if the switch fails.
+        pidfile=$(sed -n 's/^PIDFILE="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$LEGACY_INIT" | head -n 1)
+        [ -n "$pidfile" ] || pidfile=$ROOT/var/run/printer-connector.pid
+        old_pid=""
+        [ ! -f "$pidfile" ] || old_pid=$(cat "$pidfile")
         "$LEGACY_INIT" stop || warn "$LEGACY_INIT stop failed"
-        rm -f "$LEGACY_INIT"
-        [ ! -f "$ROOT/var/run/printer-connector.pid" ] || rm -f "$ROOT/var/run/printer-connector.pid"
+        # Its stop does not wait: two connectors must not run at once.
+        if [ -n "$old_pid" ] && ! wait_gone "$old_pid"; then
+            kill -9 "$old_pid" 2>/dev/null || true
+        fi
+        mv -f "$LEGACY_INIT" "$STAGE/legacy-init"
+        rm -f "$pidfile"
+        UPDATE_PHASE=legacy
+        return 0
     elif [ "$LAYOUT" = systemd ] && [ -f "$(unit_path)" ]; then
         svc_stop
     elif [ "$LAYOUT" = k1 ] && [ -f "$K1_INIT" ]; then
         svc_stop
+    else
+        return 0
     fi
+    # Started again on exit if the install stops half-way.
+    UPDATE_PHASE=stopped
 }
 
 install_service() {
@@ -1062,19 +1117,17 @@ do_update() {
     got=$(bin_version "$STAGE/$asset" || true)
     [ "$got" = "$target" ] || err "the downloaded $asset reports '${got:-nothing}' instead of $target; nothing was changed"
     svc_stop
-    if ! backup_current; then
-        svc_start || true
-        err "could not back up $BIN (disk full?); nothing was changed"
-    fi
-    if ! swap_in "$STAGE/$asset"; then
-        svc_start || true
-        err "could not put the new binary in place (disk full?); ${CURRENT_VERSION:-the previous version} runs again"
-    fi
+    UPDATE_PHASE=stopped
+    backup_current || err "could not back up $BIN (disk full?); nothing was changed"
+    swap_in "$STAGE/$asset" || err "could not put the new binary in place (disk full?); nothing was changed"
+    UPDATE_PHASE=swapped
     [ "$asset" != printer-connector.pyz ] || [ "$LAYOUT" != k1 ] || k1_ca_bundle "$BIN"
     if release_info_set "$target" "$asset" && svc_start && health_check; then
+        UPDATE_PHASE=""
         say "updated to $target; the previous binary is kept in $(backup_path 1)"
         return 0
     fi
+    UPDATE_PHASE=""
     warn "version $target does not work here: restoring ${CURRENT_VERSION:-the previous binary}"
     svc_stop
     swap_in "$(backup_path 1)" || err "could not restore $(backup_path 1) to $BIN; copy it back by hand"
@@ -1092,10 +1145,9 @@ do_rollback() {
     old=$(bin_version "$b1") || err "the backup $b1 does not run; not rolling back"
     say "rolling back ${CURRENT_VERSION:-unknown} -> $old"
     svc_stop
-    if ! swap_in "$b1"; then
-        svc_start || true
-        err "could not put $b1 in place (disk full?); nothing was changed"
-    fi
+    UPDATE_PHASE=stopped
+    swap_in "$b1" || err "could not put $b1 in place (disk full?); nothing was changed"
+    UPDATE_PHASE=""
     if [ -f "$(backup_path 2)" ]; then mv -f "$(backup_path 2)" "$b1"; else rm -f "$b1"; fi
     release_info_set "$old" "$(current_asset)"
     svc_start || err "the service did not start; see: $(log_hint)"

@@ -3,13 +3,14 @@ by the Go connector), run for real in a sandbox."""
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
 
 import pytest
 
-from installer_fixtures import (PYZ, SERVICE, config_of, connector_source, crashing_binary, dead_binary,
+from installer_fixtures import (INSTALLERS, PYZ, SERVICE, config_of, connector_source, crashing_binary, dead_binary,
                                 heartbeats_of, host_asset, install_args, process_alive,
                                 publish_connector, wait_until)
 
@@ -133,6 +134,38 @@ def test_update_to_a_binary_that_exits_at_start_rolls_back(sandbox, shell, tmp_p
                    "a heartbeat from the restored 1.0.0")
 
 
+def test_update_cut_short_after_the_swap_puts_the_old_version_back(sandbox, tmp_path, cloud, printer, release):
+    """A dropped SSH session (SIGHUP to the script's process group) while
+    the new version is being health-checked."""
+    config = install_klipper(sandbox, cloud, printer, release, tmp_path)
+    old = sandbox.klipper_bin.read_bytes()
+    release.publish("1.1.0", {host_asset(): crashing_binary("1.1.0")})
+    beats = len(heartbeats_of(cloud, config["connector_id"]))
+    env = dict(sandbox.env, PRINTER_CONNECTOR_HEALTH_TIMEOUT="120")
+    proc = subprocess.Popen(["dash", str(INSTALLERS / "update.sh")], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.decode())
+            if "waiting up to 120s" in lines[-1]:
+                break
+        assert sandbox.klipper_bin.read_bytes() != old, "".join(lines)
+        os.killpg(proc.pid, signal.SIGHUP)
+        output = "".join(lines) + proc.stdout.read().decode()
+        assert proc.wait(60) == 129, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "interrupted: putting 1.0.0 back and starting it" in output
+    assert sandbox.klipper_bin.read_bytes() == old
+    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v1.0.0"
+    assert not list(sandbox.klipper_dir.glob(".stage*"))
+    cloud.wait_for(lambda: heartbeat_from_version(cloud, config["connector_id"], "1.0.0", beats), 15,
+                   "a heartbeat from the restored 1.0.0")
+
+
 def test_update_refused_while_printing_unless_forced(sandbox, tmp_path, cloud, printer, release):
     install_klipper(sandbox, cloud, printer, release, tmp_path)
     publish_connector(release, "1.1.0", tmp_path)
@@ -243,8 +276,23 @@ def test_update_switches_a_go_connector_k1_install_keeping_its_pairing(sandbox, 
     subprocess.run(["sh", str(init), "start"], env=sandbox.env, check=True)
     go_pid = int((run_dir / "printer-connector.pid").read_text())
     registrations = len(cloud.registrations)
-
+    go_init = init.read_text()
     publish_connector(release, "1.0.0", tmp_path, pyz=True)
+
+    # A switch that fails half-way (here: our init script cannot be
+    # written) puts the Go connector back and starts it again.
+    blocker = init.parent / (init.name + ".tmp")
+    blocker.mkdir()
+    result = sandbox.run("dash", "update.sh")
+    assert result.returncode != 0
+    assert "starting the Go connector again" in result.output
+    assert not process_alive(go_pid)
+    assert init.read_text() == go_init
+    go_pid = int((run_dir / "printer-connector.pid").read_text())
+    assert process_alive(go_pid)
+    assert not sandbox.k1_dir.exists()
+    blocker.rmdir()
+
     result = sandbox.run("dash", "update.sh")
     assert_ok(result)
     assert "found the Go connector" in result.output
