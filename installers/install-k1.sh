@@ -507,6 +507,8 @@ detect_install() {
 svc_stop() {
     if [ "$LAYOUT" = systemd ]; then
         systemctl stop "$SERVICE" || warn "systemctl stop $SERVICE failed"
+    elif [ -n "$LEGACY_INIT" ]; then
+        "$LEGACY_INIT" stop || warn "$LEGACY_INIT stop failed"
     elif [ -x "$K1_INIT" ]; then
         "$K1_INIT" stop || warn "$K1_INIT stop failed"
     fi

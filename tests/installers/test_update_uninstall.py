@@ -246,10 +246,10 @@ def test_k1_update_and_automatic_rollback(sandbox, tmp_path, cloud, printer, rel
                    "a heartbeat from the restored 1.1.0")
 
 
-def test_update_switches_a_go_connector_k1_install_keeping_its_pairing(sandbox, tmp_path, cloud, printer,
-                                                                       release):
-    """The Go connector's K1 installer used /opt/printer-connector and an
-    init script of its own (BIN=, CONFIG=, a pid file)."""
+def go_connector_k1(sandbox, cloud, printer, init_name="S99printer-connector"):
+    """What the Go connector's K1 installer left: /opt/printer-connector (a
+    paired config, its binary) and an init script of its own (BIN=,
+    CONFIG=, a pid file), running. Returns (init script, pid file)."""
     opt = sandbox.root / "opt/printer-connector"
     (opt / "state").mkdir(parents=True)
     (opt / "printer-connector").write_bytes(connector_source("0.9.0"))
@@ -261,8 +261,7 @@ def test_update_switches_a_go_connector_k1_install_keeping_its_pairing(sandbox, 
     paired = subprocess.run([str(opt / "printer-connector"), "--config", str(opt / "config.json"), "--once"],
                             env=sandbox.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert paired.returncode == 0, paired.stdout.decode()
-    old_config = config_of(opt / "config.json")
-    init = sandbox.k1_init
+    init = sandbox.root / "etc/init.d" / init_name
     init.parent.mkdir(parents=True)
     run_dir = sandbox.root / "var/run"
     run_dir.mkdir(parents=True)
@@ -274,7 +273,15 @@ def test_update_switches_a_go_connector_k1_install_keeping_its_pairing(sandbox, 
         'esac\n' % (opt, opt, run_dir, opt))
     os.chmod(init, 0o755)
     subprocess.run(["sh", str(init), "start"], env=sandbox.env, check=True)
-    go_pid = int((run_dir / "printer-connector.pid").read_text())
+    return init, run_dir / "printer-connector.pid"
+
+
+def test_update_switches_a_go_connector_k1_install_keeping_its_pairing(sandbox, tmp_path, cloud, printer,
+                                                                       release):
+    init, pidfile = go_connector_k1(sandbox, cloud, printer)
+    run_dir = pidfile.parent
+    go_pid = int(pidfile.read_text())
+    old_config = config_of(sandbox.root / "opt/printer-connector/config.json")
     registrations = len(cloud.registrations)
     go_init = init.read_text()
     publish_connector(release, "1.0.0", tmp_path, pyz=True)
@@ -308,6 +315,15 @@ def test_update_switches_a_go_connector_k1_install_keeping_its_pairing(sandbox, 
     result = sandbox.run("dash", "update.sh", "--check")
     assert_ok(result)
     assert "installed: 1.0.0" in result.output
+
+
+def test_uninstall_removes_a_go_connector_k1_install(sandbox, cloud, printer):
+    init, pidfile = go_connector_k1(sandbox, cloud, printer, init_name="printer-connector")
+    go_pid = int(pidfile.read_text())
+    result = sandbox.run("busybox", "uninstall.sh", "--yes")
+    assert_ok(result)
+    wait_until(lambda: not process_alive(go_pid), 10, "the Go connector stopped")
+    assert not init.exists() and not (sandbox.root / "opt/printer-connector").exists()
 
 
 def test_update_takes_over_a_go_connector_systemd_install_in_place(sandbox, tmp_path, cloud, printer, release):
