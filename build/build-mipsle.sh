@@ -1,6 +1,6 @@
 #!/bin/sh
 # Builds dist/printer-connector-linux-mipsle (make binary-mipsle): one static
-# executable for the Creality K1 / K1 Max (Ingenic X2000, MIPS32r2, hard
+# executable for the Creality K1 / K1 Max (Ingenic SoC, MIPS32r2, hard
 # float, NaN2008), cross-built on an x86_64 machine.
 #
 # Route (docs/mipsle.md says why): Zig's `zig cc` (clang with musl built for
