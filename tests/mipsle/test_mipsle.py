@@ -116,6 +116,21 @@ def test_version_under_nan2008_cpu(binary):
     assert result.stderr == ""
 
 
+def test_runs_from_any_directory_through_a_symlink(binary, tmp_path):
+    # As installed on the K1: the file under /usr/data, started through a
+    # link, from another working directory, with a hostile Python environment.
+    install = tmp_path / "usr data" / "printer-connector"
+    install.mkdir(parents=True)
+    shutil.copy2(binary, install / "printer-connector")
+    link = tmp_path / "bin-printer-connector"
+    link.symlink_to(install / "printer-connector")
+    env = dict(os.environ, PYTHONHOME="/nonexistent", PYTHONPATH="/nonexistent", PYTHONSTARTUP="/nonexistent")
+    result = subprocess.run(QEMU + [str(link), "--version"], capture_output=True, text=True,
+                            timeout=SLOW, cwd="/", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "printer-connector %s\n" % source_version()
+
+
 def test_legacy_nan_cpu_is_refused_so_the_cpu_model_matters(binary):
     # The 24Kf model is legacy-NaN only; QEMU refuses a NaN2008 program there
     # just as a NaN2008 CPU refuses a legacy-NaN one.
