@@ -535,9 +535,10 @@ def run_py_spy(args, subject, out_dir, intervals):
 
 
 def run_soak(args, subject, out_dir):
-    """1 s intervals for --soak-minutes; RSS at the start and at the end."""
-    intervals = {"poll_commands_seconds": 1, "heartbeat_seconds": 1, "push_snapshots_seconds": 1,
-                 "poll_webcam_seconds": 1}
+    """--soak-interval (1 s) for every loop for --soak-minutes; RSS at the start and at the end."""
+    step = args.soak_interval
+    intervals = {"poll_commands_seconds": step, "heartbeat_seconds": step, "push_snapshots_seconds": step,
+                 "poll_webcam_seconds": step}
     rig = Rig(subject, os.path.join(out_dir, "soak-%s" % subject.key), intervals).start()
     series = []
     try:
@@ -602,6 +603,8 @@ def main(argv=None):
     parser.add_argument("--write-doc", metavar="PATH", help="put the table into PATH between the bench markers")
     parser.add_argument("--soak", action="store_true", help="1 s intervals for --soak-minutes; RSS start vs end")
     parser.add_argument("--soak-minutes", type=float, default=30.0, help="soak length (default 30)")
+    parser.add_argument("--soak-interval", type=float, default=1.0,
+                        help="every loop's interval in the soak (default 1 s)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile connector.py (all threads) for --duration seconds at intervals / --speedup")
     parser.add_argument("--speedup", type=float, default=10.0, help="--profile: divide the intervals by this")
@@ -633,7 +636,7 @@ def main(argv=None):
             if why:
                 report["soak"][subject.key] = {"label": subject.label, "error": why}
                 return
-            log("soak: %s for %.0f min at 1 s intervals" % (subject.label, args.soak_minutes))
+            log("soak: %s for %.0f min at %g s intervals" % (subject.label, args.soak_minutes, args.soak_interval))
             try:
                 report["soak"][subject.key] = run_soak(args, subject, out_dir)
             except Exception as exc:  # one broken artifact must not hide the others
@@ -643,7 +646,7 @@ def main(argv=None):
             thread.start()
         for thread in threads:
             thread.join()
-        print("\nSoak, 1 s intervals:")
+        print("\nSoak, %g s intervals:" % args.soak_interval)
         for key, soak in report["soak"].items():
             if "error" in soak:
                 print("  %s: %s" % (soak["label"], soak["error"]))
