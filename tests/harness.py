@@ -72,7 +72,8 @@ class Connector:
         full_env.pop("CLOUD_URL", None) if not (env and "CLOUD_URL" in env) else None
         self.proc = subprocess.Popen(
             connector_cmd() + ["--config", str(self.config_path), "--log-level", log_level] + list(args),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env)
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
+            start_new_session=True)  # its own process group: kill() reaches a frozen binary's children
         log.close()
         return self
 
@@ -110,9 +111,15 @@ class Connector:
         return self.proc.wait(timeout)
 
     def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        """SIGKILL to the whole process group, like a power cut (a onefile
+        binary's launcher has the real process as a child)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
 
     @property
     def connector_id(self):
