@@ -69,6 +69,7 @@ BACKOFF_CAP = 60.0
 CREDENTIALS_RETRY_SECONDS = 120.0
 SHUTDOWN_GRACE = 4.0
 FALLBACK_STATUS_POLL_SECONDS = 1.0
+WEBSOCKET_FRESH_SECONDS = 3.0
 FAILURE_SUMMARY_SECONDS = 300.0
 
 # The objects every snapshot carries; a printer without one simply omits it.
@@ -489,6 +490,7 @@ class FailureTracker:
 # verification stays on.
 
 import requests  # noqa: E402  (third-party imports follow the stdlib ones)
+import urllib3  # noqa: E402
 
 
 class HttpResponse:
@@ -547,6 +549,9 @@ class HttpClient:
         self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))
         self.session.headers.clear()
         self.session.headers.update(headers)
+        # Without this, http.client adds "Accept-Encoding: identity": 27 bytes
+        # on every request that the protocol does not ask for.
+        self.session.headers["Accept-Encoding"] = urllib3.util.SKIP_HEADER
         self._prepared = {}  # type: Dict[tuple, requests.PreparedRequest]
 
     def url(self, path: str) -> str:
@@ -1578,6 +1583,8 @@ class StatusWatcher:
         self.state = None  # type: Optional[str]
         self.next_id = 0
         self.identify_id = -1
+        self.identified = False
+        self.last_message = 0.0
         self.failures = FailureTracker(self.log, "status websocket (printer %s)" % (printer.name or printer.base_url))
 
     def run(self) -> None:
@@ -1608,7 +1615,8 @@ class StatusWatcher:
         if self.printer.api_key:
             headers.append("X-Api-Key: %s" % self.printer.api_key)
         ws = websocket.create_connection(websocket_url(self.printer.base_url), timeout=CONNECT_TIMEOUT,
-                                         header=headers, enable_multithread=False)
+                                         header=headers, enable_multithread=False,
+                                         skip_utf8_validation=True)  # json.loads checks it anyway
         try:
             identify = {"client_name": "printer-connector", "version": __version__, "type": "other",
                         "url": "https://github.com/printdock/printer-connector"}
@@ -1626,9 +1634,13 @@ class StatusWatcher:
                     raise websocket.WebSocketConnectionClosedException("websocket closed by Moonraker")
                 self._on_message(ws, message)
         finally:
+            self.identified = False
             ws.close()
 
     def _on_message(self, ws, message) -> None:
+        self.last_message = time.monotonic()
+        if "notify_proc_stat_update" in message[:64]:
+            return  # Moonraker sends it every second to every client; parsing it is wasted CPU
         try:
             data = json.loads(message)
         except ValueError:
@@ -1657,6 +1669,7 @@ class StatusWatcher:
         if error is not None:
             message = error.get("message") if isinstance(error, dict) else error
             raise websocket.WebSocketException("identify refused by Moonraker: %s" % message)
+        self.identified = True
         self.failures.succeeded()
         self.log.debug("status websocket connected", printer=self.printer.base_url)
 
@@ -1664,6 +1677,11 @@ class StatusWatcher:
         stats = status.get("print_stats") if isinstance(status, dict) else None
         if isinstance(stats, dict) and isinstance(stats.get("state"), str):
             self._changed(stats["state"])
+
+    def answered_recently(self) -> bool:
+        """Moonraker spoke on the websocket within the last few seconds (the
+        real one sends process stats every second)."""
+        return self.identified and time.monotonic() - self.last_message < WEBSOCKET_FRESH_SECONDS
 
     def _changed(self, state: Optional[str]) -> None:
         previous, self.state = self.state, state
@@ -1815,6 +1833,7 @@ class Agent:
         ]
         self.first_success = set()  # type: set
         self.webcam_urls = {}  # type: Dict[str, str]  # the camera URL that last worked, per printer
+        self.watchers = {}  # type: Dict[int, StatusWatcher]
 
     # -- loop steps -------------------------------------------------------
 
@@ -1827,8 +1846,10 @@ class Agent:
         self._noted("Heartbeat sent", "heartbeat", printers=len(printers),
                     reachable=sum(1 for p in printers if p["reachable"]))
 
-    @staticmethod
-    def _reachable(clients: PrinterClients, printer: PrinterConfig) -> bool:
+    def _reachable(self, clients: PrinterClients, printer: PrinterConfig) -> bool:
+        watcher = self.watchers.get(printer.printer_id)
+        if watcher is not None and watcher.answered_recently():
+            return True  # it answered just now; no need to ask again
         try:
             clients.moonraker(printer).server_info()
             return True
@@ -1913,8 +1934,9 @@ class Agent:
             return EXIT_OK
         for loop in self.loops:
             loop.thread.start()
-        watchers = [threading.Thread(target=StatusWatcher(self, p).run, name="watch-%d" % p.printer_id, daemon=True)
-                    for p in self.config.active_printers()]
+        self.watchers = {p.printer_id: StatusWatcher(self, p) for p in self.config.active_printers()}
+        watchers = [threading.Thread(target=w.run, name="watch-%d" % pid, daemon=True)
+                    for pid, w in self.watchers.items()]
         for watcher in watchers:
             watcher.start()
         self.log.info("Connector running", version=__version__, printers=len(self.config.active_printers()),

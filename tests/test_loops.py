@@ -42,6 +42,14 @@ def test_heartbeat_reports_an_unreachable_printer_and_keeps_going(cloud, own_pri
     cloud.wait_for(lambda: any(h["printers"][0]["reachable"] for h in heartbeats_of(cloud, connector)[before:]))
 
 
+def test_requests_on_the_wire_carry_only_the_protocol_headers(cloud, paired):
+    cloud.wait_for(lambda: heartbeats_of(cloud, paired))
+    sent = [r for r in cloud.requests if r["path"].startswith("/api/v1/connectors/%s/heartbeat" % paired.connector_id)]
+    names = {name.lower() for name in sent[-1]["headers"]}
+    assert names == {"host", "user-agent", "accept", "authorization", "x-connector-id", "content-type",
+                     "content-length"}
+
+
 def test_heartbeats_go_on_while_a_command_runs_long(cloud, paired, printer):
     printer.set_fault("slow:4", endpoint="/server/files/list", count=1)
     command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "sync_files")
