@@ -2,6 +2,8 @@
 # Builds every release artifact into dist/ (make binary-all):
 #   printer-connector-linux-amd64, -arm64, -armv7   static binaries, each in
 #                                                   a Debian bookworm root
+#   printer-connector-linux-mipsle                  static, NaN2008, cross-built
+#                                                   with zig (build-mipsle.sh)
 #   printer-connector.pyz                           zipapp for Python >= 3.8
 #   SHA256SUMS, VERSION                             of the above
 # then smoke-tests them (build/smoke-test.sh) and runs tests/test_artifacts.py
@@ -9,11 +11,11 @@
 # under qemu-user-static.
 #
 #   build-all.sh                  everything
-#   build-all.sh TARGET...        only these (amd64 arm64 armv7 pyz), then sums
+#   build-all.sh TARGET...        only these (amd64 arm64 armv7 mipsle pyz), then sums
 #   build-all.sh sums             only SHA256SUMS and VERSION of what dist/ has
 set -eu
 
-ALL_TARGETS="pyz amd64 arm64 armv7"
+ALL_TARGETS="pyz amd64 arm64 armv7 mipsle"
 
 say() { printf 'build-all: %s\n' "$*"; }
 err() { say "error: $*" >&2; exit 1; }
@@ -29,6 +31,7 @@ build_target() {
     case "$target" in
         pyz) sh "$repo/build/build-pyz.sh" ;;
         amd64 | arm64 | armv7) sh "$repo/build/build-binary.sh" "$target" ;;
+        mipsle) sh "$repo/build/build-mipsle.sh" ;;
         *) err "unknown target '$target' (one of: $ALL_TARGETS)" ;;
     esac
     say "$target took $(($(date +%s) - started))s"
@@ -43,7 +46,7 @@ write_sums() {
     cd "$repo/dist"
     set --
     for name in printer-connector-linux-amd64 printer-connector-linux-arm64 \
-        printer-connector-linux-armv7 printer-connector.pyz; do
+        printer-connector-linux-armv7 printer-connector-linux-mipsle printer-connector.pyz; do
         if [ -f "$name" ]; then
             set -- "$@" "$name"
         else

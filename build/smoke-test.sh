@@ -22,10 +22,11 @@ runner_for() {
         amd64:*) qemu="qemu-x86_64-static" ;;
         arm64:*) qemu="qemu-aarch64-static" ;;
         armv7:*) qemu="qemu-arm-static" ;;
+        mipsle:*) qemu="qemu-mipsel-static" options="-cpu P5600" ;;  # a NaN2008 CPU, like the K1's
         *) err "unknown architecture $1" ;;
     esac
     need_cmd "$qemu"
-    printf '%s\n' "$qemu"
+    printf '%s %s\n' "$qemu" "${options:-}"
 }
 
 check_binary() {
@@ -41,7 +42,8 @@ check_binary() {
     fi
     runner=$(runner_for "$arch")
     if [ -n "$runner" ]; then
-        printed=$("$runner" "$file" --version)
+        # shellcheck disable=SC2086  # the runner may carry options
+        printed=$($runner "$file" --version)
     else
         printed=$("$file" --version)
     fi
@@ -57,7 +59,7 @@ main() {
     [ -f "$dist/VERSION" ] || err "$dist/VERSION not found"
     version=$(cat "$dist/VERSION")
     (cd "$dist" && sha256sum -c --quiet SHA256SUMS) || err "SHA256SUMS does not match $dist"
-    for arch in amd64 arm64 armv7; do
+    for arch in amd64 arm64 armv7 mipsle; do
         check_binary "$dist" "$arch" "$version"
     done
     if [ -f "$dist/printer-connector.pyz" ]; then
