@@ -586,6 +586,8 @@ Type=simple
 User=$SVC_USER
 WorkingDirectory=$DIR
 ExecStart=$1
+# Fewer malloc arenas for a multi-threaded Python: several MB less RSS.
+Environment=MALLOC_ARENA_MAX=2
 Restart=always
 RestartSec=5
 
@@ -609,6 +611,9 @@ PYTHON="$1"
 LOG="$LOG"
 PIDFILE="$ROOT/var/run/printer-connector.pid"
 LOG_MAX=1048576
+# Fewer malloc arenas for a multi-threaded Python: about 8 MB less RSS.
+MALLOC_ARENA_MAX=2
+export MALLOC_ARENA_MAX
 EOF
     cat >>"$K1_INIT.tmp" <<'EOF'
 CHILDFILE="$PIDFILE.child"
