@@ -574,6 +574,9 @@ log_hint() {
 write_unit() { # EXECLINE
     unit=$(unit_path)
     mkdir -p "$(dirname "$unit")"
+    # A onefile binary unpacks at every start: on the install's disk, not in RAM.
+    mkdir -p "$DIR/tmp"
+    [ -z "$SVC_USER" ] || chown "$SVC_USER" "$DIR/tmp" 2>/dev/null || true
     cat >"$unit.tmp" <<EOF
 # printer-connector systemd unit, written by install-klipper.sh
 [Unit]
@@ -588,6 +591,8 @@ WorkingDirectory=$DIR
 ExecStart=$1
 # Fewer malloc arenas for a multi-threaded Python: several MB less RSS.
 Environment=MALLOC_ARENA_MAX=2
+# The onefile binary unpacks here at every start (/tmp may be RAM).
+Environment=TMPDIR=$DIR/tmp
 Restart=always
 RestartSec=5
 
@@ -613,7 +618,9 @@ PIDFILE="$ROOT/var/run/printer-connector.pid"
 LOG_MAX=1048576
 # Fewer malloc arenas for a multi-threaded Python: about 8 MB less RSS.
 MALLOC_ARENA_MAX=2
-export MALLOC_ARENA_MAX
+# Temporary files on the large /usr/data partition: /tmp is RAM on a K1.
+TMPDIR="$DIR/tmp"
+export MALLOC_ARENA_MAX TMPDIR
 EOF
     cat >>"$K1_INIT.tmp" <<'EOF'
 CHILDFILE="$PIDFILE.child"
@@ -667,7 +674,7 @@ start() {
         echo "printer-connector is already running"
         return 0
     fi
-    mkdir -p "$(dirname "$PIDFILE")"
+    mkdir -p "$(dirname "$PIDFILE")" "$TMPDIR"
     rm -f "$PIDFILE" "$CHILDFILE"
     if command -v setsid >/dev/null 2>&1; then
         setsid sh "$0" supervise </dev/null >/dev/null 2>&1 &
