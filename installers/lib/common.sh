@@ -1250,7 +1250,7 @@ do_uninstall() {
         rm -f "$K1_INIT" "$ROOT/etc/init.d/printer-connector"
     fi
     if [ "$CONFIG_ONLY" = 1 ]; then
-        rm -rf "$CONFIG" "$DIR/state"
+        rm -rf "$CONFIG" "$DIR/state" "$DIR/tmp"
         say "removed the service and $CONFIG; the binary is still in $DIR"
     else
         rm -rf "$DIR"
