@@ -75,7 +75,6 @@ FAILURE_SUMMARY_SECONDS = 300.0
 # The objects every snapshot carries; a printer without one simply omits it.
 STATUS_OBJECTS = ("print_stats", "virtual_sdcard", "extruder", "heater_bed",
                   "toolhead", "pause_resume")
-PRINT_STATES = ("standby", "printing", "paused", "complete", "cancelled", "error")
 
 # Durable state bounds: completions are never dropped; snapshots are, oldest
 # first, past these (config keys outbox_max_snapshots and outbox_max_bytes).
