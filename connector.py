@@ -1928,8 +1928,13 @@ class Agent:
             pair(self.config, self.log, self.stop, attempts=3 if once else None)
 
     def run(self) -> int:
-        self.prepare(once=False)
-        if self.stop.is_set():
+        try:
+            self.prepare(once=False)
+        except HttpError:
+            if not self.stop.is_set():
+                raise
+        if self.stop.is_set():  # SIGTERM while pairing is a clean stop too
+            self.log.info("Connector stopped")
             return EXIT_OK
         for loop in self.loops:
             loop.thread.start()

@@ -98,3 +98,11 @@ def test_cloud_url_environment_variable_overrides_the_file(cloud, printer, make_
     connector = make_connector(config)
     assert connector.run("--once", env={"CLOUD_URL": cloud.url}) == 0
     assert json.loads(connector.config_path.read_text())["cloud_url"] == "http://127.0.0.1:9"
+
+
+def test_sigterm_while_pairing_retries_is_a_clean_stop(cloud, printer, make_connector):
+    cloud.set_fault("503", endpoint="register")
+    connector = make_connector(unpaired_config(cloud, printer)).start()
+    connector.wait_log("pairing failed; retrying")
+    assert connector.stop(timeout=5) == 0
+    assert "Connector stopped" in connector.run_log
