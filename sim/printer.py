@@ -398,6 +398,9 @@ class PrinterSimulator(Recorder):
                          self._serve(self._ui_app(), ui_sockets)]
         self._ticker = tornado.ioloop.PeriodicCallback(self._tick, 1000.0 / self.tick_hz)
         self._ticker.start()
+        # Like Moonraker: process stats to every websocket client once a second.
+        self._proc_stats = tornado.ioloop.PeriodicCallback(self._send_proc_stats, 1000.0)
+        self._proc_stats.start()
         self._last_tick = time.monotonic()
         self._loop = loop
         ready.set()
@@ -430,6 +433,7 @@ class PrinterSimulator(Recorder):
 
     async def _shutdown(self, loop):
         self._ticker.stop()
+        self._proc_stats.stop()
         for server in self._servers:
             server.stop()
         for client in list(self._ws):
@@ -606,6 +610,21 @@ class PrinterSimulator(Recorder):
         loop = self._loop
         if loop is not None:
             loop.add_callback(lambda: [c.send(message) for c in list(self._ws)])
+
+    def _send_proc_stats(self):
+        """About the 900 bytes the real Moonraker 0.11 sends every second."""
+        stats = {"moonraker_stats": {"time": time.time(), "cpu_usage": round(random.uniform(1, 4), 2),
+                                     "memory": 46480, "mem_units": "kB"},
+                 "cpu_temp": round(random.uniform(45, 50), 2),
+                 "network": {name: {"rx_bytes": 123456789, "tx_bytes": 98765432, "rx_packets": 654321,
+                                    "tx_packets": 543210, "rx_errs": 0, "tx_errs": 0, "rx_drop": 0,
+                                    "tx_drop": 0, "bandwidth": round(random.uniform(0, 3000), 2)}
+                             for name in ("lo", "eth0", "wlan0")},
+                 "system_cpu_usage": {"cpu": round(random.uniform(2, 9), 2),
+                                      **{"cpu%d" % n: round(random.uniform(0, 12), 2) for n in range(4)}},
+                 "system_memory": {"total": 3884708, "available": 3270568, "used": 614140},
+                 "websocket_connections": len(self._ws)}
+        self._broadcast({"jsonrpc": "2.0", "method": "notify_proc_stat_update", "params": [stats]})
 
     def _tick(self):
         now = time.monotonic()

@@ -50,6 +50,17 @@ def test_requests_on_the_wire_carry_only_the_protocol_headers(cloud, paired):
                      "content-length"}
 
 
+def test_a_live_websocket_spares_the_heartbeat_probe(cloud, own_printer, make_connector):
+    connector = make_connector(unpaired_config(cloud, own_printer)).start()
+    connector.wait_log("status websocket connected")
+    cloud.wait_for(lambda: len(heartbeats_of(cloud, connector)) >= 2)
+    probes = len([r for r in own_printer.requests if r["path"].startswith("/server/info")])
+    count = len(heartbeats_of(cloud, connector))
+    cloud.wait_for(lambda: len(heartbeats_of(cloud, connector)) >= count + 4)
+    assert len([r for r in own_printer.requests if r["path"].startswith("/server/info")]) == probes
+    assert all(h["printers"][0]["reachable"] for h in heartbeats_of(cloud, connector)[count:])
+
+
 def test_heartbeats_go_on_while_a_command_runs_long(cloud, paired, printer):
     printer.set_fault("slow:4", endpoint="/server/files/list", count=1)
     command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "sync_files")
