@@ -405,6 +405,11 @@ class Logger:
         if secret and secret not in self.secrets:
             self.secrets.append(secret)
 
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
     def enabled(self, level: int) -> bool:
         return level >= self.level
 
@@ -414,9 +419,7 @@ class Logger:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
         parts = ["time=%sZ" % now[:-6], "level=%s" % LEVEL_NAMES[level], "msg=%s" % _logfmt_value(msg)]
         parts += ["%s=%s" % (key, _logfmt_value(value)) for key, value in fields.items() if value is not None]
-        line = " ".join(parts)
-        for secret in self.secrets:
-            line = line.replace(secret, "[redacted]")
+        line = self.redact(" ".join(parts))
         with self.lock:
             try:
                 self.stream.write(line + "\n")
@@ -1743,12 +1746,15 @@ class Loop:
         self.backoff = backoff  # False: the step paces its own retries
         self.wake = threading.Event()
         self.failures = FailureTracker(agent.log, name)
+        self.rejected = False  # the last failure was a 401: retry slowly
         self.thread = threading.Thread(target=self.run, name=name, daemon=True)
 
     def run_once(self, clients: PrinterClients) -> bool:
+        self.rejected = False
         try:
             self.step(clients)
         except CredentialsRejected as exc:
+            self.rejected = True
             self.failures.failed("credentials rejected: %s" % exc, level=40)
             return False
         except (HttpError, StateDirError) as exc:
@@ -1772,8 +1778,7 @@ class Loop:
                     failures, delay = 0, self.interval()
                 else:
                     failures += 1
-                    rejected = (self.failures.message or "").startswith("credentials rejected")
-                    delay = CREDENTIALS_RETRY_SECONDS if rejected else backoff_delay(failures, self.interval())
+                    delay = CREDENTIALS_RETRY_SECONDS if self.rejected else backoff_delay(failures, self.interval())
                 self.wake.wait(delay)
                 self.wake.clear()
         finally:
@@ -2082,9 +2087,7 @@ class Doctor:
         line = "%-4s  %-12s %s" % (status, check, detail)
         if fix:
             line += "\n      fix: %s" % fix
-        for secret in self.log.secrets:
-            line = line.replace(secret, "[redacted]")
-        click.echo(line)
+        click.echo(self.log.redact(line))
 
     def run(self) -> int:
         self.check_config()
@@ -2306,9 +2309,7 @@ class Doctor:
         if lines:
             click.echo("      latest log lines:")
             for line in lines[-5:]:
-                for secret in self.log.secrets:
-                    line = line.replace(secret, "[redacted]")
-                click.echo("        " + line)
+                click.echo("        " + self.log.redact(line))
 
 
 def _run(argv: List[str]) -> Tuple[int, str]:
