@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """printer-connector: bridges a Klipper printer's Moonraker API to the cloud.
 
-One self-contained file (Python 3.8+; needs requests, click, websocket-client).
+One self-contained file (Python 3.8+; needs click and websocket-client, and
+requests for peers behind a proxy).
 It pairs once with a token, then keeps four loops running side by side:
 heartbeats, command polling and execution, status snapshots, and webcam
 requests; a fifth thread watches Moonraker's websocket so that a change of
@@ -27,13 +28,12 @@ import shutil
 import signal
 import socket
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 __version__ = "0.1.0"
 
@@ -108,9 +108,10 @@ class ConfigError(ConnectorError):
 class HttpError(ConnectorError):
     """A request failed: transport trouble (status None) or a non-2xx answer."""
 
-    def __init__(self, message, status=None):
+    def __init__(self, message, status=None, tls=False):
         super().__init__(message)
         self.status = status
+        self.tls = tls  # the peer's TLS certificate or handshake failed
 
 
 class CredentialsRejected(ConnectorError):
@@ -483,16 +484,19 @@ class FailureTracker:
 # --------------------------------------------------------------------------
 # HTTP
 # --------------------------------------------------------------------------
-# The one place that does HTTP: a keep-alive session per peer and thread,
-# connect and read timeouts on every call, a cap on every body we read, and
-# every failure mapped to HttpError with a short message. trust_env is off
-# (no per-request proxy and netrc look-ups: they cost CPU on every poll); the
-# environment's proxy for the peer is read once instead. Only the headers the
-# protocol needs are sent: every byte is paid for on metered links. TLS
-# verification stays on.
+# The one place that does HTTP: connect and read timeouts on every call, a
+# cap on every body we read, and every failure mapped to HttpError with a
+# short message. Peers are reached over kept-alive http.client connections:
+# the polls run thousands of times an hour, and requests would cost twice the
+# CPU per call and 6 MB more memory for features they do not use. requests is
+# imported only for a peer that the environment routes through a proxy (it
+# speaks CONNECT and proxy authentication). Redirects are not followed. Only
+# the headers the protocol needs are sent: every byte is paid for on metered
+# links. TLS verification stays on.
 
-import requests  # noqa: E402  (third-party imports follow the stdlib ones)
-import urllib3  # noqa: E402
+import http.client  # noqa: E402
+import select  # noqa: E402
+import ssl  # noqa: E402
 
 
 class HttpResponse:
@@ -517,109 +521,334 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _transport_message(exc: Exception) -> str:
-    if isinstance(exc, requests.exceptions.SSLError):
+def _socket_message(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError):
         return "TLS error: %s" % _short(str(exc), 160)
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return "connect timed out"
-    if isinstance(exc, requests.exceptions.ReadTimeout):
+    if isinstance(exc, socket.timeout):
         return "read timed out"
-    if isinstance(exc, requests.exceptions.ConnectionError):
+    if isinstance(exc, socket.gaierror):
+        return "host name not found"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "connection closed without a response"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, (BrokenPipeError, ConnectionAbortedError)):
+        return "connection closed without a response"
+    if isinstance(exc, http.client.HTTPException):
+        return "bad HTTP answer: %s" % _short(str(exc) or type(exc).__name__, 160)
+    return "connection failed: %s" % _short(exc.strerror if isinstance(exc, OSError) and exc.strerror
+                                            else str(exc) or type(exc).__name__, 160)
+
+
+def _check_declared_length(headers, status: int, max_bytes: int) -> None:
+    declared = headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise HttpError("response too large: %s bytes (limit %d)" % (declared, max_bytes), status)
+
+
+def _check_length(content: bytes, status: int, max_bytes: int) -> bytes:
+    if len(content) > max_bytes:
+        raise HttpError("response too large: over %d bytes" % max_bytes, status)
+    return content
+
+
+_TLS_CONTEXT = []  # type: List[ssl.SSLContext]
+
+
+def tls_context() -> ssl.SSLContext:
+    """One verifying context for every connection: its CA store costs about
+    2.7 MB, so it is loaded once. The CAs are certifi's, as requests uses,
+    because a K1 has no system store to speak of."""
+    if not _TLS_CONTEXT:
+        try:
+            import certifi
+            cafile = certifi.where()  # type: Optional[str]
+        except ImportError:
+            cafile = None
+        _TLS_CONTEXT.append(ssl.create_default_context(cafile=cafile))
+    return _TLS_CONTEXT[0]
+
+
+class KeptConnections:
+    """HTTP/1.1 over http.client, one kept-alive connection per scheme://host:port.
+
+    A connection the peer closed while idle is noticed before it is reused; a
+    request that still meets a dead kept connection is sent once more on a
+    fresh one when that cannot run it twice (nothing was sent yet, or the
+    method is idempotent)."""
+
+    IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+    DEAD = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)  # RemoteDisconnected is a reset
+
+    def __init__(self):
+        self.connections = {}  # type: Dict[Tuple[str, str], http.client.HTTPConnection]
+
+    def exchange(self, method: str, url: str, headers: Dict[str, str], body, timeout, max_bytes: int) -> HttpResponse:
+        parts = urlsplit(url)
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        key = (parts.scheme, parts.netloc)
+        conn = self.connections.get(key)
+        reused = conn is not None and not self._dropped(conn)
+        if not reused:
+            conn = self._connect(key, timeout[0])
+        sent = False
+        try:
+            sent = self._send(conn, method, target, headers, body, timeout[1])
+            return self._receive(conn, max_bytes)
+        except self.DEAD as exc:
+            conn.close()
+            replayable = body is None or isinstance(body, bytes)
+            if not (reused and replayable and (method in self.IDEMPOTENT or not sent)):
+                raise HttpError(_socket_message(exc)) from None
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise HttpError(_socket_message(exc), tls=isinstance(exc, ssl.SSLError)) from None
+        except HttpError:
+            conn.close()
+            raise
+        conn = self._connect(key, timeout[0])
+        try:
+            self._send(conn, method, target, headers, body, timeout[1])
+            return self._receive(conn, max_bytes)
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise HttpError(_socket_message(exc), tls=isinstance(exc, ssl.SSLError)) from None
+        except HttpError:
+            conn.close()
+            raise
+
+    @staticmethod
+    def _dropped(conn: http.client.HTTPConnection) -> bool:
+        """An idle kept connection with something to read has been closed by
+        the peer (or holds junk): either way it is not fit for a request."""
+        if conn.sock is None:
+            return True
+        poller = select.poll()
+        poller.register(conn.sock, select.POLLIN)
+        if poller.poll(0):
+            conn.close()
+            return True
+        return False
+
+    def _connect(self, key: Tuple[str, str], connect_timeout: float) -> http.client.HTTPConnection:
+        scheme, netloc = key
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(netloc, timeout=connect_timeout,
+                                               context=tls_context())  # type: http.client.HTTPConnection
+        else:
+            conn = http.client.HTTPConnection(netloc, timeout=connect_timeout)
+        self.connections[key] = conn
+        try:
+            conn.connect()
+        except socket.timeout:
+            conn.close()
+            raise HttpError("connect timed out") from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            conn.close()
+            raise HttpError(_socket_message(exc), tls=isinstance(exc, ssl.SSLError)) from None
+        return conn
+
+    @staticmethod
+    def _send(conn, method: str, target: str, headers: Dict[str, str], body, read_timeout: float) -> bool:
+        conn.sock.settimeout(read_timeout)
+        # Host is added by putrequest; Accept-Encoding would be "identity",
+        # which the protocol does not need.
+        conn.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        if "Content-Length" not in headers:
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            elif method in ("POST", "PUT", "PATCH"):
+                conn.putheader("Content-Length", "0")  # some front ends refuse a bodiless POST without it
+        conn.endheaders(body)
+        return True
+
+    @staticmethod
+    def _receive(conn, max_bytes: int) -> HttpResponse:
+        response = conn.getresponse()
+        _check_declared_length(response.msg, response.status, max_bytes)
+        content = _check_length(response.read(max_bytes + 1), response.status, max_bytes)
+        if not response.isclosed():
+            conn.close()  # an unread remainder would be taken for the next answer
+        return HttpResponse(response.status, response.msg, content)
+
+    def close(self) -> None:
+        for conn in self.connections.values():
+            conn.close()
+        self.connections.clear()
+
+
+class RequestsTransport:
+    """requests, for a peer the environment routes through a proxy. Imported
+    only then: the steady state of most printers never needs it."""
+
+    def __init__(self, proxy: Optional[str]):
+        import requests
+        import urllib3
+        self.requests = requests
+        self.session = requests.Session()
+        self.session.trust_env = False  # the proxy was looked up once; no netrc or env reads per call
+        self.session.proxies = {"http": proxy, "https": proxy} if proxy else {}
+        self.session.headers.clear()
+        # Without this, http.client adds "Accept-Encoding: identity".
+        self.session.headers["Accept-Encoding"] = urllib3.util.SKIP_HEADER
+
+    def exchange(self, method: str, url: str, headers: Dict[str, str], body, timeout, max_bytes: int) -> HttpResponse:
+        errors = self.requests.exceptions
+        try:
+            response = self.session.request(method, url, data=body, headers=headers, timeout=timeout, stream=True,
+                                            verify=True, allow_redirects=False)
+        except errors.SSLError as exc:
+            raise HttpError("TLS error: %s" % _short(str(exc), 160), tls=True) from None
+        except errors.ConnectTimeout:
+            raise HttpError("connect timed out") from None
+        except errors.ReadTimeout:
+            raise HttpError("read timed out") from None
+        except errors.RequestException as exc:
+            raise HttpError(self._message(exc)) from None
+        try:
+            _check_declared_length(response.headers, response.status_code, max_bytes)
+            try:
+                content = response.raw.read(max_bytes + 1, decode_content=True)
+            except Exception as exc:  # urllib3 raises several unrelated types here
+                raise HttpError(self._message(exc)) from None
+            return HttpResponse(response.status_code, response.headers,
+                                _check_length(content, response.status_code, max_bytes))
+        finally:
+            response.close()
+
+    @staticmethod
+    def _message(exc: Exception) -> str:
         text = str(exc)
         for needle, message in (("Connection refused", "connection refused"),
                                 ("Name or service not known", "host name not found"),
                                 ("Temporary failure in name resolution", "host name not found"),
                                 ("RemoteDisconnected", "connection closed without a response"),
                                 ("Connection reset", "connection reset"),
-                                ("Connection aborted", "connection closed without a response")):
+                                ("Connection aborted", "connection closed without a response"),
+                                ("Read timed out", "read timed out")):
             if needle in text:
                 return message
         return "connection failed: %s" % _short(text, 160)
-    return "%s: %s" % (type(exc).__name__, _short(str(exc), 160))
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def environ_proxy(url: str, environ=os.environ) -> Optional[str]:
+    """The proxy that http_proxy/https_proxy/all_proxy and no_proxy name for
+    this URL, read as requests and curl read them; None for a direct line."""
+    if not any(name.lower().endswith("_proxy") for name in environ):
+        return None  # the usual case, without importing urllib.request
+    import urllib.request
+    proxies = {}
+    for name, value in environ.items():
+        if name.lower().endswith("_proxy") and value:
+            proxies[name.lower()[:-len("_proxy")]] = value
+    # The lower-case name wins, as in urllib and curl.
+    for name, value in environ.items():
+        if name.endswith("_proxy") and value:
+            proxies[name[:-len("_proxy")]] = value
+    parts = urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass_environment(parts.hostname, proxies):
+        return None
+    return proxies.get(parts.scheme) or proxies.get("all")
+
+
+def multipart_body(fields: Dict[str, str], files: Dict[str, Tuple[str, bytes]]) -> Tuple[bytes, str]:
+    boundary = "printer-connector-%s" % binascii.hexlify(os.urandom(12)).decode("ascii")
+
+    def quoted(value: str) -> str:  # as browsers escape form-data names (HTML spec)
+        return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+    chunks = []
+    for name, value in fields.items():
+        chunks.append(('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+                       % (boundary, quoted(name), value)).encode("utf-8"))
+    for name, (filename, content) in files.items():
+        chunks.append(('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
+                       'Content-Type: application/octet-stream\r\n\r\n'
+                       % (boundary, quoted(name), quoted(filename))).encode("utf-8"))
+        chunks.append(content + b"\r\n")
+    chunks.append(("--%s--\r\n" % boundary).encode("ascii"))
+    return b"".join(chunks), "multipart/form-data; boundary=%s" % boundary
+
+
+def direct_transport():
+    """The transport for a peer without a proxy (unit tests swap in requests
+    here, to reach it with requests-mock)."""
+    return KeptConnections()
 
 
 class HttpClient:
-    """A session for one peer. Not shared between threads."""
+    """The connections to one peer, with its headers and error format. Not
+    shared between threads."""
 
     def __init__(self, base_url: str, headers: Dict[str, str], error_message: Callable[[HttpResponse], str],
                  log: Logger, peer: str):
         self.base_url = base_url.rstrip("/")
+        self.headers = dict(headers)
         self.error_message = error_message
         self.log, self.peer = log, peer
-        self.session = requests.Session()
-        self.session.trust_env = False
-        self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))
-        self.session.headers.clear()
-        self.session.headers.update(headers)
-        # Without this, http.client adds "Accept-Encoding: identity": 27 bytes
-        # on every request that the protocol does not ask for.
-        self.session.headers["Accept-Encoding"] = urllib3.util.SKIP_HEADER
-        self._prepared = {}  # type: Dict[tuple, requests.PreparedRequest]
+        self._routes = {}  # type: Dict[Tuple[str, str], Any]  # (scheme, host:port) -> transport
+        self._direct = None  # type: Optional[Any]
 
     def url(self, path: str) -> str:
         return path if "://" in path else self.base_url + path
 
     def request(self, method: str, path: str, *, params=None, json_body=None, data=None, files=None,
-                headers=None, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), max_bytes=MAX_JSON_BODY) -> HttpResponse:
+                headers=None, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), max_bytes=MAX_JSON_BODY,
+                any_status=False) -> HttpResponse:
+        """data: bytes, a file opened in binary mode (give its Content-Length
+        in headers), or form fields when files are given. A status other than
+        2xx raises HttpError, unless any_status."""
         url = self.url(path)
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params)
+        sent_headers = dict(self.headers)
         if json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode("utf-8")
-            headers = dict(headers or {}, **{"Content-Type": "application/json"})
+            sent_headers["Content-Type"] = "application/json"
+        elif files is not None:
+            data, sent_headers["Content-Type"] = multipart_body(data or {}, files)
+        sent_headers.update(headers or {})
         started = time.monotonic()
-        prepared = self._prepare(method, url, params, data, files, headers)
         try:
-            # A prepared request skips Session.request's per-call merging of
-            # settings, which costs CPU on every poll.
-            response = self.session.send(prepared, stream=True, timeout=timeout, verify=True,
-                                         proxies=self.session.proxies, allow_redirects=False)
-        except requests.exceptions.RequestException as exc:
+            result = self._transport(url).exchange(method, url, sent_headers, data, timeout, max_bytes)
+        except HttpError as exc:
             self.log.debug("http request failed", peer=self.peer, method=method, path=urlsplit(url).path,
-                           error=_transport_message(exc))
-            raise HttpError("%s %s" % (self.peer, _transport_message(exc))) from None
-        try:
-            content = self._read_capped(response, max_bytes)
-        finally:
-            response.close()
-        result = HttpResponse(response.status_code, response.headers, content)
+                           error=str(exc))
+            raise HttpError("%s %s" % (self.peer, exc), exc.status, exc.tls) from None
         if self.log.enabled(10):
             self.log.debug("http", peer=self.peer, method=method, path=urlsplit(url).path,
-                           status=result.status, bytes=len(content),
+                           status=result.status, bytes=len(result.content),
                            ms=round((time.monotonic() - started) * 1000, 1))
-        if not 200 <= result.status < 300:
+        if not (any_status or 200 <= result.status < 300):
             raise HttpError("%s http %d: %s" % (self.peer, result.status, self.error_message(result)),
                             result.status)
         return result
 
-    def _prepare(self, method, url, params, data, files, headers) -> requests.PreparedRequest:
-        """Polls repeat the same request: those are prepared once and reused."""
-        key = None
-        if data is None and files is None and headers is None:
-            key = (method, url, tuple(sorted(params.items())) if params else ())
-            cached = self._prepared.get(key)
-            if cached is not None:
-                return cached
-        prepared = self.session.prepare_request(requests.Request(method, url, params=params, data=data,
-                                                                 files=files, headers=headers))
-        if key is not None and len(self._prepared) < 32:
-            self._prepared[key] = prepared
-        return prepared
-
-    def _read_capped(self, response, max_bytes: int) -> bytes:
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise HttpError("%s response too large: %s bytes (limit %d)" % (self.peer, declared, max_bytes),
-                            response.status_code)
-        try:
-            content = response.raw.read(max_bytes + 1, decode_content=True)
-        except Exception as exc:  # urllib3 raises several unrelated types here
-            raise HttpError("%s %s" % (self.peer, _transport_message(exc))) from None
-        if len(content) > max_bytes:
-            raise HttpError("%s response too large: over %d bytes" % (self.peer, max_bytes),
-                            response.status_code)
-        return content
+    def _transport(self, url: str):
+        """Chosen once per scheme://host:port: the environment is not read per call."""
+        parts = urlsplit(url)
+        route = self._routes.get((parts.scheme, parts.netloc))
+        if route is None:
+            proxy = environ_proxy(url)
+            if proxy:
+                route = RequestsTransport(proxy)
+            else:
+                route = self._direct = self._direct or direct_transport()
+            self._routes[(parts.scheme, parts.netloc)] = route
+        return route
 
     def close(self) -> None:
-        self.session.close()
+        for transport in set(self._routes.values()):
+            transport.close()
+        self._routes.clear()
+        self._direct = None
 
 
 def generic_error_message(response: HttpResponse) -> str:
@@ -1269,10 +1498,11 @@ def _build_and_upload_backup(ctx: ActionContext, url: str, chosen: List[str], ro
     try:
         with os.fdopen(fd, "wb") as raw:
             writer = _HashingWriter(raw)
+            import tarfile  # here, not at start-up: only backups need it
             with tarfile.open(fileobj=writer, mode="w:gz", compresslevel=6) as tar:
                 for name in folders:
                     _add_tree(tar, root, name, os.path.realpath(ctx.config.path), ctx.stop)
-        _upload_backup(url, archive, writer.size)
+        _upload_backup(ctx, url, archive, writer.size)
     finally:
         os.unlink(archive)
     return {"size_bytes": writer.size, "sha256": writer.sha256.hexdigest(), "uploaded_at": now_rfc3339(),
@@ -1283,7 +1513,7 @@ def _is_backup_secret(name: str) -> bool:
     return name in BACKUP_SECRET_NAMES or name.endswith(".secrets")
 
 
-def _add_tree(tar: tarfile.TarFile, root: str, name: str, own_config: str, stop: threading.Event) -> None:
+def _add_tree(tar: "tarfile.TarFile", root: str, name: str, own_config: str, stop: threading.Event) -> None:
     for folder, dirs, files in os.walk(os.path.join(root, name)):
         dirs.sort()
         for filename in sorted(files):
@@ -1302,23 +1532,23 @@ def _add_tree(tar: tarfile.TarFile, root: str, name: str, own_config: str, stop:
                 continue  # a log rotated away while we walked
 
 
-def _upload_backup(url: str, archive: str, size: int) -> None:
-    # A real file object with an explicit Content-Length: requests streams it
+def _upload_backup(ctx: ActionContext, url: str, archive: str, size: int) -> None:
+    # A file body with an explicit Content-Length goes out as it is read,
     # without chunked encoding, which S3 and its clones refuse.
-    session = requests.Session()
-    session.trust_env = False
+    uploader = HttpClient(url, {"User-Agent": user_agent()}, _storage_error_message, ctx.log, "presigned_url")
     try:
         with open(archive, "rb") as body:
-            response = session.put(url, data=body, timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT),
-                                   headers={"Content-Type": "application/gzip", "Content-Length": str(size),
-                                            "User-Agent": user_agent()})
-        if not 200 <= response.status_code < 300:
-            raise CommandFailed("backup upload failed: http %d: %s"
-                                % (response.status_code, _short(response.text, 160)))
-    except requests.exceptions.RequestException as exc:
-        raise CommandFailed("backup upload failed: %s" % _transport_message(exc)) from None
+            uploader.request("PUT", url, data=body, timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT),
+                             headers={"Content-Type": "application/gzip", "Content-Length": str(size)})
+    except HttpError as exc:
+        raise CommandFailed("backup upload failed: %s" % exc) from None
     finally:
-        session.close()
+        uploader.close()
+
+
+def _storage_error_message(response: HttpResponse) -> str:
+    # S3 and its clones explain themselves in XML (<Code>SignatureDoesNotMatch</Code>).
+    return _short(response.content.decode("utf-8", "replace"), 160) or "no message"
 
 
 ACTIONS = {
@@ -1704,8 +1934,8 @@ class StatusWatcher:
 # --------------------------------------------------------------------------
 # Loops
 # --------------------------------------------------------------------------
-# Each loop is a thread with its own HTTP sessions (requests sessions are not
-# shared between threads), so a slow upload in one never holds up another. A
+# Each loop is a thread with its own HTTP connections (a connection carries one
+# request at a time), so a slow upload in one never holds up another. A
 # failure backs off exponentially with jitter, capped at about a minute; a
 # success resets the pace. Rejected credentials are retried slowly.
 
@@ -2191,22 +2421,20 @@ class Doctor:
             self.note("fail", "cloud", "%s does not resolve: %s" % (parts.hostname, exc.strerror or exc),
                       "check cloud_url for typos, and the printer's DNS and internet connection")
             return
-        session = requests.Session()
-        session.trust_env = False  # as the agent does (see HttpClient)
-        session.proxies.update(requests.utils.get_environ_proxies(url))
+        probe = HttpClient(url, {"User-Agent": user_agent()}, generic_error_message, self.log, "cloud")
         try:
-            response = session.get(url + "/", timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), allow_redirects=False,
-                                   headers={"User-Agent": user_agent()})
-        except requests.exceptions.SSLError as exc:
-            self.note("fail", "cloud", "%s: the TLS certificate is not valid: %s" % (url, _short(str(exc), 160)),
-                      "check the printer's clock (date -u) and that nothing intercepts HTTPS")
-            return
-        except requests.exceptions.RequestException as exc:
-            self.note("fail", "cloud", "%s: %s" % (url, _transport_message(exc)),
-                      "check cloud_url and that the printer can reach the internet (firewall, proxy)")
-            return
+            response = probe.request("GET", url + "/", any_status=True)  # any answer shows the way is open
+        except HttpError as exc:
+            if exc.tls:
+                self.note("fail", "cloud", "%s: the TLS certificate is not valid: %s" % (url, _short(str(exc), 160)),
+                          "check the printer's clock (date -u) and that nothing intercepts HTTPS")
+                return
+            else:
+                self.note("fail", "cloud", "%s: %s" % (url, exc),
+                          "check cloud_url and that the printer can reach the internet (firewall, proxy)")
+                return
         finally:
-            session.close()
+            probe.close()
         tls = "valid certificate" if parts.scheme == "https" else "plain http, no certificate to check"
         self.note("ok", "cloud", "%s answers (%s)" % (url, tls))
         self.check_clock(response.headers.get("Date"))

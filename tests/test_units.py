@@ -1,4 +1,4 @@
-"""Unit specifications of the HTTP layer, the Moonraker and cloud clients and
+"""Unit specifications of the HTTP client, the Moonraker and cloud clients and
 the action handlers, with requests-mock standing in for the peers."""
 
 import base64
@@ -23,6 +23,14 @@ def fixture_exchange(name):
     with open(FIXTURE) as handle:
         exchanges = json.load(handle)["exchanges"]
     return next(e for e in exchanges if e["name"] == name)
+
+
+@pytest.fixture(autouse=True)
+def through_requests(monkeypatch):
+    """requests-mock stands in for peers behind requests only, so these
+    specifications of the layers above the transport run on the transport
+    used for proxied peers; test_http.py checks the direct one on the wire."""
+    monkeypatch.setattr(connector, "direct_transport", lambda: connector.RequestsTransport(None))
 
 
 @pytest.fixture

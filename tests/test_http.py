@@ -1,0 +1,361 @@
+"""Specifications of the transport the agent uses without a proxy (kept-alive
+http.client connections), checked on the wire against a raw TCP server on
+loopback that records every byte and can misbehave on cue. The layers above
+it are specified in test_units.py."""
+
+import io
+import os
+import socket
+import ssl
+import subprocess
+import threading
+
+import pytest
+
+from harness import wait_until
+
+import connector
+
+
+class Exchange:
+    def __init__(self, connection, head, body):
+        self.connection, self.head, self.body = connection, head, body
+        lines = head.decode("latin-1").split("\r\n")
+        self.request_line = lines[0]
+        self.method = self.request_line.split(" ")[0]
+        self.header_lines = [line for line in lines[1:] if line]
+        self.headers = {line.split(":", 1)[0].lower(): line.split(":", 1)[1].strip() for line in self.header_lines}
+
+
+def reply(status=200, body=b"[]", headers=(("Content-Type", "application/json"),), length=None):
+    head = "HTTP/1.1 %d X\r\n" % status
+    for name, value in headers:
+        head += "%s: %s\r\n" % (name, value)
+    head += "Content-Length: %d\r\n\r\n" % (len(body) if length is None else length)
+    return head.encode("latin-1") + body
+
+
+class RawServer:
+    """Answers each request with what `respond(exchange)` returns: bytes to
+    send, CLOSE (drop the connection unanswered), HANG (say nothing), or
+    (bytes, CLOSE) to answer and then close."""
+
+    CLOSE, HANG = "close", "hang"
+
+    def __init__(self, respond=lambda exchange: reply(), tls_context=None):
+        self.respond, self.tls_context = respond, tls_context
+        self.exchanges, self.connections = [], 0
+        self.closed = threading.Event()
+        self.stopping = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path="/", scheme="http", host="127.0.0.1"):
+        return "%s://%s:%d%s" % (scheme, host, self.port, path)
+
+    def _accept(self):
+        while not self.stopping.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            index, self.connections = self.connections, self.connections + 1
+            threading.Thread(target=self._serve, args=(sock, index), daemon=True).start()
+
+    def _serve(self, sock, index):
+        try:
+            if self.tls_context is not None:
+                sock = self.tls_context.wrap_socket(sock, server_side=True)
+            reader = sock.makefile("rb")
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline()
+                    if not line:
+                        return
+                    head += line
+                exchange = Exchange(index, head, b"")
+                exchange.body = reader.read(int(exchange.headers.get("content-length", "0")))
+                self.exchanges.append(exchange)
+                answer = self.respond(exchange)
+                if answer == self.HANG:
+                    self.stopping.wait(30)
+                    return
+                if answer == self.CLOSE:
+                    return
+                if isinstance(answer, tuple):
+                    sock.sendall(answer[0])
+                    return
+                sock.sendall(answer)
+        except (OSError, ssl.SSLError):
+            return
+        finally:
+            sock.close()
+            self.closed.set()
+
+    def stop(self):
+        self.stopping.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def server():
+    made = []
+
+    def make(respond=lambda exchange: reply(), **kwargs):
+        made.append(RawServer(respond, **kwargs))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.stop()
+
+
+@pytest.fixture
+def client():
+    made = []
+
+    def make(base_url, headers=None):
+        log = connector.Logger("debug", stream=io.StringIO())
+        made.append(connector.HttpClient(base_url, headers or {"User-Agent": "printer-connector/test"},
+                                         connector.generic_error_message, log, "peer"))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+# -- what goes out ----------------------------------------------------------
+
+def test_a_poll_carries_only_the_protocol_headers_in_order(server, client):
+    peer = server()
+    protocol_headers = {"Authorization": "Bearer sk_live_x", "X-Connector-Id": "42",
+                        "User-Agent": "printer-connector/1.0", "Accept": "application/json"}
+    client(peer.url(), protocol_headers).request("GET", "/api/v1/connectors/42/commands",
+                                                 params={"limit": 20})
+    sent = peer.exchanges[0]
+    assert sent.request_line == "GET /api/v1/connectors/42/commands?limit=20 HTTP/1.1"
+    assert sent.header_lines == ["Host: 127.0.0.1:%d" % peer.port, "Authorization: Bearer sk_live_x",
+                                 "X-Connector-Id: 42", "User-Agent: printer-connector/1.0",
+                                 "Accept: application/json"]
+
+
+def test_a_json_body_is_sent_compact_with_its_length(server, client):
+    peer = server()
+    client(peer.url()).request("POST", "/x", json_body={"a": [1, 2]})
+    sent = peer.exchanges[0]
+    assert sent.body == b'{"a":[1,2]}'
+    assert sent.headers["content-length"] == "11" and sent.headers["content-type"] == "application/json"
+
+
+def test_a_bodiless_post_says_its_length_is_zero(server, client):
+    peer = server()
+    client(peer.url()).request("POST", "/printer/print/pause")
+    assert peer.exchanges[0].headers["content-length"] == "0"
+
+
+def test_a_file_body_streams_with_the_given_length_not_chunked(server, client, tmp_path):
+    peer = server()
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(os.urandom(100000))
+    with open(str(archive), "rb") as body:
+        client(peer.url()).request("PUT", "/upload", data=body, headers={"Content-Length": "100000"})
+    sent = peer.exchanges[0]
+    assert sent.body == archive.read_bytes()
+    assert "transfer-encoding" not in sent.headers
+
+
+def test_multipart_form_names_are_escaped(server, client):
+    peer = server()
+    client(peer.url()).request("POST", "/server/files/upload", data={"root": "gcodes"},
+                               files={"file": ('a"b\r\n.gcode', b"G28\n")})
+    body = peer.exchanges[0].body
+    assert b'filename="a%22b%0D%0A.gcode"' in body and b"G28\n" in body
+    assert peer.exchanges[0].headers["content-type"].startswith("multipart/form-data; boundary=")
+
+
+# -- keep-alive ---------------------------------------------------------------
+
+def test_successive_requests_share_one_connection(server, client):
+    peer = server()
+    http = client(peer.url())
+    for _ in range(3):
+        http.request("GET", "/poll")
+    assert [e.connection for e in peer.exchanges] == [0, 0, 0]
+
+
+def test_a_connection_the_peer_closed_while_idle_is_replaced_unnoticed(server, client):
+    # The first answer is followed by the server closing its end, as a keep-alive timeout does.
+    answers = iter([(reply(), RawServer.CLOSE), reply()])
+    peer = server(lambda exchange: next(answers))
+    http = client(peer.url())
+    http.request("GET", "/poll")
+    wait_until(peer.closed.is_set, message="the server closed the idle connection")
+    # A streamed body cannot be sent a second time: it must find a live connection at once.
+    http.request("PUT", "/upload", data=io.BytesIO(b"12345"), headers={"Content-Length": "5"})
+    assert [e.connection for e in peer.exchanges] == [0, 1]
+
+
+def test_a_get_that_meets_a_dead_kept_connection_is_sent_again_once(server, client):
+    answers = iter([reply(), RawServer.CLOSE, reply(body=b"[1]")])
+    peer = server(lambda exchange: next(answers))
+    http = client(peer.url())
+    http.request("GET", "/poll")
+    assert http.request("GET", "/poll").content == b"[1]"
+    assert [e.connection for e in peer.exchanges] == [0, 0, 1]
+
+
+def test_a_post_that_meets_a_dead_kept_connection_is_not_sent_again(server, client):
+    answers = iter([reply(), RawServer.CLOSE, reply()])
+    peer = server(lambda exchange: next(answers))
+    http = client(peer.url())
+    http.request("POST", "/snapshots", json_body={})
+    with pytest.raises(connector.HttpError, match="peer connection closed without a response"):
+        http.request("POST", "/snapshots", json_body={})
+    assert len(peer.exchanges) == 2
+
+
+def test_a_fresh_connection_that_dies_is_not_retried(server, client):
+    peer = server(lambda exchange: RawServer.CLOSE)
+    with pytest.raises(connector.HttpError, match="connection closed without a response"):
+        client(peer.url()).request("GET", "/poll")
+    assert len(peer.exchanges) == 1
+
+
+# -- failures -------------------------------------------------------------------
+
+def test_a_refused_connection_says_so(client):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(connector.HttpError, match="^peer connection refused$") as raised:
+        client("http://127.0.0.1:%d" % port).request("GET", "/")
+    assert raised.value.status is None
+
+
+def test_a_silent_peer_times_out_after_the_read_timeout(server, client):
+    peer = server(lambda exchange: RawServer.HANG)
+    with pytest.raises(connector.HttpError, match="read timed out"):
+        client(peer.url()).request("GET", "/", timeout=(2.0, 0.3))
+
+
+def test_a_declared_oversize_body_is_refused_unread_and_the_connection_dropped(server, client):
+    peer = server(lambda exchange: reply(body=b"x" * 10))
+    http = client(peer.url())
+    with pytest.raises(connector.HttpError, match="too large: 10 bytes") as raised:
+        http.request("GET", "/", max_bytes=5)
+    assert raised.value.status == 200
+    http.request("GET", "/")
+    assert [e.connection for e in peer.exchanges] == [0, 1]
+
+
+def test_an_undeclared_oversize_body_is_refused(server, client):
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"a\r\n0123456789\r\na\r\n0123456789\r\n0\r\n\r\n")
+    peer = server(lambda exchange: chunked)
+    with pytest.raises(connector.HttpError, match="too large: over 15 bytes"):
+        client(peer.url()).request("GET", "/", max_bytes=15)
+
+
+def test_a_chunked_answer_within_the_cap_is_read_and_the_connection_kept(server, client):
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[]\r\n0\r\n\r\n"
+    peer = server(lambda exchange: chunked)
+    http = client(peer.url())
+    assert http.request("GET", "/").content == b"[]"
+    http.request("GET", "/")
+    assert [e.connection for e in peer.exchanges] == [0, 0]
+
+
+def test_garbage_instead_of_http_is_a_clear_error(server, client):
+    peer = server(lambda exchange: b"SSH-2.0-OpenSSH_9.2\r\n")
+    with pytest.raises(connector.HttpError, match="bad HTTP answer"):
+        client(peer.url()).request("GET", "/")
+
+
+def test_an_error_status_keeps_its_status_and_message(server, client):
+    peer = server(lambda exchange: reply(503, b'{"error": "maintenance"}'))
+    with pytest.raises(connector.HttpError, match="peer http 503") as raised:
+        client(peer.url()).request("GET", "/")
+    assert raised.value.status == 503
+
+
+def test_response_headers_are_read_without_regard_to_case(server, client):
+    peer = server(lambda exchange: reply(body=b"\xff\xd8", headers=(("content-TYPE", "image/jpeg"),)))
+    assert client(peer.url()).request("GET", "/").headers.get("Content-Type") == "image/jpeg"
+
+
+# -- TLS --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def localhost_cert(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(server, localhost_cert):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*localhost_cert)
+    return server(tls_context=context)
+
+
+def test_an_untrusted_certificate_is_a_tls_error(tls_server, client):
+    with pytest.raises(connector.HttpError, match="TLS error") as raised:
+        client(tls_server.url(scheme="https", host="localhost")).request("GET", "/")
+    assert raised.value.tls and raised.value.status is None
+
+
+def test_a_trusted_certificate_for_another_name_is_a_tls_error(tls_server, client, localhost_cert, monkeypatch):
+    monkeypatch.setattr(connector, "_TLS_CONTEXT", [ssl.create_default_context(cafile=localhost_cert[0])])
+    with pytest.raises(connector.HttpError, match="TLS error") as raised:
+        client(tls_server.url(scheme="https")).request("GET", "/")  # 127.0.0.1 is not in the certificate
+    assert raised.value.tls
+
+
+def test_a_trusted_certificate_carries_requests_over_one_connection(tls_server, client, localhost_cert,
+                                                                    monkeypatch):
+    monkeypatch.setattr(connector, "_TLS_CONTEXT", [ssl.create_default_context(cafile=localhost_cert[0])])
+    http = client(tls_server.url(scheme="https", host="localhost"))
+    for _ in range(2):
+        assert http.request("GET", "/poll").content == b"[]"
+    assert [e.connection for e in tls_server.exchanges] == [0, 0]
+
+
+def test_the_default_context_verifies_against_certifis_authorities():
+    context = connector.tls_context()
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.cert_store_stats()["x509_ca"] > 50
+
+
+# -- proxies from the environment -------------------------------------------------
+
+@pytest.mark.parametrize("environ, url, proxy", [
+    ({}, "https://cloud.test/x", None),
+    ({"https_proxy": "http://p:3128"}, "https://cloud.test/x", "http://p:3128"),
+    ({"HTTPS_PROXY": "http://upper:1", "https_proxy": "http://lower:2"}, "https://cloud.test/", "http://lower:2"),
+    ({"https_proxy": "http://p:3128"}, "http://127.0.0.1:7125/", None),
+    ({"http_proxy": "http://p:3128", "no_proxy": "127.0.0.1,localhost"}, "http://127.0.0.1:7125/", None),
+    ({"all_proxy": "http://p:1", "NO_PROXY": ".test"}, "https://cloud.test/", None),
+    ({"all_proxy": "http://p:1"}, "https://cloud.test/", "http://p:1"),
+])
+def test_the_proxy_is_read_from_the_environment_as_curl_reads_it(environ, url, proxy):
+    assert connector.environ_proxy(url, environ) == proxy
+
+
+def test_a_peer_behind_a_proxy_is_reached_through_it(server, client, monkeypatch):
+    proxy = server(lambda exchange: reply(body=b'["via proxy"]'))
+    monkeypatch.setenv("http_proxy", proxy.url())
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    answer = client("http://printer.invalid:7125").request("GET", "/server/info")
+    assert answer.content == b'["via proxy"]'
+    assert proxy.exchanges[0].request_line == "GET http://printer.invalid:7125/server/info HTTP/1.1"
