@@ -22,13 +22,10 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import random
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,7 +48,11 @@ DEFAULT_INTERVALS = {
     "push_snapshots_seconds": 30.0,
     "heartbeat_seconds": 10.0,
     "poll_webcam_seconds": 2.0,  # not in PROTOCOL.md's config; the cloud polls "every ~2 s"
+    # While no printer has a camera that answers, a webcam request cannot be
+    # answered anyway: polling for them every 2 s would only cost bytes.
+    "poll_webcam_no_camera_seconds": 30.0,
 }
+CAMERA_RECHECK_SECONDS = 300.0  # how often to look again for a camera that did not answer
 WEBCAM_REQUEST_MAX_AGE = 30.0
 WEBCAM_MAX_BYTES = 10 * 1024 * 1024
 MAX_JSON_BODY = 4 * 1024 * 1024
@@ -168,6 +169,7 @@ class Config:
     push_snapshots_seconds: float = DEFAULT_INTERVALS["push_snapshots_seconds"]
     heartbeat_seconds: float = DEFAULT_INTERVALS["heartbeat_seconds"]
     poll_webcam_seconds: float = DEFAULT_INTERVALS["poll_webcam_seconds"]
+    poll_webcam_no_camera_seconds: float = DEFAULT_INTERVALS["poll_webcam_no_camera_seconds"]
     state_dir: str = DEFAULT_STATE_DIR
     outbox_max_snapshots: int = SPILL_MAX_SNAPSHOTS
     outbox_max_bytes: int = SPILL_MAX_BYTES
@@ -330,6 +332,17 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def create_temp_file(folder: str, prefix: str, suffix: str = "") -> Tuple[int, str]:
+    """A new file of ours (0600) in `folder`: mkstemp without tempfile, whose
+    imports cost the steady state 0.7 MB."""
+    while True:
+        path = os.path.join(folder, "%s%s%s" % (prefix, binascii.hexlify(os.urandom(6)).decode("ascii"), suffix))
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600), path
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     """Temp file in the same folder, fsync, rename, fsync the folder."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -337,7 +350,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         owner = os.stat(path)
     except OSError:
         owner = None
-    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=folder)
+    fd, tmp = create_temp_file(folder, ".%s." % os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), mode)
@@ -1262,7 +1275,7 @@ class SnapshotSpill:
 def check_state_dir(state_dir: str) -> None:
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=state_dir)
+        fd, probe = create_temp_file(state_dir, ".probe.")
         try:
             os.write(fd, b"ok")
             os.fsync(fd)
@@ -1489,12 +1502,13 @@ def _build_and_upload_backup(ctx: ActionContext, url: str, chosen: List[str], ro
     if not folders:
         raise CommandFailed("none of %s exists under %s" % (chosen, root))
     needed = sum(_folder_size(os.path.join(root, name)) for name in folders)
+    import shutil  # here and in the doctor only: it imports the compression modules
     free = shutil.disk_usage(ctx.config.state_dir).free
     if needed > free:
         raise CommandFailed("not enough free space in %s for the backup: need up to %d bytes, %d free"
                             % (ctx.config.state_dir, needed, free))
     # The archive goes to state_dir (the install's disk), never to a RAM /tmp.
-    fd, archive = tempfile.mkstemp(prefix=".backup-", suffix=".tar.gz", dir=ctx.config.state_dir)
+    fd, archive = create_temp_file(ctx.config.state_dir, ".backup-", ".tar.gz")
     try:
         with os.fdopen(fd, "wb") as raw:
             writer = _HashingWriter(raw)
@@ -2024,7 +2038,7 @@ class Loop:
 
 
 def go_arch(machine: Optional[str] = None) -> str:
-    machine = (machine or platform.machine()).lower()
+    machine = (machine or os.uname().machine).lower()
     table = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
              "i386": "386", "i686": "386"}
     if machine in table:
@@ -2063,10 +2077,12 @@ class Agent:
             Loop(self, "heartbeat", self.heartbeat, lambda: config.heartbeat_seconds),
             Loop(self, "commands", self.poll_commands, lambda: config.poll_commands_seconds),
             Loop(self, "snapshots", self.push_snapshots, lambda: config.push_snapshots_seconds, backoff=False),
-            Loop(self, "webcam", self.serve_webcam, lambda: config.poll_webcam_seconds),
+            Loop(self, "webcam", self.serve_webcam, self.webcam_interval),
         ]
         self.first_success = set()  # type: set
         self.webcam_urls = {}  # type: Dict[str, str]  # the camera URL that last worked, per printer
+        self.cameras = {}  # type: Dict[str, bool]  # whether a printer's camera answered last time it was asked
+        self.cameras_checked = -CAMERA_RECHECK_SECONDS
         self.watchers = {}  # type: Dict[int, StatusWatcher]
 
     # -- loop steps -------------------------------------------------------
@@ -2109,8 +2125,25 @@ class Agent:
             raise HttpError("no printer status to push: %s" % "; ".join(errors))
 
     def serve_webcam(self, clients: PrinterClients) -> None:
+        if time.monotonic() - self.cameras_checked >= CAMERA_RECHECK_SECONDS:
+            self._look_for_cameras(clients)
         for raw in clients.cloud.poll_webcam_requests():
             self._serve_webcam_request(clients, raw)
+
+    def webcam_interval(self) -> float:
+        """Webcam requests are polled at the cloud's pace while some printer
+        may have a camera, and slowly while none answers."""
+        printers = self.config.active_printers()
+        if any(self.cameras.get(p.base_url, True) for p in printers) or not printers:
+            return self.config.poll_webcam_seconds
+        return self.config.poll_webcam_no_camera_seconds
+
+    def _look_for_cameras(self, clients: PrinterClients) -> None:
+        """Asks each printer whose camera did not answer (or was never asked)."""
+        self.cameras_checked = time.monotonic()
+        for printer in self.config.active_printers():
+            if not self.cameras.get(printer.base_url, False):
+                self._webcam_image(clients.moonraker(printer), quiet=True)
 
     def _serve_webcam_request(self, clients: PrinterClients, raw: Any) -> None:
         request_id = normalize_command_id(raw.get("id")) if isinstance(raw, dict) else None
@@ -2130,7 +2163,7 @@ class Agent:
         clients.cloud.upload_webcam(request_id, printer.printer_id, image, ctype)
         self.log.debug("webcam image uploaded", id=request_id, bytes=len(image))
 
-    def _webcam_image(self, moonraker: Moonraker) -> Tuple[Optional[bytes], str]:
+    def _webcam_image(self, moonraker: Moonraker, quiet: bool = False) -> Tuple[Optional[bytes], str]:
         cache, key = self.webcam_urls, moonraker.printer.base_url
         urls = ([cache[key]] if key in cache else []) + webcam_candidates(moonraker)
         errors = []
@@ -2141,10 +2174,23 @@ class Agent:
                 errors.append(str(exc))
                 continue
             cache[key] = url
+            self._camera_answered(moonraker.printer, True, url)
             return image, ctype
         cache.pop(key, None)
-        self.log.warn("no webcam image", printer_id=moonraker.printer.printer_id, error="; ".join(errors))
+        if not quiet:
+            self.log.warn("no webcam image", printer_id=moonraker.printer.printer_id, error="; ".join(errors))
+        self._camera_answered(moonraker.printer, False, "; ".join(errors))
         return None, ""
+
+    def _camera_answered(self, printer: PrinterConfig, answered: bool, detail: str) -> None:
+        before = self.cameras.get(printer.base_url)
+        self.cameras[printer.base_url] = answered
+        if answered and before is not True:
+            self.log.info("Camera found", printer_id=printer.printer_id, url=detail)
+        elif not answered and before is not False:
+            self.log.info("No camera answers; webcam requests are polled every %g s until one does"
+                          % self.config.poll_webcam_no_camera_seconds, printer_id=printer.printer_id,
+                          error=_short(detail, 300))
 
     def _noted(self, message: str, loop: str, **fields) -> None:
         """Info the first time, debug afterwards (the loop logs recoveries): no flood."""
@@ -2219,7 +2265,7 @@ class Agent:
 def registration_body(config: Config) -> Dict[str, Any]:
     printers = [{"name": p.name or "Printer %d" % (i + 1), "ui_port": p.ui_port}
                 for i, p in enumerate(config.moonraker)]
-    device = {"hostname": socket.gethostname(), "arch": go_arch(), "os": platform.system().lower() or "linux",
+    device = {"hostname": socket.gethostname(), "arch": go_arch(), "os": os.uname().sysname.lower() or "linux",
               "version": __version__, "ip": local_ip(config.cloud_url), "ui_port": config.moonraker[0].ui_port}
     body = {"pairing_token": config.pairing_token, "device": {k: v for k, v in device.items() if v},
             "printers": printers}  # type: Dict[str, Any]
@@ -2366,6 +2412,7 @@ class Doctor:
             self.note("fail", "state_dir", str(exc), "create it and give it to the service user: "
                       "mkdir -p %s && chown USER %s" % (state_dir, state_dir))
             return
+        import shutil
         free = shutil.disk_usage(state_dir).free
         detail = "%s is writable, %d MB free" % (state_dir, free // (1024 * 1024))
         if free < DOCTOR_MIN_FREE_BYTES:
@@ -2493,6 +2540,7 @@ class Doctor:
             return
 
     def check_service(self) -> None:
+        import shutil
         init_script = "/etc/init.d/S99%s" % self.service
         if shutil.which("systemctl"):
             self._systemd_service()
@@ -2559,6 +2607,7 @@ def _user_name(uid: int) -> str:
 
 
 def _service_user(service: str) -> Optional[str]:
+    import shutil
     if not shutil.which("systemctl"):
         return None
     code, output = _run(["systemctl", "show", "-p", "User", "--value", service])

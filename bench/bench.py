@@ -13,7 +13,7 @@ Per-hour figures are extrapolated from a steady-state window (--duration);
 CPU is also given as the median of one-minute windows. Results go to
 bench/results/ as JSON and Markdown.
 
-    bench.py [--duration S] [--runs N] [--targets py,binary,pyz]
+    bench.py [--duration S] [--runs N] [--targets py,binary,pyz,nocam]
     bench.py --soak [--soak-minutes M]      # 1 s intervals, RSS start vs end
     bench.py --profile [--duration S]       # cProfile of connector.py, all threads
 
@@ -79,8 +79,9 @@ def log(message):
 # --------------------------------------------------------------------------
 
 class Subject:
-    def __init__(self, key, label, command, artifact, python=None):
+    def __init__(self, key, label, command, artifact, python=None, camera=True):
         self.key, self.label, self.command, self.artifact, self.python = key, label, command, artifact, python
+        self.camera = camera  # False: the printer has no camera (no listed webcam, snapshot URL 404)
 
     def missing(self):
         """Why this subject cannot run, or None."""
@@ -101,6 +102,8 @@ def all_subjects(python, connector=None):
                       python),
         "binary": Subject("binary", "binary (amd64)", [binary], binary),
         "pyz": Subject("pyz", "zipapp (py3.8)", [PYTHON38, pyz], pyz, PYTHON38),
+        "nocam": Subject("nocam", "%s, no camera" % os.path.basename(connector), [python, connector], connector,
+                         python, camera=False),
     }
 
 
@@ -117,6 +120,9 @@ class Rig:
         self.command = command or subject.command
         self.cloud = ReferenceCloud().start()
         self.printer = PrinterSimulator(print_seconds=360000.0).start()
+        if not subject.camera:
+            self.printer.set_webcams([])
+            self.printer.set_webcam_image(None)
         self.state_dir = os.path.join(workdir, "state")
         self.config_path = os.path.join(workdir, "config.json")
         token = "PAIR_bench_%s_%d" % (subject.key, os.getpid())
@@ -596,7 +602,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=1, help="repeated runs per subject; medians are reported")
     parser.add_argument("--latency-samples", type=int, default=7, help="state changes timed per run (default 7)")
     parser.add_argument("--version-runs", type=int, default=9, help="--version start-ups timed (default 9)")
-    parser.add_argument("--targets", default="py,binary,pyz", help="comma list of py, binary, pyz")
+    parser.add_argument("--targets", default="py,binary,pyz,nocam",
+                        help="comma list of py, binary, pyz, nocam (connector.py with a printer without camera)")
     parser.add_argument("--sequential", action="store_true", help="one subject at a time (default: side by side)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for connector.py")
     parser.add_argument("--connector", help="measure this copy of connector.py instead (a proposed change)")

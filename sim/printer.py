@@ -231,8 +231,8 @@ class _HttpHandler(tornado.web.RequestHandler):
 
     def _send_ui(self):
         path, action = self.request.path, self.get_query_argument("action", None)
-        if path == "/webcam/" and action == "snapshot":
-            image, content_type = self.sim._webcam_image()
+        image, content_type = self.sim._webcam_image()
+        if path == "/webcam/" and action == "snapshot" and image is not None:
             self.set_header("Content-Type", content_type)
             return self.finish(image)
         if path in ("/", "/index.html"):
@@ -544,8 +544,9 @@ class PrinterSimulator(Recorder):
             self._webcams = copy.deepcopy(list(webcams))
 
     def set_webcam_image(self, data, content_type="image/jpeg"):
+        """data None: no camera (the snapshot URL answers 404, as the web UI does)."""
         with self._lock:
-            self._image = (bytes(data), content_type)
+            self._image = (None if data is None else bytes(data), content_type)
 
     def _webcam_image(self):
         with self._lock:

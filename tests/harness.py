@@ -132,7 +132,7 @@ class Connector:
 
 # Intervals short enough for quick tests, long enough not to load the machine.
 FAST = {"poll_commands_seconds": 0.3, "heartbeat_seconds": 0.5, "push_snapshots_seconds": 2.0,
-        "poll_webcam_seconds": 0.3}
+        "poll_webcam_seconds": 0.3, "poll_webcam_no_camera_seconds": 0.3}
 
 
 def new_token(cloud, polling=None):

@@ -190,6 +190,40 @@ def test_webcam_falls_back_when_moonraker_lists_no_camera(cloud, own_printer, ma
     cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] == request_id])
 
 
+def webcam_polls(cloud, connector):
+    path = "/api/v1/connectors/%s/webcam_requests" % connector.connector_id
+    return len([r for r in cloud.requests if r["path"].startswith(path)])
+
+
+def without_camera(printer):
+    printer.set_webcams([])
+    printer.set_webcam_image(None)
+
+
+def test_without_a_camera_webcam_requests_are_polled_slowly(cloud, own_printer, make_connector):
+    without_camera(own_printer)
+    connector = make_connector(unpaired_config(cloud, own_printer, poll_webcam_seconds=0.1,
+                                               poll_webcam_no_camera_seconds=600)).start()
+    connector.wait_log("No camera answers")
+    polls, beats = webcam_polls(cloud, connector), len(heartbeats_of(cloud, connector))
+    # Four heartbeats are about 2 s: 20 polls at the pace of a printer with a camera.
+    cloud.wait_for(lambda: len(heartbeats_of(cloud, connector)) >= beats + 4)
+    assert webcam_polls(cloud, connector) - polls <= 1
+
+
+def test_a_camera_that_appears_is_used_and_restores_the_pace(cloud, own_printer, make_connector):
+    without_camera(own_printer)
+    connector = make_connector(unpaired_config(cloud, own_printer, poll_webcam_seconds=0.1,
+                                               poll_webcam_no_camera_seconds=1)).start()
+    connector.wait_log("No camera answers")
+    own_printer.set_webcam_image(b"\xff\xd8\xff\xe0 a camera plugged in later")
+    request_id = cloud.enqueue_webcam_request(connector.connector_id, connector.printer_id)
+    cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] == request_id])
+    connector.wait_log("Camera found")
+    polls = webcam_polls(cloud, connector)
+    cloud.wait_for(lambda: webcam_polls(cloud, connector) >= polls + 10, timeout=5)
+
+
 def test_stale_webcam_requests_are_skipped(cloud, paired):
     old = (datetime.datetime.utcnow() - datetime.timedelta(seconds=90)).strftime("%Y-%m-%dT%H:%M:%SZ")
     stale = cloud.enqueue_webcam_request(paired.connector_id, paired.printer_id, created_at=old)
