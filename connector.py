@@ -71,6 +71,7 @@ CREDENTIALS_RETRY_SECONDS = 120.0
 SHUTDOWN_GRACE = 4.0
 FALLBACK_STATUS_POLL_SECONDS = 1.0
 WEBSOCKET_FRESH_SECONDS = 3.0
+WEBSOCKET_RECEIVE_TIMEOUT = 60.0
 FAILURE_SUMMARY_SECONDS = 300.0
 
 # The objects every snapshot carries; a printer without one simply omits it.
@@ -1832,6 +1833,7 @@ class StatusWatcher:
         self.identified = False
         self.last_message = 0.0
         self.failures = FailureTracker(self.log, "status websocket (printer %s)" % (printer.name or printer.base_url))
+        self.ws = None  # type: Optional[websocket.WebSocket]  # while connected, for interrupt()
 
     def run(self) -> None:
         attempt = 0
@@ -1842,6 +1844,8 @@ class StatusWatcher:
                     self._watch()
                     attempt = 0
                 except (websocket.WebSocketException, OSError, ValueError, HttpError) as exc:
+                    if self.agent.stop.is_set():
+                        break  # interrupted on purpose
                     self.failures.failed(_short(str(exc) or type(exc).__name__, 160), level=20)
                     attempt += 1
                 self._poll_until(moonraker, time.monotonic() + backoff_delay(attempt, 2.0))
@@ -1861,7 +1865,7 @@ class StatusWatcher:
         if self.printer.api_key:
             headers.append("X-Api-Key: %s" % self.printer.api_key)
         ws = websocket.create_connection(websocket_url(self.printer.base_url), timeout=CONNECT_TIMEOUT,
-                                         header=headers, enable_multithread=False,
+                                         header=headers, enable_multithread=True,  # interrupt() sends
                                          skip_utf8_validation=True)  # json.loads checks it anyway
         try:
             identify = {"client_name": "printer-connector", "version": __version__, "type": "other",
@@ -1870,7 +1874,10 @@ class StatusWatcher:
                 identify["api_key"] = self.printer.api_key
             self.identify_id = self._send(ws, "server.connection.identify", identify)
             self._subscribe(ws)
-            ws.settimeout(1.0)
+            # A long receive timeout: waking up every second to look at the
+            # stop flag would cost CPU all day; interrupt() ends the wait.
+            ws.settimeout(WEBSOCKET_RECEIVE_TIMEOUT)
+            self.ws = ws
             while not self.agent.stop.is_set():
                 try:
                     message = ws.recv()
@@ -1880,8 +1887,19 @@ class StatusWatcher:
                     raise websocket.WebSocketConnectionClosedException("websocket closed by Moonraker")
                 self._on_message(ws, message)
         finally:
+            self.ws = None
             self.identified = False
             ws.close()
+
+    def interrupt(self) -> None:
+        """Ends a receive in progress on stop: Moonraker answers our close
+        frame with its own, which ends the wait cleanly."""
+        ws = self.ws
+        if ws is not None:
+            try:
+                ws.send_close()
+            except (OSError, websocket.WebSocketException):
+                pass  # already closed
 
     def _on_message(self, ws, message) -> None:
         self.last_message = time.monotonic()
@@ -2230,6 +2248,10 @@ class Agent:
         deadline = time.monotonic() + SHUTDOWN_GRACE
         for loop in self.loops:
             loop.wake.set()
+        for watcher in self.watchers.values():
+            watcher.interrupt()
+        # A thread still busy at the deadline (a Moonraker that ignores the
+        # close frame) is a daemon: it ends with the process.
         for thread in [loop.thread for loop in self.loops] + watchers:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.log.info("Connector stopped")

@@ -41,6 +41,38 @@ fetch_wheels() {
     find "$target" -path '*.dist-info/*' ! -name 'LICENSE*' ! -name 'METADATA' ! -path '*/licenses/*' -type f -exec rm -f {} +
 }
 
+# Python 3.8 (the K1's), to compile the zip's modules for it: $PYTHON38,
+# python3.8 on PATH, or pyenv's 3.8.x. Prints nothing when there is none.
+find_python38() {
+    for candidate in "${PYTHON38:-}" "$(command -v python3.8 2>/dev/null || true)" \
+        "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.8.*/bin/python3.8 /root/.pyenv/versions/3.8.*/bin/python3.8; do
+        if [ -n "$candidate" ] && [ -x "$candidate" ] &&
+            "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 8))' 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+}
+
+# Bytecode for Python 3.8 next to each module (zipimport's layout): the K1
+# then starts without compiling ~60 modules, which takes seconds on its CPU
+# and leaves megabytes of compiler garbage behind. Other Pythons see the
+# magic number differ and compile the sources, as before. Hash-based and
+# unchecked, so the files' times do not matter; a fixed hash seed keeps the
+# bytes the same from build to build.
+compile_for_python38() {
+    app=$1
+    python38=$(find_python38)
+    if [ -z "$python38" ]; then
+        [ -z "${PYZ_REQUIRE_PYC:-}" ] || err "no Python 3.8 found (set PYTHON38), and PYZ_REQUIRE_PYC is set"
+        say "no Python 3.8 found (set PYTHON38): the zipapp carries sources only"
+        return 0
+    fi
+    PYTHONHASHSEED=0 "$python38" -m compileall -q -b --invalidation-mode unchecked-hash "$app" >/dev/null ||
+        err "compiling for Python 3.8 failed"
+    say "compiled for Python 3.8 with $python38"
+}
+
 write_main() {
     cat >"$1/__main__.py" <<'EOF'
 # Entry point of printer-connector.pyz: runs connector.py as a script.
@@ -71,6 +103,7 @@ main() {
     fetch_wheels "$python" "$work/app" "$repo"
     cp "$src" "$work/app/connector.py"
     write_main "$work/app"
+    compile_for_python38 "$work/app"
     # Fixed times, so that the same inputs give the same archive.
     find "$work/app" -exec touch -h -d '2020-01-01 00:00:00' {} +
     "$python" -m zipapp "$work/app" --python '/usr/bin/env python3' --compress --output "$work/printer-connector.pyz"

@@ -264,7 +264,7 @@ def test_binary_stops_and_cleans_up_when_its_main_process_is_killed(arch, tmp_pa
             proc.wait()
 
 
-def test_pyz_is_a_small_pure_python_zipapp():
+def test_pyz_is_a_small_zipapp_of_sources_with_python38_bytecode():
     assert os.path.isfile(PYZ), "%s is missing: run `make pyz`" % PYZ
     with open(PYZ, "rb") as handle:
         assert handle.readline() == b"#!/usr/bin/env python3\n"
@@ -274,9 +274,22 @@ def test_pyz_is_a_small_pure_python_zipapp():
     assert "__main__.py" in names and "connector.py" in names
     for package in ("requests/", "urllib3/", "idna/", "charset_normalizer/", "certifi/", "click/", "websocket/"):
         assert any(name.startswith(package) for name in names), package
-    compiled = [name for name in names if name.endswith((".so", ".pyd", ".pyc"))]
-    assert compiled == [], "not pure Python: %s" % compiled
+    native = [name for name in names if name.endswith((".so", ".pyd"))]
+    assert native == [], "not pure Python: %s" % native
+    sources = {name for name in names if name.endswith(".py")}
+    bytecode = {name for name in names if name.endswith(".pyc")}
+    assert bytecode == {name + "c" for name in sources}, "every module, and only they, compiled for 3.8"
     assert os.path.getsize(PYZ) < 2 * 1024 * 1024
+
+
+def test_pyz_runs_its_bytecode_on_python38_and_its_sources_on_other_pythons():
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import connector, websocket; print(connector.__file__)"
+    on_38 = run([python38(), "-c", code, PYZ])
+    assert on_38.returncode == 0, on_38.stderr
+    assert on_38.stdout.strip().endswith("connector.pyc")
+    elsewhere = run([sys.executable, "-c", code, PYZ])
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert elsewhere.stdout.strip().endswith("connector.py")
 
 
 def test_pyz_leaves_nothing_in_tmpdir_under_python38(tmp_path):
@@ -309,11 +322,10 @@ def test_pyz_prints_the_version(which):
 
 
 def test_pyz_finds_its_ca_bundle_under_python38():
-    """requests verifies TLS with certifi's cacert.pem, which lives inside
-    the zip: it must be readable from there on Python 3.8."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import certifi, requests.utils; "
-            "path = requests.utils.extract_zipped_paths(certifi.where()); "
-            "print(open(path).read().count('BEGIN CERTIFICATE'))")
+    """TLS is verified against certifi's cacert.pem, which lives inside the
+    zip: it must be loaded from there on Python 3.8."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import connector; "
+            "print(connector.tls_context().cert_store_stats()['x509_ca'])")
     out = run([python38(), "-c", code, PYZ])
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) > 100

@@ -2,8 +2,13 @@
 misbehaving cloud or printer. Each test runs connector.py as a real process
 and checks what arrived at the reference cloud."""
 
+import base64
 import datetime
+import hashlib
 import json
+import re
+import socket
+import threading
 import time
 
 import pytest
@@ -250,6 +255,63 @@ def test_a_web_page_is_not_taken_for_a_webcam_image(cloud, own_printer, make_con
 
 
 # -- lifecycle --------------------------------------------------------------
+
+class SilentWebsocketPeer:
+    """Accepts the websocket upgrade, then reads and ignores everything, the
+    close frame too; plain HTTP requests get a 503."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.ui_port = 1  # no web UI, no camera
+        self.upgraded = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
+            if not key:
+                conn.sendall(b"HTTP/1.1 503 X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            accept = base64.b64encode(hashlib.sha1(key.group(1) + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            self.upgraded.set()
+            while conn.recv(4096):
+                pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_sigterm_stops_within_5_seconds_when_moonraker_ignores_the_close_frame(cloud, make_connector):
+    peer = SilentWebsocketPeer()
+    try:
+        connector = make_connector(unpaired_config(cloud, peer)).start()
+        connector.wait_log("Heartbeat sent")
+        assert peer.upgraded.wait(10)
+        started = time.monotonic()
+        assert connector.stop(timeout=5) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        peer.close()
+
 
 def test_sigterm_stops_within_5_seconds_with_exit_0(paired):
     paired.wait_log("Heartbeat sent")
