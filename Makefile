@@ -56,7 +56,7 @@ binary-all:
 	sh build/build-all.sh
 
 bench: venv
-	$(PY) bench/bench.py --write-doc bench/README.md
+	$(PY) bench/bench.py --write-doc bench/README.md --write-doc README.md
 
 soak: venv
 	$(PY) bench/bench.py --soak

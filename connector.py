@@ -974,6 +974,7 @@ class Cloud:
             headers["Authorization"] = "Bearer %s" % config.connector_secret
             headers["X-Connector-Id"] = str(config.connector_id)
         self.http = HttpClient(config.cloud_url, headers, cloud_error_message, log, "cloud")
+        self._paths = {}  # type: Dict[str, str]
 
     def call(self, method: str, path: str, what: str, **kwargs) -> HttpResponse:
         try:
@@ -983,9 +984,14 @@ class Cloud:
                 raise CredentialsRejected("credentials rejected by the cloud (%s): %s" % (what, exc)) from None
             raise
 
-    @property
-    def connector_path(self) -> str:
-        return "/api/v1/connectors/%s" % quote(str(self.config.connector_id), safe="")
+    def connector_path(self, suffix: str) -> str:
+        """A path under /api/v1/connectors/:id, built once: the polls ask for
+        theirs thousands of times an hour."""
+        path = self._paths.get(suffix)
+        if path is None:
+            connector_id = quote(str(self.config.connector_id), safe="")
+            path = self._paths[suffix] = "/api/v1/connectors/%s%s" % (connector_id, suffix)
+        return path
 
     def register(self, body: Dict[str, Any]) -> Dict[str, Any]:
         try:
@@ -1000,11 +1006,10 @@ class Cloud:
         return answer
 
     def heartbeat(self, body: Dict[str, Any]) -> None:
-        self.call("POST", self.connector_path + "/heartbeat", "heartbeat", json_body=body)
+        self.call("POST", self.connector_path("/heartbeat"), "heartbeat", json_body=body)
 
     def poll_commands(self) -> List[Any]:
-        response = self.call("GET", self.connector_path + "/commands", "commands",
-                             params={"limit": COMMANDS_PER_POLL})
+        response = self.call("GET", self.connector_path("/commands?limit=%d" % COMMANDS_PER_POLL), "commands")
         return self._array(response, "commands")
 
     def complete(self, command_id: str, body: Dict[str, Any]) -> bool:
@@ -1024,8 +1029,8 @@ class Cloud:
         self.call("POST", "/api/v1/snapshots/batch", "snapshots", json_body={"snapshots": snapshots})
 
     def poll_webcam_requests(self) -> List[Any]:
-        response = self.call("GET", self.connector_path + "/webcam_requests", "webcam requests",
-                             params={"limit": WEBCAM_REQUESTS_PER_POLL})
+        response = self.call("GET", self.connector_path("/webcam_requests?limit=%d" % WEBCAM_REQUESTS_PER_POLL),
+                             "webcam requests")
         return self._array(response, "webcam requests")
 
     def upload_webcam(self, request_id: str, printer_id: int, image: bytes, content_type: str) -> None:

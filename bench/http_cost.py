@@ -3,7 +3,7 @@
 
 Starts the reference cloud in a process of its own (so its CPU is not
 counted), pairs once, then times N keep-alive `GET .../commands?limit=20`
-with the protocol's headers through: connector.py's HttpClient (requests),
+with the protocol's headers through: connector.py's HttpClient,
 a bare requests.Session, a urllib3 connection pool, and http.client. Prints
 the client CPU per request (process time, median of --repeat rounds) and the
 bytes each sends per request, as counted by the cloud.
@@ -82,7 +82,7 @@ def clients(url, headers):
             return conn.getresponse().read()
         return get
 
-    return [("connector.HttpClient (requests)", via_connector), ("requests.Session", via_requests),
+    return [("connector.HttpClient", via_connector), ("requests.Session", via_requests),
             ("urllib3 pool", via_urllib3), ("http.client", via_http_client)]
 
 
