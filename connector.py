@@ -605,33 +605,25 @@ class KeptConnections:
         key = (parts.scheme, parts.netloc)
         conn = self.connections.get(key)
         reused = conn is not None and not self._dropped(conn)
-        if not reused:
-            conn = self._connect(key, timeout[0])
-        sent = False
-        try:
-            sent = self._send(conn, method, target, headers, body, timeout[1])
-            return self._receive(conn, max_bytes)
-        except self.DEAD as exc:
-            conn.close()
-            replayable = body is None or isinstance(body, bytes)
-            if not (reused and replayable and (method in self.IDEMPOTENT or not sent)):
-                raise HttpError(_socket_message(exc)) from None
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise HttpError(_socket_message(exc), tls=isinstance(exc, ssl.SSLError)) from None
-        except HttpError:
-            conn.close()
-            raise
-        conn = self._connect(key, timeout[0])
-        try:
-            self._send(conn, method, target, headers, body, timeout[1])
-            return self._receive(conn, max_bytes)
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise HttpError(_socket_message(exc), tls=isinstance(exc, ssl.SSLError)) from None
-        except HttpError:
-            conn.close()
-            raise
+        while True:
+            if not reused:
+                conn = self._connect(key, timeout[0])
+            sent = False
+            try:
+                sent = self._send(conn, method, target, headers, body, timeout[1])
+                return self._receive(conn, max_bytes)
+            except self.DEAD as exc:
+                conn.close()
+                replayable = body is None or isinstance(body, bytes)
+                if not (reused and replayable and (method in self.IDEMPOTENT or not sent)):
+                    raise HttpError(_socket_message(exc)) from None
+                reused = False  # once more, on a fresh connection
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                raise HttpError(_socket_message(exc), tls=isinstance(exc, ssl.SSLError)) from None
+            except HttpError:
+                conn.close()
+                raise
 
     @staticmethod
     def _dropped(conn: http.client.HTTPConnection) -> bool:
