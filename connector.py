@@ -56,6 +56,7 @@ CAMERA_RECHECK_SECONDS = 300.0  # how often to look again for a camera that did 
 WEBCAM_REQUEST_MAX_AGE = 30.0
 WEBCAM_MAX_BYTES = 10 * 1024 * 1024
 MAX_JSON_BODY = 4 * 1024 * 1024
+READ_CHUNK = 64 * 1024
 COMMANDS_PER_POLL = 20
 WEBCAM_REQUESTS_PER_POLL = 10
 SNAPSHOT_BATCH = 50
@@ -568,6 +569,20 @@ def _check_length(content: bytes, status: int, max_bytes: int) -> bytes:
     return content
 
 
+def read_capped(read: Callable[[int], bytes], max_bytes: int) -> bytes:
+    """At most max_bytes + 1 bytes from read(size), a chunk at a time: one
+    read(max_bytes + 1) makes Python 3.8 zero a buffer that large first (4 MB
+    for every poll, 10 MB for every webcam picture)."""
+    chunks, size = [], 0
+    while size <= max_bytes:
+        chunk = read(min(READ_CHUNK, max_bytes + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 _TLS_CONTEXT = []  # type: List[ssl.SSLContext]
 
 
@@ -676,7 +691,9 @@ class KeptConnections:
     def _receive(conn, max_bytes: int) -> HttpResponse:
         response = conn.getresponse()
         _check_declared_length(response.msg, response.status, max_bytes)
-        content = _check_length(response.read(max_bytes + 1), response.status, max_bytes)
+        # A Content-Length was checked against the cap already.
+        body = response.read() if response.length is not None else read_capped(response.read, max_bytes)
+        content = _check_length(body, response.status, max_bytes)
         if not response.isclosed():
             conn.close()  # an unread remainder would be taken for the next answer
         return HttpResponse(response.status, response.msg, content)
@@ -718,7 +735,7 @@ class RequestsTransport:
         try:
             _check_declared_length(response.headers, response.status_code, max_bytes)
             try:
-                content = response.raw.read(max_bytes + 1, decode_content=True)
+                content = read_capped(lambda size: response.raw.read(size, decode_content=True), max_bytes)
             except Exception as exc:  # urllib3 raises several unrelated types here
                 raise HttpError(self._message(exc)) from None
             return HttpResponse(response.status_code, response.headers,

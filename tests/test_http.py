@@ -359,3 +359,15 @@ def test_a_peer_behind_a_proxy_is_reached_through_it(server, client, monkeypatch
     answer = client("http://printer.invalid:7125").request("GET", "/server/info")
     assert answer.content == b'["via proxy"]'
     assert proxy.exchanges[0].request_line == "GET http://printer.invalid:7125/server/info HTTP/1.1"
+
+
+def test_a_body_of_unknown_length_is_read_a_chunk_at_a_time_up_to_one_byte_past_the_cap():
+    # One read of the whole cap would make Python 3.8 zero a buffer that large first.
+    source, asked = io.BytesIO(b"x" * 200000), []
+
+    def read(size):
+        asked.append(size)
+        return source.read(size)
+
+    assert len(connector.read_capped(read, 150000)) == 150001
+    assert max(asked) <= connector.READ_CHUNK
