@@ -502,12 +502,13 @@ class FailureTracker:
 # The one place that does HTTP: connect and read timeouts on every call, a
 # cap on every body we read, and every failure mapped to HttpError with a
 # short message. Peers are reached over kept-alive http.client connections:
-# the polls run thousands of times an hour, and requests would cost twice the
-# CPU per call and 6 MB more memory for features they do not use. requests is
-# imported only for a peer that the environment routes through a proxy (it
-# speaks CONNECT and proxy authentication). Redirects are not followed. Only
-# the headers the protocol needs are sent: every byte is paid for on metered
-# links. TLS verification stays on.
+# the polls run thousands of times an hour, and requests would cost three
+# times the CPU per call and 6 MB more memory for features they do not use
+# (bench/README.md). requests is imported only for a peer that the
+# environment routes through a proxy (it speaks CONNECT and proxy
+# authentication). Redirects are not followed. Only the headers the protocol
+# needs are sent: every byte is paid for on metered links. TLS verification
+# stays on.
 
 import http.client  # noqa: E402
 import select  # noqa: E402
