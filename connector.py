@@ -2512,11 +2512,10 @@ class Doctor:
             if exc.tls:
                 self.note("fail", "cloud", "%s: the TLS certificate is not valid: %s" % (url, _short(str(exc), 160)),
                           "check the printer's clock (date -u) and that nothing intercepts HTTPS")
-                return
             else:
                 self.note("fail", "cloud", "%s: %s" % (url, exc),
                           "check cloud_url and that the printer can reach the internet (firewall, proxy)")
-                return
+            return
         finally:
             probe.close()
         tls = "valid certificate" if parts.scheme == "https" else "plain http, no certificate to check"
