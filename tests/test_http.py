@@ -8,97 +8,13 @@ import os
 import socket
 import ssl
 import subprocess
-import threading
 
 import pytest
 
 from harness import wait_until
+from rawserver import RawServer, reply
 
 import connector
-
-
-class Exchange:
-    def __init__(self, connection, head, body):
-        self.connection, self.head, self.body = connection, head, body
-        lines = head.decode("latin-1").split("\r\n")
-        self.request_line = lines[0]
-        self.method = self.request_line.split(" ")[0]
-        self.header_lines = [line for line in lines[1:] if line]
-        self.headers = {line.split(":", 1)[0].lower(): line.split(":", 1)[1].strip() for line in self.header_lines}
-
-
-def reply(status=200, body=b"[]", headers=(("Content-Type", "application/json"),), length=None):
-    head = "HTTP/1.1 %d X\r\n" % status
-    for name, value in headers:
-        head += "%s: %s\r\n" % (name, value)
-    head += "Content-Length: %d\r\n\r\n" % (len(body) if length is None else length)
-    return head.encode("latin-1") + body
-
-
-class RawServer:
-    """Answers each request with what `respond(exchange)` returns: bytes to
-    send, CLOSE (drop the connection unanswered), HANG (say nothing), or
-    (bytes, CLOSE) to answer and then close."""
-
-    CLOSE, HANG = "close", "hang"
-
-    def __init__(self, respond=lambda exchange: reply(), tls_context=None):
-        self.respond, self.tls_context = respond, tls_context
-        self.exchanges, self.connections = [], 0
-        self.closed = threading.Event()
-        self.stopping = threading.Event()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def url(self, path="/", scheme="http", host="127.0.0.1"):
-        return "%s://%s:%d%s" % (scheme, host, self.port, path)
-
-    def _accept(self):
-        while not self.stopping.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            index, self.connections = self.connections, self.connections + 1
-            threading.Thread(target=self._serve, args=(sock, index), daemon=True).start()
-
-    def _serve(self, sock, index):
-        try:
-            if self.tls_context is not None:
-                sock = self.tls_context.wrap_socket(sock, server_side=True)
-            reader = sock.makefile("rb")
-            while True:
-                head = b""
-                while not head.endswith(b"\r\n\r\n"):
-                    line = reader.readline()
-                    if not line:
-                        return
-                    head += line
-                exchange = Exchange(index, head, b"")
-                exchange.body = reader.read(int(exchange.headers.get("content-length", "0")))
-                self.exchanges.append(exchange)
-                answer = self.respond(exchange)
-                if answer == self.HANG:
-                    self.stopping.wait(30)
-                    return
-                if answer == self.CLOSE:
-                    return
-                if isinstance(answer, tuple):
-                    sock.sendall(answer[0])
-                    return
-                sock.sendall(answer)
-        except (OSError, ssl.SSLError):
-            return
-        finally:
-            sock.close()
-            self.closed.set()
-
-    def stop(self):
-        self.stopping.set()
-        self.listener.close()
 
 
 @pytest.fixture

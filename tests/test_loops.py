@@ -6,14 +6,13 @@ import base64
 import datetime
 import hashlib
 import json
-import re
-import socket
-import threading
 import time
+import types
 
 import pytest
 
-from harness import FAST, unpaired_config
+from harness import FAST, unpaired_config, wait_until
+from rawserver import RawServer, reply
 
 
 def heartbeats_of(cloud, connector):
@@ -256,61 +255,29 @@ def test_a_web_page_is_not_taken_for_a_webcam_image(cloud, own_printer, make_con
 
 # -- lifecycle --------------------------------------------------------------
 
-class SilentWebsocketPeer:
-    """Accepts the websocket upgrade, then reads and ignores everything, the
-    close frame too; plain HTTP requests get a 503."""
-
-    def __init__(self):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
-        self.ui_port = 1  # no web UI, no camera
-        self.upgraded = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
-            key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
-            if not key:
-                conn.sendall(b"HTTP/1.1 503 X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                return
-            accept = base64.b64encode(hashlib.sha1(key.group(1) + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-            self.upgraded.set()
-            while conn.recv(4096):
-                pass
-
-    def close(self):
-        self.listener.close()
+def silent_websocket_answer(exchange):
+    """Accepts a websocket upgrade, then reads and ignores everything, the
+    close frame too (frames never end a request head); HTTP gets a 503."""
+    key = exchange.headers.get("sec-websocket-key")
+    if not key:
+        return reply(503, b"")
+    accept = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
 
 
 def test_sigterm_stops_within_5_seconds_when_moonraker_ignores_the_close_frame(cloud, make_connector):
-    peer = SilentWebsocketPeer()
+    peer = RawServer(silent_websocket_answer)
     try:
-        connector = make_connector(unpaired_config(cloud, peer)).start()
+        printer = types.SimpleNamespace(url=peer.url().rstrip("/"), ui_port=1)  # no web UI, no camera
+        connector = make_connector(unpaired_config(cloud, printer)).start()
         connector.wait_log("Heartbeat sent")
-        assert peer.upgraded.wait(10)
+        wait_until(lambda: any("sec-websocket-key" in e.headers for e in peer.exchanges), message="an upgrade")
         started = time.monotonic()
         assert connector.stop(timeout=5) == 0
         assert time.monotonic() - started < 5
     finally:
-        peer.close()
+        peer.stop()
 
 
 def test_sigterm_stops_within_5_seconds_with_exit_0(paired):
