@@ -358,6 +358,9 @@ fetch_asset() { # DIR VERSION ASSET
     say "downloading $3 $2"
     download "$(asset_url "$2" "$3")" "$1/$3" || err "could not download $(asset_url "$2" "$3")"
     verify_sha256 "$1/$3" "$3" "$1/SHA256SUMS"
+    # Downloaders write 0644; a native binary must run for its --version
+    # check (and later as the service) before it is swapped in.
+    chmod 755 "$1/$3" || err "could not make $1/$3 executable"
 }
 
 verify_sha256() { # FILE ASSET SUMS
