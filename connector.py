@@ -11,7 +11,7 @@ snapshots that cannot be delivered are kept on disk until the cloud takes
 them, and every command id is recorded before it runs, so a command is never
 run twice. The wire contract is PROTOCOL.md (cloud API and Moonraker).
 
-Sections, in dependency order: constants, errors, config, logging, HTTP,
+Sections, in dependency order: constants, errors, bounded JSON, config, logging, HTTP,
 Moonraker client, cloud client, durable state, actions, status watcher,
 loops, agent, CLI.
 """
@@ -135,6 +135,57 @@ class CommandFailed(ConnectorError):
 
 class StateDirError(ConnectorError):
     """state_dir cannot be written."""
+
+
+# --------------------------------------------------------------------------
+# Bounded JSON
+# --------------------------------------------------------------------------
+# Every JSON text from outside (the cloud, Moonraker, state files) is decoded
+# here. A structure some 990 levels deep decodes, but then breaks whatever
+# walks it recursively (json.dumps, repr, ==) with RecursionError; written to
+# the ledger it would break every later start. No real answer nests deeper
+# than a dozen levels, so anything past MAX_JSON_DEPTH is refused at the door,
+# as are NaN and Infinity, which are not JSON and which the cloud cannot read
+# back.
+
+MAX_JSON_DEPTH = 64
+
+
+class BadJson(ValueError):
+    """A text that is not JSON, or JSON this program refuses to hold."""
+
+
+def _refuse_constant(name: str):
+    raise BadJson("%s is not a JSON value" % name)
+
+
+def decode_json(data, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads for untrusted bytes or text; BadJson for anything refused."""
+    try:
+        value = json.loads(data, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise BadJson("JSON nested too deeply") from None
+    except BadJson:
+        raise
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, the 3.11 int digits limit
+        raise BadJson(str(exc)) from None
+    if json_deeper_than(value, max_depth):
+        raise BadJson("JSON nested deeper than %d levels" % max_depth)
+    return value
+
+
+def json_deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` levels, found without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 # --------------------------------------------------------------------------
@@ -525,8 +576,8 @@ class HttpResponse:
         if not self.content:
             return None
         try:
-            return json.loads(self.content.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            return decode_json(self.content)
+        except BadJson:
             ctype = self.headers.get("Content-Type", "?").split(";")[0]
             raise HttpError("%s: expected JSON, got %s (%d bytes)" % (what, ctype, len(self.content)),
                             self.status) from None
@@ -895,8 +946,8 @@ GENERIC_REASONS = {"bad request", "not found", "forbidden", "internal server err
 
 def moonraker_error_message(response: HttpResponse) -> str:
     try:
-        body = json.loads(response.content.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+        body = decode_json(response.content)
+    except BadJson:
         return generic_error_message(response)
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, str):
@@ -964,8 +1015,8 @@ class Moonraker:
 
 def cloud_error_message(response: HttpResponse) -> str:
     try:
-        body = json.loads(response.content.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+        body = decode_json(response.content)
+    except BadJson:
         return generic_error_message(response)
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         return _short(body["error"])
@@ -1087,8 +1138,8 @@ def read_jsonl(path: str, log: Logger) -> List[Dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            record = decode_json(line)
+        except BadJson:
             record = None
         if not isinstance(record, dict):
             log.warn("skipping a corrupt record in the outbox", file=os.path.basename(path), line=number)
@@ -1921,8 +1972,8 @@ class StatusWatcher:
         if "notify_proc_stat_update" in message[:64]:
             return  # Moonraker sends it every second to every client; parsing it is wasted CPU
         try:
-            data = json.loads(message)
-        except ValueError:
+            data = decode_json(message)
+        except BadJson:
             return
         if not isinstance(data, dict):
             return
