@@ -9,7 +9,7 @@ requests; a fifth thread watches Moonraker's websocket so that a change of
 print state reaches the cloud within about a second. Command results and
 snapshots that cannot be delivered are kept on disk until the cloud takes
 them, and every command id is recorded before it runs, so a command is never
-run twice. The wire contract is PROTOCOL.md (cloud API and Moonraker).
+run twice. The wire contract is docs/PROTOCOL.md (cloud API and Moonraker).
 
 Sections, in dependency order: constants, errors, bounded JSON, config, logging, HTTP,
 Moonraker client, cloud client, durable state, actions, status watcher,
@@ -37,7 +37,7 @@ __version__ = "0.1.0"
 # --------------------------------------------------------------------------
 # Constants
 # --------------------------------------------------------------------------
-# Defaults come from PROTOCOL.md; limits keep a misbehaving peer from
+# Defaults come from docs/PROTOCOL.md; limits keep a misbehaving peer from
 # exhausting the memory of a 200 MB printer.
 
 DEFAULT_CLOUD_URL = "https://www.spoolr.io"
@@ -47,7 +47,7 @@ DEFAULT_INTERVALS = {
     "poll_commands_seconds": 3.0,
     "push_snapshots_seconds": 30.0,
     "heartbeat_seconds": 10.0,
-    "poll_webcam_seconds": 2.0,  # not in PROTOCOL.md's config; the cloud polls "every ~2 s"
+    "poll_webcam_seconds": 2.0,  # docs/PROTOCOL.md 1.6: the cloud expects about every 2 s
     # While no printer has a camera that answers, a webcam request cannot be
     # answered anyway: polling for them every 2 s would only cost bytes.
     "poll_webcam_no_camera_seconds": 30.0,
@@ -191,7 +191,7 @@ def json_deeper_than(value: Any, limit: int) -> bool:
 # --------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------
-# The file is JSON (PROTOCOL.md section 3). Validation names the file and the
+# The file is JSON (docs/PROTOCOL.md section 3). Validation names the file and the
 # field in one line. The raw dict is kept so that keys we do not know survive
 # a rewrite; rewrites are atomic and 0600 because the file holds the secret.
 
@@ -1009,7 +1009,7 @@ class Moonraker:
 # --------------------------------------------------------------------------
 # Cloud client
 # --------------------------------------------------------------------------
-# PROTOCOL.md section 1. Every call but register carries the connector's
+# docs/PROTOCOL.md section 1. Every call but register carries the connector's
 # credentials; a 401 becomes CredentialsRejected so the loops can slow down.
 
 
@@ -1356,7 +1356,7 @@ def check_state_dir(state_dir: str) -> None:
 # --------------------------------------------------------------------------
 # Actions
 # --------------------------------------------------------------------------
-# PROTOCOL.md 1.7. Each handler validates its params before Moonraker is
+# docs/PROTOCOL.md 1.7. Each handler validates its params before Moonraker is
 # touched and returns the result fields; failures raise CommandFailed. The
 # ACTIONS table at the end maps action names to handlers.
 

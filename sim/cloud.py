@@ -1,4 +1,4 @@
-"""Reference cloud: the PrintDock API of PROTOCOL.md section 1, on loopback.
+"""Reference cloud: the PrintDock API of docs/PROTOCOL.md section 1, on loopback.
 
 Used in-process by the tests (``ReferenceCloud().start()``), by the demo and by
 the benchmark, and out of process through its CLI plus a small HTTP control
@@ -537,7 +537,7 @@ class ReferenceCloud(Recorder):
     def _method_not_allowed(self, request):
         return 405, {"error": "Method not allowed"}
 
-    # ---- endpoints (PROTOCOL 1.1 - 1.6) ----
+    # ---- endpoints (docs/PROTOCOL.md 1.1 - 1.6) ----
     def _ep_register(self, request):
         with self._lock:
             try:

@@ -1,9 +1,9 @@
-"""Printer simulator: a Moonraker look-alike (PROTOCOL.md section 2) on loopback.
+"""Printer simulator: a Moonraker look-alike (docs/PROTOCOL.md section 2) on loopback.
 
 Runs tornado in an IOLoop thread of its own with two listeners: the API port
 (Moonraker's HTTP API and the JSON-RPC websocket at /websocket) and the UI port
 (the web UI, which serves the webcam snapshot). Response shapes follow the real
-Moonraker 0.11 (see /work/shared/fixtures/moonraker-0.11-no-klippy.json).
+Moonraker 0.11 (recorded in tests/fixtures/moonraker-0.11-no-klippy.json).
 Everything received is recorded for the tests; faults make it misbehave.
 """
 

@@ -1,4 +1,4 @@
-"""Every action of PROTOCOL.md 1.7, end to end: the cloud queues a command,
+"""Every action of docs/PROTOCOL.md 1.7, end to end: the cloud queues a command,
 the connector (a real process) runs it against the printer simulator, and
 the completion that reaches the cloud is checked along with the printer."""
 
