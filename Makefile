@@ -10,7 +10,7 @@ MR_VENV     := .venv-moonraker
 BUILD_VENV  := .venv-build
 DEB_PACKAGES := busybox shellcheck dash
 
-.PHONY: all demo test test-fast lint binary pyz binary-all binary-mipsle bench soak clean venv deb-deps
+.PHONY: all demo test test-fast fixtures lint binary pyz binary-all binary-mipsle bench soak clean venv deb-deps
 
 all: test
 
@@ -42,6 +42,11 @@ test: venv $(MR_VENV)/.stamp deb-deps pyz binary
 # The tests without the artifacts (quick loop while editing connector.py).
 test-fast: venv $(MR_VENV)/.stamp deb-deps
 	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q tests -m "not artifacts"
+
+# Records again what the real Moonraker answers (tests/fixtures/), for the
+# tests that hold the simulator and the Moonraker client to it.
+fixtures: venv $(MR_VENV)/.stamp
+	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) tests/fixtures/record.py
 
 pyz: venv
 	sh build/build-pyz.sh

@@ -17,9 +17,7 @@ from sim.cloud import ReferenceCloud
 from sim.printer import PrinterSimulator
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FIXTURE = pathlib.Path("/work/shared/fixtures/moonraker-0.11-no-klippy.json")
-if not FIXTURE.exists():
-    FIXTURE = ROOT / "tests" / "fixtures" / "moonraker-0.11-no-klippy.json"
+FIXTURE = ROOT / "tests" / "fixtures" / "moonraker-0.11-no-klippy.json"  # tests/fixtures/record.py
 
 
 # --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import urllib3
 
 import connector
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "moonraker-0.11-no-klippy.json")
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "moonraker-0.11-no-klippy.json")  # fixtures/record.py
 MOON = "http://moonraker.test"
 CLOUD = "https://cloud.test"
 
