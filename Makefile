@@ -8,7 +8,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 MR_VENV     := .venv-moonraker
 BUILD_VENV  := .venv-build
-DEB_PACKAGES := busybox shellcheck dash
+DEB_PACKAGES := busybox shellcheck dash gcc libc6-dev
 
 .PHONY: all demo test test-fast fixtures lint binary pyz binary-all binary-mipsle bench soak clean venv deb-deps
 

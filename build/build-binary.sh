@@ -11,6 +11,11 @@
 #                                        the current root (host or build root)
 #   build-binary.sh check TARGET         exit 0 if that artifact is up to date
 #
+# CONNECTOR_SOURCE names another connector.py to freeze (a build root holds a
+# copy; the installer tests build a release that differs only in version),
+# and for `native` BINARY_OUT and BINARY_WORK another output file and work
+# folder, each with a stamp of its own.
+#
 # PyInstaller (specs/printer-connector.spec, --onefile) freezes connector.py
 # with the pinned runtime packages, then staticx bundles glibc and every
 # library into the file, so it runs on any Linux of its architecture.
@@ -153,8 +158,8 @@ build_native() {
     [ -f "$src" ] || err "$src not found"
     version=$(source_version "$src")
     [ -n "$version" ] || err "no __version__ = \"X.Y.Z\" line in $src"
-    out="$repo/dist/printer-connector-linux-$arch"
-    work="$repo/build/work/$arch"
+    out=${BINARY_OUT:-$repo/dist/printer-connector-linux-$arch}
+    work=${BINARY_WORK:-$repo/build/work/$arch}
     stamp=$(inputs_hash "$repo" "$src")
     if is_current "$work/stamp" "$stamp" "$out"; then
         say "$out is up to date ($version)"
@@ -165,7 +170,7 @@ build_native() {
     ensure_build_packages "$repo"
     ensure_build_venv "$repo"
     rm -rf "$work"
-    mkdir -p "$work" "$repo/dist"
+    mkdir -p "$work" "$(dirname "$out")"
     say "freezing $src ($version, $arch)"
     CONNECTOR_SOURCE=$src "$repo/.venv-build/bin/pyinstaller" --noconfirm --log-level WARN \
         --distpath "$work/frozen" --workpath "$work/pyinstaller" "$repo/specs/printer-connector.spec"

@@ -1,0 +1,136 @@
+"""update.sh with the real static binary: two builds of connector.py that
+differ only in version (dist/'s, from `make binary`, and one built here from
+a copy with the next version), served from the loopback release server,
+where the downloaders write them 0644. The other installer tests run
+connector.py through python3 as the "release binary", which is why a native
+binary that could not run its --version check went unnoticed (issue 17).
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from installer_fixtures import (REPO, config_of, connector_source, heartbeats_of, host_asset, install_args,
+                                process_alive)
+
+pytestmark = pytest.mark.artifacts
+
+DIST_BINARY = REPO / "dist" / host_asset()
+NEXT_WORK = REPO / "build" / "work" / "next-release"
+
+
+def source_version():
+    return re.search(r'^__version__ = "([^"]+)"', (REPO / "connector.py").read_text(), re.M).group(1)
+
+
+def bumped(version, by=1):
+    head, last = re.match(r"^(.*?)(\d+)$", version).groups()
+    return "%s%d" % (head, int(last) + by)
+
+
+def build_next_binary(version):
+    """The static binary of connector.py with only its version changed,
+    built by build/build-binary.sh (skipped while its inputs are unchanged)."""
+    NEXT_WORK.mkdir(parents=True, exist_ok=True)
+    source = NEXT_WORK / "connector.py"
+    text = connector_source(version)
+    if not source.exists() or source.read_bytes() != text:
+        source.write_bytes(text)
+    out = NEXT_WORK / host_asset()
+    env = dict(os.environ, CONNECTOR_SOURCE=str(source), BINARY_OUT=str(out), BINARY_WORK=str(NEXT_WORK / "work"))
+    built = subprocess.run(["sh", str(REPO / "build/build-binary.sh"), "native"], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=900)
+    assert built.returncode == 0, built.stdout.decode(errors="replace")
+    return out.read_bytes()
+
+
+CRASHING_C = r'''
+#include <stdio.h>
+#include <string.h>
+int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "--version") == 0) {
+        puts("printer-connector " VERSION);
+        return 0;
+    }
+    puts("time=x level=ERROR msg=\"broken native build\"");
+    return 1;
+}
+'''
+
+
+def crashing_native_binary(version, workdir):
+    """A native (ELF) release that passes the --version check and exits 1 at start."""
+    source = workdir / "crash.c"
+    source.write_text(CRASHING_C)
+    out = workdir / "crash"
+    subprocess.run(["cc", "-O1", "-DVERSION=\"%s\"" % version, "-o", str(out), str(source)], check=True)
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def static_releases():
+    """{version: bytes} of dist's binary and the next one, in release order."""
+    assert DIST_BINARY.is_file(), "%s is missing: run `make binary`" % DIST_BINARY
+    current = source_version()
+    return [(current, DIST_BINARY.read_bytes()), (bumped(current), build_next_binary(bumped(current)))]
+
+
+def native_version(sandbox, binary):
+    out = subprocess.run([str(binary), "--version"], stdout=subprocess.PIPE, env=sandbox.env, timeout=60)
+    return out.stdout.decode().strip().replace("printer-connector ", "")
+
+
+def install_static(sandbox, cloud, printer, release, version, data, shell):
+    release.publish(version, {host_asset(): data})
+    result = sandbox.run(shell, "install-klipper.sh", *install_args(cloud, printer))
+    assert result.returncode == 0, result.output
+    return config_of(sandbox.klipper_dir / "config.json")
+
+
+def heartbeat_from(cloud, connector_id, version, since=0):
+    return [h for h in heartbeats_of(cloud, connector_id)[since:] if h["body"]["status"]["version"] == version]
+
+
+def test_static_binary_updates_to_the_next_release_and_rolls_back(sandbox, cloud, printer, release,
+                                                                  static_releases):
+    (old, old_data), (new, new_data) = static_releases
+    config = install_static(sandbox, cloud, printer, release, old, old_data, "dash")
+    old_pid = sandbox.service_pid()
+    release.publish(new, {host_asset(): new_data})
+
+    result = sandbox.run("dash", "update.sh")
+    assert result.returncode == 0, result.output
+    assert "updating %s -> %s" % (old, new) in result.output
+    assert sandbox.klipper_bin.read_bytes() == new_data
+    assert native_version(sandbox, sandbox.klipper_bin) == new
+    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v" + new
+    assert not process_alive(old_pid) and sandbox.service_pid()
+    cloud.wait_for(lambda: heartbeat_from(cloud, config["connector_id"], new), 20, "a heartbeat from " + new)
+
+    beats = len(heartbeats_of(cloud, config["connector_id"]))
+    result = sandbox.run("bash", "update.sh", "--rollback")
+    assert result.returncode == 0, result.output
+    assert "rolled back to %s" % old in result.output
+    assert sandbox.klipper_bin.read_bytes() == old_data
+    cloud.wait_for(lambda: heartbeat_from(cloud, config["connector_id"], old, beats), 20, "a heartbeat from " + old)
+
+
+def test_crashing_native_release_is_rolled_back_to_the_static_binary(sandbox, tmp_path, cloud, printer, release,
+                                                                     static_releases):
+    (old, old_data), _ = static_releases
+    config = install_static(sandbox, cloud, printer, release, old, old_data, "busybox")
+    broken = bumped(old, 2)
+    release.publish(broken, {host_asset(): crashing_native_binary(broken, tmp_path)})
+    beats = len(heartbeats_of(cloud, config["connector_id"]))
+
+    result = sandbox.run("busybox", "update.sh", env={"PRINTER_CONNECTOR_HEALTH_TIMEOUT": "4"})
+    assert result.returncode == 1, result.output
+    assert "version %s does not work here: restoring %s" % (broken, old) in result.output
+    assert "broken native build" in result.output
+    assert "update to %s failed and was rolled back; %s runs again" % (broken, old) in result.output
+    assert sandbox.klipper_bin.read_bytes() == old_data
+    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v" + old
+    cloud.wait_for(lambda: heartbeat_from(cloud, config["connector_id"], old, beats), 20,
+                   "a heartbeat from the restored " + old)
