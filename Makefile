@@ -61,7 +61,7 @@ binary-all:
 	sh build/build-all.sh
 
 bench: venv
-	$(PY) bench/bench.py --write-doc bench/README.md --write-doc README.md
+	$(PY) bench/bench.py --write-doc bench/README.md --write-doc docs/benchmarks.md
 
 soak: venv
 	$(PY) bench/bench.py --soak
