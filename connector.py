@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -189,6 +190,53 @@ def json_deeper_than(value: Any, limit: int) -> bool:
 
 
 # --------------------------------------------------------------------------
+# Unsafe text
+# --------------------------------------------------------------------------
+# Text from peers (ids, file names, error messages, versions) is shown in log
+# lines, in the doctor's report and in config errors. Some characters can end
+# a line or drive the terminal that shows it, so a peer could forge a line or
+# hide one; they are found here, and escaped wherever such text is shown.
+
+# C0 and C1 controls (CR, LF, ESC, VT, FF, NUL...), DEL, U+2028 and U+2029
+# (Unicode's Cc, Zl and Zp): each can end a line in some log viewer or
+# terminal. The bidirectional overrides and isolates reorder what a reader
+# sees (a line can be made to look like another), so they go too.
+_UNSAFE = "\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+UNSAFE_CHARACTER = re.compile("[%s]" % _UNSAFE)
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
+
+
+def _escape_character(match) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or "\\u%04x" % ord(char)
+
+
+def escape_unsafe(text: str) -> str:
+    """Text from outside, made safe to show on one line of a terminal."""
+    return UNSAFE_CHARACTER.sub(_escape_character, text)
+
+
+def credential_problem(value: str) -> Optional[str]:
+    """Why a credential cannot be used safely, or None: one with a control
+    character would break the header it goes into and could not be redacted
+    from a log line reliably."""
+    found = UNSAFE_CHARACTER.search(value)
+    if found:
+        return "contains a control or line-separator character (U+%04X)" % ord(found.group())
+    return None
+
+
+def unsafe_credential(credentials: Dict[str, str]) -> Optional[str]:
+    """The first of the named credentials that cannot be used, and why; None
+    when all can (pairing checks what the cloud issued with it)."""
+    for name, value in credentials.items():
+        problem = credential_problem(value)
+        if problem:
+            return "%s %s" % (name, problem)
+    return None
+
+
+# --------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------
 # The file is JSON (docs/PROTOCOL.md section 3). Validation names the file and the
@@ -226,6 +274,7 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     outbox_max_snapshots: int = SPILL_MAX_SNAPSHOTS
     outbox_max_bytes: int = SPILL_MAX_BYTES
+    printer_data_root: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -242,7 +291,8 @@ class Config:
         return [p for p in self.moonraker if p.printer_id > 0]
 
     def secrets(self) -> List[str]:
-        return [s for s in (self.connector_secret, self.pairing_token) if s]
+        keys = [p.api_key for p in self.moonraker]
+        return [s for s in [self.connector_secret, self.pairing_token] + keys if s]
 
 
 def _is_number(value) -> bool:
@@ -264,6 +314,16 @@ def _is_str(value) -> bool:
     return isinstance(value, str)
 
 
+def _is_credential(value) -> bool:
+    return isinstance(value, str) and not UNSAFE_CHARACTER.search(value)
+
+
+def _is_plain_folder(value) -> bool:
+    """An absolute path as written, without "." or ".." segments."""
+    return (isinstance(value, str) and value.startswith("/") and not UNSAFE_CHARACTER.search(value)
+            and os.path.normpath(value) == (value.rstrip("/") or "/"))
+
+
 class _Fields:
     """Checked access to one JSON object; errors name the file and the field."""
 
@@ -273,12 +333,13 @@ class _Fields:
     def fail(self, key, message):
         raise ConfigError("%s: %s%s: %s" % (self.path, self.prefix, key, message))
 
-    def get(self, key, valid, default=None, what="valid"):
+    def get(self, key, valid, default=None, what="valid", secret=False):
         if self.data.get(key) is None:
             return default
         value = self.data[key]
         if not valid(value):
-            self.fail(key, "must be %s, got %s" % (what, json.dumps(value)[:60]))
+            got = "" if secret else ", got %s" % escape_unsafe(json.dumps(value)[:60])
+            self.fail(key, "must be %s%s" % (what, got))
         return value
 
 
@@ -291,7 +352,7 @@ def _parse_printer(path, index, data) -> PrinterConfig:
         printer_id=f.get("printer_id", lambda v: _is_int(v) and v >= 0, 0, "an integer >= 0"),
         name=f.get("name", _is_str, "", "a string"),
         ui_port=f.get("ui_port", lambda v: _is_int(v) and 0 < v < 65536, 80, "a port number"),
-        api_key=f.get("api_key", _is_str, None, "a string") or None,
+        api_key=f.get("api_key", _is_credential, None, "a string without control characters", secret=True) or None,
     )
 
 
@@ -313,15 +374,19 @@ def parse_config(path: str, data: Any, environ=os.environ) -> Config:
         path=path,
         cloud_url=cloud_url.rstrip("/"),
         moonraker=[_parse_printer(path, i, p) for i, p in enumerate(printers)],
-        pairing_token=f.get("pairing_token", _is_str, None, "a string") or None,
+        pairing_token=f.get("pairing_token", _is_credential, None, "a string without control characters",
+                            secret=True) or None,
         connector_id=None if connector_id is None else str(connector_id),
-        connector_secret=f.get("connector_secret", _is_str, None, "a string") or None,
+        connector_secret=f.get("connector_secret", _is_credential, None, "a string without control characters",
+                               secret=True) or None,
         site_name=f.get("site_name", _is_str, None, "a string"),
         state_dir=f.get("state_dir", lambda v: _is_str(v) and bool(v), DEFAULT_STATE_DIR, "a folder path"),
         outbox_max_snapshots=f.get("outbox_max_snapshots", lambda v: _is_int(v) and v > 0, SPILL_MAX_SNAPSHOTS,
                                    "an integer > 0"),
         outbox_max_bytes=f.get("outbox_max_bytes", lambda v: _is_int(v) and v >= 4096, SPILL_MAX_BYTES,
                                "an integer >= 4096"),
+        printer_data_root=f.get("printer_data_root", _is_plain_folder, None,
+                                "an absolute folder path without '.' or '..' segments"),
         raw=data,
         **intervals,
     )
@@ -445,37 +510,64 @@ def save_config(config: Config) -> None:
 # --------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------
-# logfmt lines on stdout (journald and the K1's log file catch them). Every
-# line passes through a redactor that knows the current secrets, so neither
-# the connector secret nor the pairing token can appear at any level. A
-# failure that repeats is logged once, then summarised.
+# logfmt lines on stdout (journald and the K1's log file catch them). Values
+# come from peers (ids, file names, error messages), so every character that
+# could end a line or drive a terminal is escaped: one call is one line, and
+# no peer can forge a line or hide one. Every value passes through a
+# redactor that knows the current secrets (connector secret, pairing token,
+# Moonraker api_key) before it is escaped, so none can appear at any level,
+# whatever characters it holds. A failure that repeats is logged once, then
+# summarised.
 
 LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40}
 LEVEL_NAMES = {10: "DEBUG", 20: "INFO", 30: "WARN", 40: "ERROR"}
 
+# Shorter strings are not treated as secrets: replacing "e" everywhere would
+# garble every line and hide nothing (a real secret is 24 characters or more).
+MIN_SECRET_LENGTH = 8
+REDACTED = "[redacted]"
+_NEEDS_QUOTES = re.compile('[ "=\\\\%s]' % _UNSAFE)
+_ESCAPED_IN_QUOTES = re.compile('["\\\\%s]' % _UNSAFE)
 
-def _logfmt_value(value) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if text and not any(c in text for c in ' "=\n\t\\'):
+
+def _logfmt_value(text: str) -> str:
+    if text and not _NEEDS_QUOTES.search(text):
         return text
-    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"%s"' % _ESCAPED_IN_QUOTES.sub(_escape_character, text)
 
 
 class Logger:
     def __init__(self, level="info", stream=None):
         self.level = LEVELS[level]
         self.stream = stream or sys.stdout
-        self.secrets = []  # type: List[str]
+        self.secrets = []  # type: List[str]  # longest first, so a secret inside another is not half-redacted
         self.lock = threading.Lock()
 
     def add_secret(self, secret: Optional[str]) -> None:
-        if secret and secret not in self.secrets:
-            self.secrets.append(secret)
+        if secret and len(secret) >= MIN_SECRET_LENGTH and secret not in self.secrets:
+            self.secrets = sorted(self.secrets + [secret], key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
-            text = text.replace(secret, "[redacted]")
+            text = text.replace(secret, REDACTED)
         return text
+
+    def redact_tree(self, value: Any) -> Any:
+        """A JSON value with every secret replaced in its strings, keys too
+        (a completion before it is recorded and sent)."""
+        if not self.secrets:
+            return value
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {self.redact(k) if isinstance(k, str) else k: self.redact_tree(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.redact_tree(item) for item in value]
+        return value
+
+    def _value(self, value) -> str:
+        text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+        return _logfmt_value(self.redact(text))
 
     def enabled(self, level: int) -> bool:
         return level >= self.level
@@ -484,9 +576,9 @@ class Logger:
         if level < self.level:
             return
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-        parts = ["time=%sZ" % now[:-6], "level=%s" % LEVEL_NAMES[level], "msg=%s" % _logfmt_value(msg)]
-        parts += ["%s=%s" % (key, _logfmt_value(value)) for key, value in fields.items() if value is not None]
-        line = self.redact(" ".join(parts))
+        parts = ["time=%sZ" % now[:-6], "level=%s" % LEVEL_NAMES[level], "msg=%s" % self._value(msg)]
+        parts += ["%s=%s" % (key, self._value(value)) for key, value in fields.items() if value is not None]
+        line = " ".join(parts)
         with self.lock:
             try:
                 self.stream.write(line + "\n")
@@ -1778,6 +1870,8 @@ class CommandRunner:
         except Exception as exc:  # a bug must fail the command, never the agent
             completion = completion_body("failed", result, "internal error: %s: %s" % (type(exc).__name__, exc))
             self.log.error("command handler crashed", id=command_id, action=action, error=repr(exc))
+        # A Moonraker error may quote its api_key back: no secret is recorded or sent.
+        completion = self.log.redact_tree(completion)
         self.log.info("Command finished", id=command_id, action=action, status=completion["status"],
                       error=completion.get("error_message"))
         return completion
@@ -2369,6 +2463,10 @@ def apply_registration(config: Config, answer: Dict[str, Any]) -> None:
     secret = credentials.get("secret") if isinstance(credentials, dict) else None
     if connector_id is None or not isinstance(secret, str) or not secret:
         raise HttpError("register: the answer lacks connector.id or credentials.secret")
+    unsafe = unsafe_credential({"connector.id": connector_id, "credentials.secret": secret})
+    if unsafe:
+        raise HttpError("register: the answer's %s, so it cannot be used; the pairing token is probably "
+                        "used up: get a new one" % unsafe)
     config.connector_id, config.connector_secret, config.pairing_token = connector_id, secret, None
     printers = answer.get("printers")
     for index, entry in enumerate(printers if isinstance(printers, list) else []):
@@ -2448,10 +2546,14 @@ class Doctor:
     def note(self, status: str, check: str, detail: str, fix: str = "") -> None:
         finding = Finding(status, check, detail, fix)
         self.findings.append(finding)
-        line = "%-4s  %-12s %s" % (status, check, detail)
+        line = "%-4s  %-12s %s" % (status, check, self._shown(detail))
         if fix:
-            line += "\n      fix: %s" % fix
-        click.echo(self.log.redact(line))
+            line += "\n      fix: %s" % self._shown(fix)
+        click.echo(line)
+
+    def _shown(self, text: str) -> str:
+        """Peer text (a version, an error, a log line) as one line without secrets."""
+        return escape_unsafe(self.log.redact(text))
 
     def run(self) -> int:
         self.check_config()
@@ -2663,16 +2765,18 @@ class Doctor:
         try:
             with open(log_file, "rb") as handle:
                 handle.seek(max(0, os.path.getsize(log_file) - 4096))
-                self._show_log(handle.read().decode("utf-8", "replace").splitlines()[-5:])
+                self._show_log(handle.read().decode("utf-8", "replace"))
         except OSError:
             pass
 
-    def _show_log(self, lines) -> None:
-        lines = lines.splitlines() if isinstance(lines, str) else lines
+    def _show_log(self, text: str) -> None:
+        # Split at newlines only: splitlines() also splits at U+2028, VT, FF
+        # and more, which would let one line of a peer's text pose as several.
+        lines = [line for line in text.split("\n") if line.strip()]
         if lines:
             click.echo("      latest log lines:")
             for line in lines[-5:]:
-                click.echo("        " + self.log.redact(line))
+                click.echo("        " + self._shown(line))
 
 
 def _run(argv: List[str]) -> Tuple[int, str]:

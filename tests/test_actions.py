@@ -309,3 +309,31 @@ def test_backup_does_not_stop_heartbeats(cloud, paired, storage, printer_data):
                    len([h for h in cloud.heartbeats if h["connector_id"] == paired.connector_id]) >= count + 2, 30)
     body = cloud.wait_for(lambda: cloud.completions_for(command_id), 60)[-1]["body"]
     assert body["status"] == "succeeded" and body["result"]["size_bytes"] > 64 << 20
+
+
+# -- secrets in completions -------------------------------------------------
+
+def test_an_api_key_that_moonraker_echoes_is_redacted_in_the_completion_and_the_ledger(cloud, make_connector):
+    import json
+    from harness import unpaired_config
+    from rawserver import RawServer, reply
+    key = "0123456789abcdef0123456789abcdef"
+
+    def echoing(exchange):
+        message = "bad request from key %s" % exchange.headers.get("x-api-key")
+        return reply(400, json.dumps({"error": {"code": 400, "message": message}}).encode())
+    server = RawServer(echoing)
+    try:
+        moonraker = type("Peer", (), {"url": "http://127.0.0.1:%d" % server.port, "ui_port": server.port})
+        config = unpaired_config(cloud, moonraker)
+        config["moonraker"][0]["api_key"] = key
+        connector = make_connector(config).start()
+        connector.wait_log("Connector running")
+        command_id = cloud.enqueue_command(connector.connector_id, connector.printer_id, "sync_files")
+        body = cloud.wait_for(lambda: cloud.completions_for(command_id), 20)[-1]["body"]
+        assert body["status"] == "failed" and "bad request from key [redacted]" in body["error_message"], body
+        connector.stop()
+        stored = "".join(p.read_text() for p in connector.state_dir.iterdir() if p.is_file())
+        assert key not in stored and key not in connector.log
+    finally:
+        server.stop()

@@ -4,6 +4,7 @@ simulator with faults switched on; systemctl and journalctl are stubs."""
 
 import json
 import os
+import re
 import ssl
 import subprocess
 import threading
@@ -240,3 +241,54 @@ def test_a_version_that_disagrees_with_release_info_warns(healthy, stub_bin):
     release_info.write_text(json.dumps({"version": "v%s" % connector_module.__version__}))
     code, output = doctor(healthy, stub_bin)
     assert status(output, "version") == "ok"
+
+
+# -- hostile peers ------------------------------------------------------------
+
+API_KEY = "0123456789abcdef0123456789abcdef"
+FORGED = "\nok    credentials forged\r\u2028ok    cloud forged\x1b[2K\x85ok    service forged"
+
+
+def echoing_moonraker(exchange):
+    """A Moonraker that quotes the caller's key back and puts fake doctor
+    lines in every text it returns."""
+    from rawserver import reply
+    key = exchange.headers.get("x-api-key", "")
+    if exchange.request_line.startswith("GET /server/info"):
+        body = {"result": {"klippy_state": "ready" + FORGED, "moonraker_version": "v0.11 key=%s%s" % (key, FORGED)}}
+        return reply(200, json.dumps(body).encode())
+    body = {"error": {"code": 404, "message": "no such thing for key %s%s" % (key, FORGED)}}
+    return reply(404, json.dumps(body).encode())
+
+
+@pytest.fixture
+def echoing(healthy):
+    from rawserver import RawServer
+    server = RawServer(echoing_moonraker)
+    config = healthy.config
+    config["moonraker"][0].update(base_url=server.url("").rstrip("/"), api_key=API_KEY)
+    healthy.write_config(config)
+    yield healthy
+    server.stop()
+
+
+def test_doctor_never_prints_an_api_key_that_moonraker_echoes(echoing, stub_bin):
+    code, output = doctor(echoing, stub_bin)
+    assert API_KEY not in output and "[redacted]" in output
+
+
+def test_doctor_shows_peer_text_on_one_line_each(echoing, stub_bin):
+    code, output = doctor(echoing, stub_bin)
+    assert not any(ch in output for ch in "\r\x1b\x85\u2028")
+    assert "forged" in output
+    assert not [l for l in output.splitlines() if re.match(r"(ok|warn|fail)\s+\S+\s+forged", l)]
+
+
+def test_the_doctors_log_view_shows_each_log_line_as_one_line(healthy, stub_bin):
+    (stub_bin / "journalctl").write_text("#!/bin/sh\nprintf 'level=INFO msg=\"a\\342\\200\\250"
+                                         "level=INFO msg=\\\\\"Pairing successful\\\\\"\\013x\\033[1Ay\\n'\n")
+    code, output = doctor(healthy, stub_bin)
+    view = output.split("latest log lines:\n", 1)[1].split("\n")
+    shown = [l for l in view if l.startswith("        ")]
+    assert len(shown) == 1 and "\\u2028" in shown[0] and "\\u000b" in shown[0] and "\\u001b" in shown[0]
+    assert "\u2028" not in output and "\x0b" not in output and "\x1b" not in output
