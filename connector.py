@@ -26,6 +26,7 @@ import random
 import re
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -90,8 +91,10 @@ LEDGER_KEEP_SECONDS = 7 * 24 * 3600
 LEDGER_MAX_ENTRIES = 5000
 
 BACKUP_FOLDERS = ("config", "database", "gcodes", "logs")
-BACKUP_SECRET_NAMES = frozenset({"moonraker.secrets", ".moonraker.uuid",
+# Moonraker's [secrets] file may have any name; these are the usual ones.
+BACKUP_SECRET_NAMES = frozenset({"moonraker.secrets", "moonraker_secrets.ini", ".moonraker.uuid",
                                  "printer-connector.json", "connector.json"})
+BACKUP_SECRET_SUFFIXES = (".secrets", "secrets.ini", "secrets.json")
 K1_PRINTER_DATA = "/usr/data/printer_data"
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PAIRING_REJECTED = 0, 1, 2, 3
@@ -1474,21 +1477,42 @@ def parse_rfc3339(text: Any) -> Optional[float]:
     return stamp.timestamp()
 
 
+# A file name must mean the same file to us, to Moonraker and to the disk.
+# Moonraker strips white space from the ends of a name (Python's strip(), so
+# U+3000 too): "a/ .." would become "a/..". Its path check is lexical, so a
+# link inside gcodes leads out of it: where the folder is on this host, the
+# real path is checked too (check_gcodes_path).
+MAX_FILENAME_BYTES = 4096
+MAX_SEGMENT_BYTES = 255
+_LOOPBACK_HOST = re.compile(r"^(localhost|127(\.[0-9]{1,3}){3}|::1)$")
+
+
 def validate_filename(params: Dict[str, Any], key: str = "filename") -> str:
     name = params.get(key)
     if not isinstance(name, str) or not name:
         raise CommandFailed("missing or invalid param '%s' (a file name)" % key)
-    if "\x00" in name:
-        raise CommandFailed("invalid filename: contains a NUL byte")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise CommandFailed("invalid filename: not valid Unicode (a lone surrogate)") from None
+    if size > MAX_FILENAME_BYTES:
+        raise CommandFailed("invalid filename: longer than %d bytes" % MAX_FILENAME_BYTES)
+    unsafe = UNSAFE_CHARACTER.search(name)
+    if unsafe:
+        raise CommandFailed("invalid filename: contains a control or line-separator character (U+%04X)"
+                            % ord(unsafe.group()))
     if "\\" in name:
         raise CommandFailed("invalid filename: contains a backslash")
     if name.startswith("/"):
         raise CommandFailed("invalid filename: absolute paths are not allowed")
     for segment in name.split("/"):
         if segment in ("", ".", ".."):
-            raise CommandFailed("invalid filename: empty, '.' or '..' path segment in %r" % name)
-        if len(segment.encode("utf-8")) > 255:
-            raise CommandFailed("invalid filename: a path segment is longer than 255 bytes")
+            raise CommandFailed("invalid filename: empty, '.' or '..' path segment in %r" % _short(name, 120))
+        if segment.strip() != segment:
+            raise CommandFailed("invalid filename: a path segment starts or ends with white space in %r "
+                                "(Moonraker would strip it)" % _short(name, 120))
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            raise CommandFailed("invalid filename: a path segment is longer than %d bytes" % MAX_SEGMENT_BYTES)
     return name
 
 
@@ -1500,6 +1524,40 @@ class ActionContext:
     config: Config
     log: Logger
     stop: threading.Event
+
+
+def gcodes_folder(ctx: ActionContext, filename: str) -> Optional[str]:
+    """Moonraker's gcodes folder when it is on this host; None when that
+    cannot be known (a remote Moonraker, or one without /server/files/roots)."""
+    if not _LOOPBACK_HOST.match(ctx.printer.host):
+        return None
+    try:
+        roots = ctx.moonraker.call("GET", "/server/files/roots")
+    except HttpError as exc:
+        if getattr(exc, "status", None) == 404:
+            return None
+        raise CommandFailed("cannot check the gcodes folder: %s" % exc, {"filename": filename}) from None
+    for root in roots if isinstance(roots, list) else []:
+        path = root.get("path") if isinstance(root, dict) and root.get("name") == "gcodes" else None
+        if isinstance(path, str) and path.startswith("/") and os.path.isdir(path):
+            return path
+    return None
+
+
+def check_gcodes_path(ctx: ActionContext, filename: str) -> None:
+    """Refuses a (validated) name whose real path leaves the gcodes folder
+    through a link, where that folder is on this host. gcodes itself may be
+    a link (to a USB stick, say): the check is against where it leads."""
+    folder = gcodes_folder(ctx, filename)
+    if folder is None:
+        return
+    real_folder = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(folder, filename))
+    if target != real_folder and not target.startswith(real_folder.rstrip("/") + "/"):
+        ctx.log.warn("file action refused: the name leads out of gcodes through a link", filename=filename,
+                     target=target)
+        raise CommandFailed("invalid filename: %r leads out of the gcodes folder through a symbolic link"
+                            % _short(filename, 120), {"filename": filename})
 
 
 def _moonraker(ctx: ActionContext, result: Dict[str, Any], method: str, path: str, **kwargs) -> Any:
@@ -1519,6 +1577,7 @@ def _print_control(path: str):
 
 def action_start_print(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
     result = {"filename": validate_filename(params)}
+    check_gcodes_path(ctx, result["filename"])
     _moonraker(ctx, result, "POST", "/printer/print/start", params=result)
     return result
 
@@ -1549,6 +1608,7 @@ def action_upload_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, 
         data = base64.b64decode(content, validate=True)
     except (binascii.Error, ValueError):
         raise CommandFailed("invalid param 'content': not valid base64", {"filename": filename}) from None
+    check_gcodes_path(ctx, filename)
     folder, _, base = filename.rpartition("/")
     form = {"root": "gcodes"}
     if folder:
@@ -1561,6 +1621,7 @@ def action_upload_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, 
 
 def action_delete_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
     result = {"filename": validate_filename(params)}
+    check_gcodes_path(ctx, result["filename"])
     _moonraker(ctx, result, "DELETE", "/server/files/gcodes/" + quote(result["filename"], safe="/"))
     return result
 
@@ -1585,12 +1646,6 @@ def action_import_history(ctx: ActionContext, params: Dict[str, Any]) -> Dict[st
     return {"history": history, "count": len(jobs)}
 
 
-def default_printer_data_root() -> str:
-    if os.path.isdir(K1_PRINTER_DATA):
-        return K1_PRINTER_DATA
-    return os.path.join(os.path.expanduser("~"), "printer_data")
-
-
 class _HashingWriter:
     """A file wrapper that hashes and counts what tarfile writes through it."""
 
@@ -1606,18 +1661,158 @@ class _HashingWriter:
         self.handle.flush()
 
 
-def _folder_size(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
+# Backups read printer_data and nothing else. A link anywhere in it (a
+# top-level `config -> /etc`, a file linked to ~/.ssh/id_rsa) would carry the
+# rest of the machine to a URL the cloud chose, so the walk never follows one:
+# each folder and file is opened relative to its parent's descriptor with
+# O_NOFOLLOW, and a file is archived only if it is still the regular file the
+# walk listed. The root itself must be one of this connector's printer_data
+# folders, reached without a link.
+
+_OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK: a FIFO swapped in for a file cannot hang the open.
+_OPEN_MEMBER = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+BACKUP_MAX_DEPTH = 32  # folders deeper than this are left out (each level holds a descriptor)
 
 
-def _validate_backup(params: Dict[str, Any]) -> Tuple[str, str, List[str], str]:
+def _service_user_home() -> str:
+    """The home of the user the connector runs as (not $HOME, which a sudo may keep)."""
+    try:
+        import pwd
+        return pwd.getpwuid(os.geteuid()).pw_dir
+    except (ImportError, KeyError):
+        return os.path.expanduser("~")
+
+
+def printer_data_roots(config: Config) -> List[str]:
+    """The folders a backup may read, in the order the default is chosen: the
+    one the config names, the K1's, the service user's ~/printer_data."""
+    named = [config.printer_data_root.rstrip("/")] if config.printer_data_root else []
+    return named + [K1_PRINTER_DATA, os.path.join(_service_user_home(), "printer_data")]
+
+
+def choose_printer_data_root(config: Config, asked: Any) -> str:
+    roots = printer_data_roots(config)
+    if asked is None:
+        return next((root for root in roots if os.path.isdir(root)), roots[-1])
+    if not isinstance(asked, str) or asked.rstrip("/") not in roots:
+        raise CommandFailed("invalid param 'printer_data_root': must be one of this connector's printer_data "
+                            "folders (%s); another one must be named in its config (printer_data_root)"
+                            % ", ".join(dict.fromkeys(roots)))
+    return asked.rstrip("/")
+
+
+def _open_printer_data(root: str) -> int:
+    """A descriptor of the real folder `root`, never reached through a link."""
+    if os.path.realpath(root) != root:
+        raise CommandFailed("printer_data_root %s is reached through a link; name the real folder in the "
+                            "config (printer_data_root)" % root)
+    try:
+        return os.open(root, _OPEN_FOLDER)
+    except OSError:
+        raise CommandFailed("printer_data_root %s is not a folder" % root) from None
+
+
+@dataclass
+class BackupFilter:
+    """What a backup leaves out, and how many of each it met."""
+    own_config: Optional[Tuple[int, int]]  # (st_dev, st_ino) of the connector's config
+    own_config_name: str
+    left_out: Dict[str, int] = field(default_factory=lambda: {"links": 0, "secrets": 0, "other": 0})
+
+    def secret(self, name: str, info: os.stat_result) -> bool:
+        lowered = name.lower()
+        return (lowered in BACKUP_SECRET_NAMES or lowered.endswith(BACKUP_SECRET_SUFFIXES)
+                or name == self.own_config_name or (info.st_dev, info.st_ino) == self.own_config)
+
+    def skip(self, reason: str) -> None:
+        self.left_out[reason] += 1
+
+
+def backup_filter(config: Config) -> BackupFilter:
+    try:
+        info = os.stat(config.path)  # a hard link or copy in printer_data is found by its inode
+        own = (info.st_dev, info.st_ino)  # type: Optional[Tuple[int, int]]
+    except OSError:
+        own = None
+    return BackupFilter(own, os.path.basename(config.path))
+
+
+def backup_members(folder_fd: int, prefix: str, keep: BackupFilter, depth: int = 0):
+    """(archive name, parent descriptor, entry) of every regular file below
+    folder_fd that the filter keeps; links and special files are counted and
+    left out. A parent descriptor is valid until the next item is asked for."""
+    with os.scandir(folder_fd) as scan:
+        entries = sorted(scan, key=lambda e: e.name)
+    for entry in entries:
+        try:
+            if entry.is_symlink():
+                keep.skip("links")
+            elif entry.is_dir(follow_symlinks=False):
+                if depth >= BACKUP_MAX_DEPTH:
+                    keep.skip("other")
+                    continue
+                yield from _backup_folder(folder_fd, entry.name, prefix + entry.name + "/", keep, depth + 1)
+            elif not entry.is_file(follow_symlinks=False):
+                keep.skip("other")
+            elif keep.secret(entry.name, entry.stat(follow_symlinks=False)):
+                keep.skip("secrets")
+            else:
+                yield prefix + entry.name, folder_fd, entry
+        except FileNotFoundError:
+            continue  # a log rotated away while we walked
+
+
+def _backup_folder(parent_fd: int, name: str, prefix: str, keep: BackupFilter, depth: int):
+    try:
+        fd = os.open(name, _OPEN_FOLDER, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return
+    except OSError:  # ELOOP: swapped for a link since it was listed; ENOTDIR: for a file
+        keep.skip("links")
+        return
+    try:
+        yield from backup_members(fd, prefix, keep, depth)
+    finally:
+        os.close(fd)
+
+
+def archive_member(tar: "tarfile.TarFile", name: str, folder_fd: int, entry: "os.DirEntry") -> bool:
+    """Adds one walked file; False when it is gone or no longer the file walked."""
+    import tarfile
+    walked = entry.stat(follow_symlinks=False)
+    try:
+        fd = os.open(entry.name, _OPEN_MEMBER, dir_fd=folder_fd)
+    except OSError:  # gone, or replaced by a link (ELOOP)
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != (walked.st_dev, walked.st_ino):
+            return False
+        member = tarfile.TarInfo(name)
+        member.size, member.mtime, member.mode = info.st_size, int(info.st_mtime), info.st_mode & 0o777
+        member.uid, member.gid = info.st_uid, info.st_gid
+        tar.addfile(member, _FixedSize(handle, info.st_size))
+    return True
+
+
+class _FixedSize:
+    """Reads exactly `size` bytes: a log truncated while it is archived is
+    padded with NULs (tarfile fails the whole archive on a short read), and
+    one that grows is cut at the size in its header."""
+
+    def __init__(self, handle, size: int):
+        self.handle, self.left = handle, size
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.handle.read(size)
+        data += b"\0" * (size - len(data))
+        self.left -= size
+        return data
+
+
+def _validate_backup(params: Dict[str, Any], config: Config) -> Tuple[str, str, List[str], str]:
     backup_id = normalize_command_id(params.get("backup_id"))
     url = params.get("presigned_url")
     if backup_id is None:
@@ -1636,14 +1831,15 @@ def _validate_backup(params: Dict[str, Any]) -> Tuple[str, str, List[str], str]:
     if not chosen:
         raise CommandFailed("invalid param 'include': choose at least one of %s" % list(BACKUP_FOLDERS),
                             {"backup_id": backup_id})
-    root = params.get("printer_data_root")
-    if root is not None and (not isinstance(root, str) or not root.startswith("/")):
-        raise CommandFailed("invalid param 'printer_data_root': must be an absolute path", {"backup_id": backup_id})
-    return backup_id, url, chosen, root or default_printer_data_root()
+    try:
+        root = choose_printer_data_root(config, params.get("printer_data_root"))
+    except CommandFailed as exc:
+        raise CommandFailed(str(exc), {"backup_id": backup_id}) from None
+    return backup_id, url, chosen, root
 
 
 def action_create_backup(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
-    backup_id, url, chosen, root = _validate_backup(params)
+    backup_id, url, chosen, root = _validate_backup(params, ctx.config)
     base = {"backup_id": backup_id}
     try:
         return dict(base, **_build_and_upload_backup(ctx, url, chosen, root))
@@ -1655,12 +1851,20 @@ def action_create_backup(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str
 
 
 def _build_and_upload_backup(ctx: ActionContext, url: str, chosen: List[str], root: str) -> Dict[str, Any]:
-    if not os.path.isdir(root):
-        raise CommandFailed("printer_data_root %s is not a folder" % root)
-    folders = [name for name in chosen if os.path.isdir(os.path.join(root, name))]
+    root_fd = _open_printer_data(root)
+    try:
+        return _archive_and_upload(ctx, url, chosen, root, root_fd)
+    finally:
+        os.close(root_fd)
+
+
+def _archive_and_upload(ctx: ActionContext, url: str, chosen: List[str], root: str, root_fd: int) -> Dict[str, Any]:
+    keep = backup_filter(ctx.config)
+    folders = [name for name in chosen if _is_real_folder(root_fd, name)]
     if not folders:
-        raise CommandFailed("none of %s exists under %s" % (chosen, root))
-    needed = sum(_folder_size(os.path.join(root, name)) for name in folders)
+        raise CommandFailed("none of %s is a folder under %s" % (chosen, root))
+    needed = sum(entry.stat(follow_symlinks=False).st_size for name in folders
+                 for _, _, entry in _backup_folder(root_fd, name, name + "/", BackupFilter(None, ""), 1))
     import shutil  # here and in the doctor only: it imports the compression modules
     free = shutil.disk_usage(ctx.config.state_dir).free
     if needed > free:
@@ -1674,35 +1878,25 @@ def _build_and_upload_backup(ctx: ActionContext, url: str, chosen: List[str], ro
             import tarfile  # here, not at start-up: only backups need it
             with tarfile.open(fileobj=writer, mode="w:gz", compresslevel=6) as tar:
                 for name in folders:
-                    _add_tree(tar, root, name, os.path.realpath(ctx.config.path), ctx.stop)
+                    for member, folder_fd, entry in _backup_folder(root_fd, name, name + "/", keep, 1):
+                        if ctx.stop.is_set():
+                            raise CommandFailed("backup interrupted: the connector is stopping")
+                        archive_member(tar, member, folder_fd, entry)
         _upload_backup(ctx, url, archive, writer.size)
     finally:
         os.unlink(archive)
-    return {"size_bytes": writer.size, "sha256": writer.sha256.hexdigest(), "uploaded_at": now_rfc3339(),
-            "folders": folders}
+    result = {"size_bytes": writer.size, "sha256": writer.sha256.hexdigest(), "uploaded_at": now_rfc3339(),
+              "folders": folders}  # type: Dict[str, Any]
+    if any(keep.left_out.values()):
+        result["left_out"] = keep.left_out
+    return result
 
 
-def _is_backup_secret(name: str) -> bool:
-    return name in BACKUP_SECRET_NAMES or name.endswith(".secrets")
-
-
-def _add_tree(tar: "tarfile.TarFile", root: str, name: str, own_config: str, stop: threading.Event) -> None:
-    for folder, dirs, files in os.walk(os.path.join(root, name)):
-        dirs.sort()
-        for filename in sorted(files):
-            if stop.is_set():
-                raise CommandFailed("backup interrupted: the connector is stopping")
-            path = os.path.join(folder, filename)
-            if _is_backup_secret(filename) or os.path.realpath(path) == own_config:
-                continue
-            try:
-                info = tar.gettarinfo(path, os.path.relpath(path, root))
-                if not info.isfile():
-                    continue  # links could pull in files from outside printer_data
-                with open(path, "rb") as handle:
-                    tar.addfile(info, handle)
-            except FileNotFoundError:
-                continue  # a log rotated away while we walked
+def _is_real_folder(parent_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(name, dir_fd=parent_fd).st_mode)
+    except OSError:
+        return False
 
 
 def _upload_backup(ctx: ActionContext, url: str, archive: str, size: int) -> None:

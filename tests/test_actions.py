@@ -226,15 +226,24 @@ def printer_data(tmp_path):
     return root
 
 
-def backup(cloud, paired, storage, printer_data, include, key="b1"):
+@pytest.fixture
+def backing_up(cloud, printer, make_connector, printer_data):
+    """A running connector whose config names the test's printer_data folder."""
+    from harness import unpaired_config
+    connector = make_connector(unpaired_config(cloud, printer, printer_data_root=str(printer_data))).start()
+    connector.wait_log("Connector running")
+    return connector
+
+
+def backup(cloud, backing_up, storage, printer_data, include, key="b1"):
     url = "http://127.0.0.1:%d/bucket/%s.tar.gz?X-Amz-Signature=abc" % (storage.server_address[1], key)
-    return run_command(cloud, paired, "create_backup",
+    return run_command(cloud, backing_up, "create_backup",
                        {"backup_id": key, "presigned_url": url, "include": include,
                         "printer_data_root": str(printer_data)}, timeout=60)
 
 
-def test_backup_uploads_a_tar_gz_with_size_and_sha256(cloud, paired, storage, printer_data):
-    body = backup(cloud, paired, storage, printer_data, {"config": True, "gcodes": True}, key="full")
+def test_backup_uploads_a_tar_gz_with_size_and_sha256(cloud, backing_up, storage, printer_data):
+    body = backup(cloud, backing_up, storage, printer_data, {"config": True, "gcodes": True}, key="full")
     assert body["status"] == "succeeded", body
     upload = next(u for u in storage.uploads if u["path"].startswith("/bucket/full.tar.gz"))
     assert upload["headers"]["Content-Type"] == "application/gzip"
@@ -248,8 +257,8 @@ def test_backup_uploads_a_tar_gz_with_size_and_sha256(cloud, paired, storage, pr
     assert not any(n.startswith(("logs", "database")) for n in names)
 
 
-def test_backup_leaves_out_secrets(cloud, paired, storage, printer_data):
-    body = backup(cloud, paired, storage, printer_data, {"config": True}, key="secrets")
+def test_backup_leaves_out_secrets(cloud, backing_up, storage, printer_data):
+    body = backup(cloud, backing_up, storage, printer_data, {"config": True}, key="secrets")
     assert body["status"] == "succeeded"
     upload = next(u for u in storage.uploads if u["path"].startswith("/bucket/secrets.tar.gz"))
     names = tarfile.open(fileobj=io.BytesIO(upload["body"])).getnames()
@@ -260,7 +269,8 @@ def test_backup_leaves_out_secrets(cloud, paired, storage, printer_data):
 def test_backup_leaves_out_the_connectors_own_config(cloud, printer, make_connector, storage, printer_data):
     from harness import unpaired_config
     # A connector whose config file lives inside printer_data/config.
-    inside = make_connector(unpaired_config(cloud, printer), name="printer_data/config").start()
+    inside = make_connector(unpaired_config(cloud, printer, printer_data_root=str(printer_data)),
+                            name="printer_data/config").start()
     inside.wait_log("Pairing successful")
     body = backup(cloud, inside, storage, printer_data, {"config": True}, key="own")
     assert body["status"] == "succeeded", body
@@ -273,40 +283,144 @@ def test_backup_leaves_out_the_connectors_own_config(cloud, printer, make_connec
             assert secret not in archive.extractfile(member).read(), member.name
 
 
-def test_backup_removes_its_temp_file(cloud, paired, storage, printer_data):
-    backup(cloud, paired, storage, printer_data, {"logs": True}, key="tmp")
-    assert not [n for n in os.listdir(paired.state_dir) if n.startswith(".backup-")]
+def test_backup_removes_its_temp_file(cloud, backing_up, storage, printer_data):
+    backup(cloud, backing_up, storage, printer_data, {"logs": True}, key="tmp")
+    assert not [n for n in os.listdir(backing_up.state_dir) if n.startswith(".backup-")]
 
 
-def test_backup_to_a_failing_url_fails_the_command(cloud, paired, printer_data):
-    body = run_command(cloud, paired, "create_backup",
+def test_backup_to_a_failing_url_fails_the_command(cloud, backing_up, printer_data):
+    body = run_command(cloud, backing_up, "create_backup",
                        {"backup_id": "x", "presigned_url": "http://127.0.0.1:9/nothing",
                         "include": {"config": True}, "printer_data_root": str(printer_data)})
     assert body["status"] == "failed" and "upload failed" in body["error_message"]
     assert body["result"]["backup_id"] == "x"
-    assert not [n for n in os.listdir(paired.state_dir) if n.startswith(".backup-")]
+    assert not [n for n in os.listdir(backing_up.state_dir) if n.startswith(".backup-")]
 
 
-def test_backup_of_a_missing_root_fails_clearly(cloud, paired, tmp_path):
-    body = run_command(cloud, paired, "create_backup",
+def test_backup_of_a_missing_root_fails_clearly(cloud, printer, make_connector, tmp_path):
+    from harness import unpaired_config
+    absent = str(tmp_path / "absent")
+    connector = make_connector(unpaired_config(cloud, printer, printer_data_root=absent)).start()
+    connector.wait_log("Connector running")
+    body = run_command(cloud, connector, "create_backup",
                        {"backup_id": "x", "presigned_url": "http://127.0.0.1:9/x", "include": {"config": True},
-                        "printer_data_root": str(tmp_path / "absent")})
+                        "printer_data_root": absent})
     assert body["status"] == "failed" and "is not a folder" in body["error_message"]
 
 
-def test_backup_does_not_stop_heartbeats(cloud, paired, storage, printer_data):
+def archive_of(storage, key):
+    upload = next(u for u in storage.uploads if u["path"].startswith("/bucket/%s.tar.gz" % key))
+    return tarfile.open(fileobj=io.BytesIO(upload["body"]))
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A folder beside printer_data holding what a backup must never carry."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "shadow").write_bytes(b"root:$6$hash:19000:0:99999:7:::\n")
+    return folder
+
+
+def test_backup_never_follows_a_top_level_folder_that_is_a_link(cloud, backing_up, storage, printer_data, outside):
+    import shutil
+    shutil.rmtree(printer_data / "config")
+    (printer_data / "config").symlink_to(outside)
+    body = backup(cloud, backing_up, storage, printer_data, {"config": True, "logs": True}, key="toplink")
+    assert body["status"] == "succeeded", body
+    assert body["result"]["folders"] == ["logs"]
+    names = archive_of(storage, "toplink").getnames()
+    assert names == ["logs/klippy.log"]
+
+
+def test_backup_with_only_a_linked_folder_fails_and_uploads_nothing(cloud, backing_up, storage, printer_data,
+                                                                    outside):
+    import shutil
+    shutil.rmtree(printer_data / "config")
+    (printer_data / "config").symlink_to(outside)
+    body = backup(cloud, backing_up, storage, printer_data, {"config": True}, key="onlylink")
+    assert body["status"] == "failed" and "is a folder" in body["error_message"], body
+    assert not [u for u in storage.uploads if u["path"].startswith("/bucket/onlylink")]
+
+
+def test_backup_never_follows_a_link_inside_a_folder(cloud, backing_up, storage, printer_data, outside):
+    (printer_data / "gcodes" / "shadow.gcode").symlink_to(outside / "shadow")
+    (printer_data / "gcodes" / "sub").mkdir()
+    (printer_data / "gcodes" / "sub" / "etc").symlink_to(outside)
+    (printer_data / "gcodes" / "sub" / "real.gcode").write_bytes(b"G28\n")
+    body = backup(cloud, backing_up, storage, printer_data, {"gcodes": True}, key="innerlink")
+    assert body["status"] == "succeeded", body
+    archive = archive_of(storage, "innerlink")
+    assert sorted(archive.getnames()) == ["gcodes/part.gcode", "gcodes/sub/real.gcode"]
+    assert all(m.isfile() for m in archive.getmembers())
+    assert body["result"]["left_out"]["links"] == 2
+
+
+@pytest.mark.parametrize("root", ["/etc", "/home/other/printer_data", "{data}/../other/printer_data",
+                                  "{data}/config/..", "relative/printer_data", 7])
+def test_backup_of_a_folder_that_is_not_this_connectors_printer_data_is_refused(cloud, backing_up, storage,
+                                                                                printer_data, tmp_path, root):
+    (tmp_path / "other" / "printer_data" / "config").mkdir(parents=True)
+    (tmp_path / "other" / "printer_data" / "config" / "moonraker_secrets.ini").write_text("[k]\nkey: x\n")
+    root = root.format(data=printer_data) if isinstance(root, str) else root
+    key = "notmine%d" % len(storage.uploads)
+    body = run_command(cloud, backing_up, "create_backup",
+                       {"backup_id": key, "include": {"config": True}, "printer_data_root": root,
+                        "presigned_url": "http://127.0.0.1:%d/bucket/%s" % (storage.server_address[1], key)})
+    assert body["status"] == "failed" and "printer_data_root" in body["error_message"], body
+    assert not [u for u in storage.uploads if u["path"].startswith("/bucket/%s" % key)]
+
+
+def test_a_configured_printer_data_root_reached_through_a_link_is_refused(cloud, printer, make_connector, storage,
+                                                                         printer_data, tmp_path):
+    from harness import unpaired_config
+    (tmp_path / "via").symlink_to(printer_data)
+    linked = str(tmp_path / "via")
+    connector = make_connector(unpaired_config(cloud, printer, printer_data_root=linked)).start()
+    connector.wait_log("Connector running")
+    body = run_command(cloud, connector, "create_backup",
+                       {"backup_id": "via", "include": {"config": True}, "printer_data_root": linked,
+                        "presigned_url": "http://127.0.0.1:%d/bucket/via" % storage.server_address[1]})
+    assert body["status"] == "failed" and "reached through a link" in body["error_message"], body
+
+
+def test_backup_leaves_out_every_moonraker_secrets_file(cloud, backing_up, storage, printer_data):
+    config = printer_data / "config"
+    for name in ("moonraker_secrets.ini", "printer.secrets", "MOONRAKER.SECRETS", "api_secrets.json"):
+        (config / name).write_text("[mqtt]\npassword: hush\n")
+    body = backup(cloud, backing_up, storage, printer_data, {"config": True}, key="allsecrets")
+    assert body["status"] == "succeeded", body
+    assert sorted(archive_of(storage, "allsecrets").getnames()) == ["config/moonraker.conf", "config/printer.cfg"]
+    assert body["result"]["left_out"]["secrets"] == 6
+
+
+def test_backup_leaves_out_a_hard_link_of_the_connectors_config(cloud, printer, make_connector, storage,
+                                                                printer_data):
+    from harness import unpaired_config
+    connector = make_connector(unpaired_config(cloud, printer, printer_data_root=str(printer_data))).start()
+    connector.wait_log("Pairing successful")
+    os.link(connector.config_path, printer_data / "config" / "printer-extra.cfg")
+    body = backup(cloud, connector, storage, printer_data, {"config": True}, key="hardlink")
+    assert body["status"] == "succeeded", body
+    archive = archive_of(storage, "hardlink")
+    assert "config/printer-extra.cfg" not in archive.getnames()
+    secret = connector.config["connector_secret"].encode()
+    assert not [m.name for m in archive.getmembers() if secret in archive.extractfile(m).read()]
+
+
+def test_backup_does_not_stop_heartbeats(cloud, backing_up, storage, printer_data):
     big = printer_data / "gcodes" / "big.gcode"
     with open(big, "wb") as handle:
         for _ in range(64):
             handle.write(os.urandom(1 << 20))
-    command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "create_backup",
+    command_id = cloud.enqueue_command(backing_up.connector_id, backing_up.printer_id, "create_backup",
                                        {"backup_id": "big", "include": {"gcodes": True},
                                         "presigned_url": "http://127.0.0.1:%d/bucket/big" % storage.server_address[1],
                                         "printer_data_root": str(printer_data)})
-    paired.wait_log("Command started\" id=%s" % command_id)
-    count = len([h for h in cloud.heartbeats if h["connector_id"] == paired.connector_id])
+    backing_up.wait_log("Command started\" id=%s" % command_id)
+    count = len([h for h in cloud.heartbeats if h["connector_id"] == backing_up.connector_id])
     cloud.wait_for(lambda: cloud.completions_for(command_id) or
-                   len([h for h in cloud.heartbeats if h["connector_id"] == paired.connector_id]) >= count + 2, 30)
+                   len([h for h in cloud.heartbeats if h["connector_id"] == backing_up.connector_id]) >= count + 2, 30)
     body = cloud.wait_for(lambda: cloud.completions_for(command_id), 60)[-1]["body"]
     assert body["status"] == "succeeded" and body["result"]["size_bytes"] > 64 << 20
 
