@@ -18,9 +18,12 @@ loops, agent, CLI.
 
 import base64
 import binascii
+import collections
 import datetime
+import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -31,7 +34,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 __version__ = "0.1.0"
@@ -84,11 +87,29 @@ STATUS_OBJECTS = ("print_stats", "virtual_sdcard", "extruder", "heater_bed",
 # Durable state bounds: completions are never dropped; snapshots are, oldest
 # first, past these (config keys outbox_max_snapshots and outbox_max_bytes).
 # 10 000 snapshots is about 3.5 days at the default 30 s; a K1's /usr/data
-# has room for 16 MB many times over.
+# has room for 16 MB many times over. The outbox is kept in SPILL_SEGMENTS
+# segments, so that dropping the oldest costs an unlink, not a rewrite.
 SPILL_MAX_SNAPSHOTS = 10000
 SPILL_MAX_BYTES = 16 * 1024 * 1024
+SPILL_SEGMENTS = 8
+SNAPSHOT_REFUSALS = 3  # a record the cloud refuses this often (4xx) is set aside
+SNAPSHOT_REFUSED_MAX_BYTES = 256 * 1024
+# The ledger: a completion is kept whole until the cloud has it, each at most
+# what a Moonraker answer can be, all of them at most twice that; afterwards
+# a re-delivered id needs only its status, so the newest 5000 ids cost about
+# 1 MB. A record longer than STATE_RECORD_MAX_BYTES cannot be ours.
+COMPLETION_MAX_BYTES = MAX_JSON_BODY
+LEDGER_PENDING_MAX_BYTES = 2 * MAX_JSON_BODY
+ACKED_COMPLETION_MAX_BYTES = 256  # kept whole after the ack when no larger (a pause's is 60)
+LEDGER_ACKED_MAX_BYTES = 2 * 1024 * 1024
+LEDGER_SLACK_BYTES = 256 * 1024
 LEDGER_KEEP_SECONDS = 7 * 24 * 3600
 LEDGER_MAX_ENTRIES = 5000
+STATE_RECORD_MAX_BYTES = COMPLETION_MAX_BYTES + 64 * 1024
+CONFIG_MAX_BYTES = 1024 * 1024
+# What a command from the cloud may be before it is refused at the door.
+COMMAND_ID_MAX_CHARS = 128
+ACTION_MAX_CHARS = 64
 
 BACKUP_FOLDERS = ("config", "database", "gcodes", "logs")
 # Moonraker's [secrets] file may have any name; these are the usual ones.
@@ -413,30 +434,59 @@ def _check_pairing_fields(config: Config) -> None:
 
 
 def load_config(path: str, environ=os.environ) -> Config:
+    """The config, read without following a link: a linked config would have
+    its target's mode changed and be replaced by a copy on the next save."""
     try:
-        with open(path, "rb") as handle:
-            text = handle.read().decode("utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigError("%s: config file not found" % path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("%s: cannot read config file: %s" % (path, exc)) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError("%s: is a symbolic link; refusing to follow it (give --config the real file)"
+                              % path) from None
+        raise ConfigError("%s: cannot read config file: %s" % (path, exc.strerror or exc)) from None
     try:
-        data = json.loads(text)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ConfigError("%s: not a regular file" % path)
+            data = handle.read(CONFIG_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("%s: cannot read config file: %s" % (path, exc.strerror or exc)) from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise ConfigError("%s: config file larger than %d bytes" % (path, CONFIG_MAX_BYTES))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("%s: cannot read config file: not UTF-8 (%s)" % (path, exc.reason)) from None
+    try:
+        json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        pass  # decode_json says so below
     except ValueError as exc:
         where = "line %d, column %d: %s" % (exc.lineno, exc.colno, exc.msg) if hasattr(exc, "lineno") else exc
         raise ConfigError("%s: invalid JSON at %s" % (path, where)) from None
-    return parse_config(path, data, environ)
+    try:
+        return parse_config(path, decode_json(text), environ)
+    except BadJson as exc:
+        raise ConfigError("%s: invalid JSON: %s" % (path, exc)) from None
 
 
 def tighten_config_mode(path: str) -> bool:
-    """Make a group/world-readable config 0600; True when it had to."""
+    """Make a group/world-readable config 0600; True when it had to. Through
+    a descriptor opened without following links, so never a link's target."""
     try:
-        mode = os.stat(path).st_mode & 0o777
-        if mode & 0o077:
-            os.chmod(path, 0o600)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
             return True
     except OSError:
         pass
+    finally:
+        os.close(fd)
     return False
 
 
@@ -468,8 +518,10 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     """Temp file in the same folder, fsync, rename, fsync the folder."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        owner = os.stat(path)
+        owner = os.lstat(path)  # a link's target is not ours to take after
     except OSError:
+        owner = None
+    if owner is not None and not stat.S_ISREG(owner.st_mode):
         owner = None
     fd, tmp = create_temp_file(folder, ".%s." % os.path.basename(path))
     try:
@@ -1208,51 +1260,133 @@ class Cloud:
 # --------------------------------------------------------------------------
 # Durable state
 # --------------------------------------------------------------------------
-# Two append-only JSON-lines files in state_dir:
+# JSON-lines files in state_dir, each a regular file of ours (0600) opened
+# without following links:
 #  - commands.jsonl, the ledger: a command id is written ("running") and
 #    fsynced before the command runs, its completion ("done") before it is
 #    sent, and "acked" once the cloud has it. A re-delivered id is never run
 #    again, and a "running" found at start-up was interrupted: it is
-#    reported failed, not re-run. Old acked ids expire; the file is
-#    compacted when it is mostly history.
-#  - snapshots.jsonl, the spill: snapshots that could not be pushed, oldest
-#    first, with the number already delivered in snapshots.sent. It is
-#    written only while the cloud is unreachable, so a healthy connector
-#    causes no disk writes for snapshots (SD cards wear out).
-# A torn last line (power cut mid-write) is skipped with a warning.
+#    reported failed, not re-run. It is bounded in bytes whatever the
+#    results hold: a completion is kept whole only until the cloud has it
+#    (at most COMPLETION_MAX_BYTES each, LEDGER_PENDING_MAX_BYTES in all;
+#    past either, the result is left out and the status kept), then only
+#    what a re-delivered id needs, for the newest LEDGER_MAX_ENTRIES ids
+#    within LEDGER_ACKED_MAX_BYTES and LEDGER_KEEP_SECONDS. The file is
+#    rewritten only when it holds more than twice what is live plus
+#    LEDGER_SLACK_BYTES, so a rewrite costs no more than the appends before it.
+#  - snapshots-NNNNNNNN.jsonl, the spill (see SnapshotSpill).
+# A file is read a line at a time: a line longer than STATE_RECORD_MAX_BYTES
+# is skipped without being held, a record that does not decode is skipped,
+# and the skips are counted in one warning per file. A link, FIFO or folder
+# where a state file should be is renamed aside and a new file started.
+
+SET_ASIDE_ERRNOS = frozenset({errno.ELOOP, errno.EINVAL, errno.EISDIR, errno.ENXIO})
+
+
+def open_state_file(path: str, flags: int) -> int:
+    """A descriptor on a regular file: never through a symlink, never blocked
+    on a FIFO. A new file is 0600; an old one readable by others is made so."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if info.st_mode & 0o077:
+            try:
+                os.fchmod(fd, 0o600)
+            except OSError:
+                pass  # not ours to change; reading it is still fine
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def set_aside(path: str, log: Logger, exc: OSError) -> None:
+    """Renames whatever stands where a state file should be, so that a new
+    file can be started; the old thing is kept for whoever wants to look."""
+    aside = "%s.refused-%d" % (path, int(time.time()))
+    try:
+        os.rename(path, aside)
+    except OSError as err:
+        log.error("a state file is unusable and cannot be moved aside", file=path, error=exc.strerror or str(exc),
+                  rename_error=err.strerror or str(err))
+        return
+    log.warn("a state file was not a regular file; moved it aside and started a new one", file=path,
+             moved_to=aside, error=exc.strerror or str(exc))
+
+
+def iter_jsonl(path: str, log: Logger, accept: Optional[Callable[[Dict[str, Any]], bool]] = None
+               ) -> Iterator[Dict[str, Any]]:
+    """The file's records, one at a time; skipped lines (and records that
+    `accept` refuses) are counted and logged once, at the end of the file."""
+    try:
+        fd = open_state_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno in SET_ASIDE_ERRNOS:
+            set_aside(path, log, exc)
+        else:
+            log.error("cannot read a state file; going on without it", file=path, error=exc.strerror or str(exc))
+        return
+    skipped = 0
+    with os.fdopen(fd, "rb", buffering=READ_CHUNK) as handle:
+        while True:
+            line = handle.readline(STATE_RECORD_MAX_BYTES + 1)
+            if not line:
+                break
+            if len(line) > STATE_RECORD_MAX_BYTES and not line.endswith(b"\n"):
+                skipped += 1
+                while line and not line.endswith(b"\n"):  # the rest of it, a chunk at a time
+                    line = handle.readline(READ_CHUNK)
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = decode_json(line) if line.lstrip()[:1] == b"{" else None
+            except BadJson:
+                record = None
+            if isinstance(record, dict) and (accept is None or accept(record)):
+                yield record
+            else:
+                skipped += 1
+    if skipped:
+        log.warn("skipping corrupt records in a state file", file=os.path.basename(path), skipped=skipped)
 
 
 def read_jsonl(path: str, log: Logger) -> List[Dict[str, Any]]:
-    try:
-        with open(path, "rb") as handle:
-            lines = handle.read().split(b"\n")
-    except FileNotFoundError:
-        return []
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = decode_json(line)
-        except BadJson:
-            record = None
-        if not isinstance(record, dict):
-            log.warn("skipping a corrupt record in the outbox", file=os.path.basename(path), line=number)
-            continue
-        records.append(record)
-    return records
+    return list(iter_jsonl(path, log))
 
 
 def encode_line(record: Dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-def append_line(path: str, data: bytes, durable: bool = True) -> None:
-    with open(path, "ab") as handle:
-        handle.write(data)
-        handle.flush()
-        if durable:
-            os.fsync(handle.fileno())
+def append_line(path: str, data: bytes, durable: bool = True) -> int:
+    """Appends whole lines or nothing; returns the bytes written. What a full
+    disk took only part of is cut off again, and after a line torn by a
+    power cut a newline goes first, so the next record never fuses with it."""
+    fd = open_state_file(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
+        return len(data)
+    finally:
+        os.close(fd)
 
 
 def normalize_command_id(value) -> Optional[str]:
@@ -1267,164 +1401,509 @@ def normalize_command_id(value) -> Optional[str]:
     return None
 
 
+def usable_command_id(value) -> Optional[str]:
+    """An id that can be recorded, logged and put in a URL: short and printable."""
+    command_id = normalize_command_id(value)
+    if command_id is None or len(command_id) > COMMAND_ID_MAX_CHARS or not command_id.isprintable():
+        return None
+    return command_id
+
+
+def action_name(value) -> Optional[str]:
+    """The action as the ledger may keep it: a short printable name, or None."""
+    if isinstance(value, str) and 0 < len(value) <= ACTION_MAX_CHARS and value.isprintable():
+        return value
+    return None
+
+
+def omitted_completion(completion: Dict[str, Any], action: Optional[str], why: str) -> Dict[str, Any]:
+    """A completion too large to keep: its status and message, not its result."""
+    body = {"status": completion.get("status") if isinstance(completion.get("status"), str) else "failed",
+            "result": {"action": action, "result_omitted": why}}  # type: Dict[str, Any]
+    if isinstance(completion.get("error_message"), str):
+        body["error_message"] = _short(completion["error_message"], 300)
+    return body
+
+
+class _LedgerEntry:
+    __slots__ = ("state", "t", "action", "printer_id", "completion", "summary", "size")
+
+    def __init__(self, t: float):
+        self.state, self.t, self.action, self.printer_id = None, t, None, None
+        self.completion = self.summary = None  # type: Optional[bytes]  # encoded JSON
+        self.size = 0
+
+    def set_completion(self, completion: Dict[str, Any], encoded: bytes) -> None:
+        self.completion = encoded
+        if len(encoded) <= ACKED_COMPLETION_MAX_BYTES:
+            self.summary = encoded
+        else:
+            self.summary = json.dumps(omitted_completion(completion, self.action, "acknowledged"),
+                                      separators=(",", ":")).encode("utf-8")
+
+    def kept_completion(self) -> Optional[bytes]:
+        return self.completion if self.state == "done" else self.summary if self.state == "acked" else None
+
+    def line(self, command_id: str) -> bytes:
+        head = json.dumps({"id": command_id, "state": self.state, "t": self.t, "action": self.action,
+                           "printer_id": self.printer_id}, separators=(",", ":")).encode("utf-8")
+        kept = self.kept_completion()
+        return (head[:-1] + b',"completion":' + kept + b"}\n") if kept is not None else head + b"\n"
+
+
 class Ledger:
-    """Every command id we have seen, its state and, once done, its completion."""
+    """Every recent command id, its state and, until acknowledged, its completion.
+
+    Thread-safe: lanes may record and deliver at once. Completions are held
+    encoded (bytes), a third of what the decoded objects would cost."""
 
     def __init__(self, state_dir: str, log: Logger):
         self.path = os.path.join(state_dir, "commands.jsonl")
         self.log = log
-        self.lock = threading.Lock()
-        self.entries = {}  # type: Dict[str, Dict[str, Any]]
-        self.lines = 0
-        for record in read_jsonl(self.path, log):
-            self._apply(record)
-            self.lines += 1
+        self.lock = threading.RLock()
+        self.entries = {}  # type: Dict[str, _LedgerEntry]
+        self.acked_order = collections.OrderedDict()  # type: collections.OrderedDict  # id -> None, oldest first
+        self.held = {}  # type: Dict[str, Dict[str, Any]]  # completions that could not be recorded yet
+        self.live_bytes = self.pending_bytes = self.acked_bytes = 0
+        self.file_bytes = 0
+        self.compact_floor = 0
+        self.ack_write_failed = False
+        for _ in iter_jsonl(self.path, log, accept=self._load):
+            pass
+        try:
+            self.file_bytes = os.lstat(self.path).st_size
+        except OSError:
+            self.file_bytes = 0
+        self._account_loaded()
+        self._compact_if_needed()
 
-    def _apply(self, record: Dict[str, Any]) -> None:
-        command_id = normalize_command_id(record.get("id"))
-        if command_id is None:
+    # -- loading ----------------------------------------------------------
+
+    def _load(self, record: Dict[str, Any]) -> bool:
+        command_id = usable_command_id(record.get("id"))
+        state = record.get("state")
+        completion = record.get("completion")
+        if command_id is None or state not in ("running", "done", "acked"):
+            return False
+        if state == "done" and not isinstance(completion, dict):
+            return False
+        entry = self.entries.get(command_id)
+        if entry is None:
+            entry = self.entries[command_id] = _LedgerEntry(time.time())
+        if _is_number(record.get("t")) and math.isfinite(record["t"]):
+            entry.t = float(record["t"])
+        if "action" in record:
+            entry.action = action_name(record["action"])
+        if "printer_id" in record:
+            entry.printer_id = printer_id_of(record["printer_id"])
+        if isinstance(completion, dict) and state != "running":
+            encoded = json.dumps(completion, separators=(",", ":")).encode("utf-8")
+            if len(encoded) > COMPLETION_MAX_BYTES:
+                completion = omitted_completion(completion, entry.action, "%d bytes" % len(encoded))
+                encoded = json.dumps(completion, separators=(",", ":")).encode("utf-8")
+            entry.set_completion(completion, encoded)
+        entry.state = state
+        if state == "acked":
+            entry.completion = None
+        return True
+
+    def _account_loaded(self) -> None:
+        """Sizes, ack order and the bounds, once the whole file is read."""
+        for command_id, entry in list(self.entries.items()):
+            if entry.state == "done" and self.pending_bytes + len(entry.completion) > LEDGER_PENDING_MAX_BYTES:
+                reduced = omitted_completion(decode_json(entry.completion), entry.action,
+                                             "over the %d bytes of results kept undelivered"
+                                             % LEDGER_PENDING_MAX_BYTES)
+                entry.set_completion(reduced, json.dumps(reduced, separators=(",", ":")).encode("utf-8"))
+            if entry.state == "done":
+                self.pending_bytes += len(entry.completion)
+            entry.size = len(entry.line(command_id))
+            self.live_bytes += entry.size
+            if entry.state == "acked":
+                self.acked_order[command_id] = None
+                self.acked_bytes += entry.size
+        self._evict()
+
+    # -- bookkeeping --------------------------------------------------------
+
+    def _resize(self, command_id: str, entry: _LedgerEntry) -> None:
+        size = len(entry.line(command_id))
+        self.live_bytes += size - entry.size
+        entry.size = size
+
+    def _unack(self, command_id: str, entry: _LedgerEntry) -> None:
+        if entry.state == "acked":
+            del self.acked_order[command_id]
+            self.acked_bytes -= entry.size
+        if entry.state == "done":
+            self.pending_bytes -= len(entry.completion)
+
+    def _evict(self) -> None:
+        """The oldest acknowledged ids go first, past any of the three bounds."""
+        expiry = time.time() - LEDGER_KEEP_SECONDS
+        while self.acked_order:
+            oldest = next(iter(self.acked_order))
+            entry = self.entries[oldest]
+            if (len(self.acked_order) <= LEDGER_MAX_ENTRIES and self.acked_bytes <= LEDGER_ACKED_MAX_BYTES
+                    and entry.t >= expiry):
+                break
+            self.acked_order.popitem(last=False)
+            self.acked_bytes -= entry.size
+            self.live_bytes -= entry.size
+            del self.entries[oldest]
+
+    def _append(self, data: bytes, durable: bool = True) -> None:
+        self.file_bytes += append_line(self.path, data, durable)
+
+    def _compact_if_needed(self) -> None:
+        if self.file_bytes <= max(2 * self.live_bytes + LEDGER_SLACK_BYTES, self.compact_floor):
             return
-        entry = self.entries.setdefault(command_id, {"id": command_id, "t": record.get("t", time.time())})
-        entry["state"] = record.get("state", entry.get("state"))
-        if "completion" in record:
-            entry["completion"] = record["completion"]
-        for key in ("action", "printer_id", "t"):
-            if key in record:
-                entry[key] = record[key]
+        try:
+            atomic_write(self.path, b"".join(e.line(cid) for cid, e in self.entries.items()))
+        except OSError as exc:
+            # The appended file is still right; try again after more appends.
+            self.compact_floor = self.file_bytes + LEDGER_SLACK_BYTES
+            self.log.warn("cannot compact the command ledger", error=exc.strerror or str(exc))
+            return
+        self.file_bytes, self.compact_floor = self.live_bytes, 0
 
-    def _write(self, record: Dict[str, Any], durable: bool = True) -> None:
-        self._apply(record)
-        append_line(self.path, encode_line(record), durable)
-        self.lines += 1
+    # -- the record ---------------------------------------------------------
 
     def get(self, command_id: str) -> Optional[Dict[str, Any]]:
         with self.lock:
             entry = self.entries.get(command_id)
-            return dict(entry) if entry else None
+            if entry is None:
+                return None
+            kept = entry.kept_completion()
+            return {"id": command_id, "state": entry.state, "t": entry.t, "action": entry.action,
+                    "printer_id": entry.printer_id, "completion": decode_json(kept) if kept else None}
 
-    def start(self, command_id: str, action: Any, printer_id: Any) -> None:
+    def start(self, command_id: str, action: Optional[str], printer_id: Optional[int]) -> None:
+        """Recorded and fsynced, or OSError: only then may the command run."""
         with self.lock:
-            self._write({"id": command_id, "state": "running", "t": round(time.time(), 3),
-                         "action": action, "printer_id": printer_id})
+            entry = _LedgerEntry(round(time.time(), 3))
+            entry.state, entry.action, entry.printer_id = "running", action, printer_id
+            self._append(encode_line({"id": command_id, "state": "running", "t": entry.t, "action": action,
+                                      "printer_id": printer_id}))
+            self.entries[command_id] = entry
+            self._resize(command_id, entry)
 
-    def finish(self, command_id: str, completion: Dict[str, Any]) -> None:
+    def finish(self, command_id: str, completion: Dict[str, Any]) -> Dict[str, Any]:
+        """Records the completion (fsynced) and returns it as recorded: whole,
+        or without its result past the byte bounds. OSError: nothing recorded."""
         with self.lock:
-            self._write({"id": command_id, "state": "done", "completion": completion})
+            entry = self.entries.get(command_id)
+            action = entry.action if entry is not None else None
+            encoded = json.dumps(completion, separators=(",", ":")).encode("utf-8")
+            pending = self.pending_bytes - (len(entry.completion) if entry is not None and entry.state == "done"
+                                            else 0)
+            if len(encoded) > COMPLETION_MAX_BYTES or pending + len(encoded) > LEDGER_PENDING_MAX_BYTES:
+                why = ("%d bytes, over the %d kept for one result" % (len(encoded), COMPLETION_MAX_BYTES)
+                       if len(encoded) > COMPLETION_MAX_BYTES else
+                       "over the %d bytes of results kept undelivered" % LEDGER_PENDING_MAX_BYTES)
+                self.log.warn("command result too large to keep; its status is kept and sent without it",
+                              id=command_id, bytes=len(encoded))
+                completion = omitted_completion(completion, action, why)
+                encoded = json.dumps(completion, separators=(",", ":")).encode("utf-8")
+            head = json.dumps({"id": command_id, "state": "done"}, separators=(",", ":")).encode("utf-8")
+            self._append(head[:-1] + b',"completion":' + encoded + b"}\n")
+            self.held.pop(command_id, None)
+            if entry is None:
+                entry = self.entries[command_id] = _LedgerEntry(round(time.time(), 3))
+                entry.action = action
+            self._unack(command_id, entry)
+            entry.state = "done"
+            entry.set_completion(completion, encoded)
+            self.pending_bytes += len(encoded)
+            self._resize(command_id, entry)
+            return completion
 
     def acked(self, command_id: str) -> None:
-        # Not fsynced: losing it only means the completion is sent once more,
-        # which the cloud accepts.
+        """The cloud has the completion. Not fsynced, and a failed write is
+        only logged: losing it means the completion is sent once more, which
+        the cloud accepts."""
         with self.lock:
-            self._write({"id": command_id, "state": "acked"}, durable=False)
-        self.compact_if_needed()
+            entry = self.entries.get(command_id)
+            if entry is None or entry.state != "done":
+                return
+            try:
+                self._append(encode_line({"id": command_id, "state": "acked"}), durable=False)
+                self.ack_write_failed = False
+            except OSError as exc:
+                if not self.ack_write_failed:
+                    self.log.warn("cannot record an acknowledgement; the completion may be sent once more "
+                                  "after a restart", id=command_id, error=exc.strerror or str(exc))
+                self.ack_write_failed = True
+            self._unack(command_id, entry)
+            entry.state, entry.completion = "acked", None
+            self._resize(command_id, entry)
+            self.acked_order[command_id] = None
+            self.acked_bytes += entry.size
+            self._evict()
+            self._compact_if_needed()
+
+    def hold(self, command_id: str, completion: Dict[str, Any]) -> None:
+        """A completion that could not be recorded: kept in memory only, and
+        neither sent nor forgotten until record_held() gets it on disk."""
+        with self.lock:
+            self.held[command_id] = completion
+
+    def record_held(self) -> None:
+        with self.lock:
+            for command_id, completion in list(self.held.items()):
+                try:
+                    self.finish(command_id, completion)
+                except OSError:
+                    return
 
     def unacked(self) -> List[Tuple[str, Dict[str, Any]]]:
         with self.lock:
-            return [(cid, e["completion"]) for cid, e in self.entries.items()
-                    if e.get("state") == "done" and isinstance(e.get("completion"), dict)]
+            return [(cid, decode_json(e.completion)) for cid, e in self.entries.items() if e.state == "done"]
 
     def interrupted(self) -> List[Dict[str, Any]]:
         with self.lock:
-            return [dict(e) for e in self.entries.values() if e.get("state") == "running"]
+            return [{"id": cid, "action": e.action, "printer_id": e.printer_id, "t": e.t}
+                    for cid, e in self.entries.items() if e.state == "running" and cid not in self.held]
 
     def compact_if_needed(self) -> None:
         with self.lock:
-            now = time.time()
-            expired = [cid for cid, e in self.entries.items()
-                       if e.get("state") == "acked" and now - float(e.get("t") or 0) > LEDGER_KEEP_SECONDS]
-            acked = sorted((float(e.get("t") or 0), cid) for cid, e in self.entries.items()
-                           if e.get("state") == "acked" and cid not in expired)
-            overflow = max(0, len(self.entries) - len(expired) - LEDGER_MAX_ENTRIES)
-            expired += [cid for _, cid in acked[:overflow]]
-            if not expired and self.lines <= 2 * len(self.entries) + 100:
-                return
-            for cid in expired:
-                del self.entries[cid]
-            data = b"".join(encode_line(entry) for entry in self.entries.values())
-            atomic_write(self.path, data)
-            self.lines = len(self.entries)
+            self._evict()
+            self._compact_if_needed()
+
+
+def refused_by_cloud(exc: Exception) -> bool:
+    """A 4xx that retrying cannot change (not 401, 408 or 429)."""
+    status = getattr(exc, "status", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (401, 408, 429)
 
 
 class SnapshotSpill:
-    """Snapshots the cloud has not taken yet: on disk, bounded, oldest first."""
+    """Snapshots the cloud has not taken yet: on disk, bounded, oldest first.
+
+    Kept in segments (snapshots-00000001.jsonl, ...), each at most
+    1/SPILL_SEGMENTS of either bound; past a bound the oldest segment is
+    deleted whole. So a snapshot at the bound costs its own bytes and now and
+    then an unlink, not a rewrite of the outbox; the outbox then holds
+    between (SPILL_SEGMENTS-1)/SPILL_SEGMENTS of the bound and the bound.
+    snapshots.sent ("SEQ COUNT") says how many records of segment SEQ have
+    been delivered; segments older than SEQ are delivered and deleted. It is
+    written only while the cloud is unreachable, so a healthy connector
+    causes no disk writes for snapshots (SD cards wear out). A record the
+    cloud refuses SNAPSHOT_REFUSALS times is set aside in
+    snapshots.refused.jsonl (at most SNAPSHOT_REFUSED_MAX_BYTES; past that
+    only counted) so that it cannot hold up those behind it."""
+
+    LEGACY = "snapshots.jsonl"  # 0.1.0's single file: becomes segment 0
 
     def __init__(self, state_dir: str, log: Logger, max_snapshots: Optional[int] = None,
                  max_bytes: Optional[int] = None):
-        self.path = os.path.join(state_dir, "snapshots.jsonl")
+        self.dir = state_dir
         self.sent_path = os.path.join(state_dir, "snapshots.sent")
+        self.refused_path = os.path.join(state_dir, "snapshots.refused.jsonl")
         self.log = log
         self.max_snapshots = max_snapshots or SPILL_MAX_SNAPSHOTS
         self.max_bytes = max_bytes or SPILL_MAX_BYTES
+        self.segment_records = max(1, -(-self.max_snapshots // SPILL_SEGMENTS))
+        self.segment_bytes = max(1, self.max_bytes // SPILL_SEGMENTS)
         self.lock = threading.RLock()
         self.dropped_total = 0
-        self._count = None  # type: Optional[int]  # pending records, counted on first use
+        self.refused_total = 0
+        self.refusals = 0  # how often the record at the head was refused in a row
+        self.isolate = False  # after a refused batch, records go one at a time
+        self._segments = None  # type: Optional[collections.OrderedDict]  # seq -> [records, bytes]
+        self._marker = (0, 0)  # (seq, records of it delivered)
+        self._last_seq = 0  # the newest segment's number, used or not
 
-    def _sent(self) -> int:
+    def segment_path(self, seq: int) -> str:
+        return os.path.join(self.dir, "snapshots-%08d.jsonl" % seq)
+
+    # -- what is on disk ------------------------------------------------------
+
+    def _segs(self) -> "collections.OrderedDict":
+        if self._segments is None:
+            self._segments = self._scan()
+        return self._segments
+
+    def _scan(self) -> "collections.OrderedDict":
+        legacy = os.path.join(self.dir, self.LEGACY)
+        if os.path.lexists(legacy) and not os.path.lexists(self.segment_path(0)):
+            os.rename(legacy, self.segment_path(0))
         try:
-            with open(self.sent_path) as handle:
-                return max(0, int(handle.read().strip() or 0))
-        except (OSError, ValueError):
-            return 0
+            names = os.listdir(self.dir)
+        except OSError:
+            names = []
+        seqs = sorted(int(n[10:18]) for n in names
+                      if len(n) == 24 and n.startswith("snapshots-") and n.endswith(".jsonl") and n[10:18].isdigit())
+        self._marker = self._read_marker(seqs[0] if seqs else 0)
+        self._last_seq = max(seqs + [self._marker[0]])
+        segments = collections.OrderedDict()
+        for seq in seqs:
+            path = self.segment_path(seq)
+            if seq < self._marker[0]:
+                self._remove(path)  # delivered before an interruption
+                continue
+            records = sum(1 for _ in iter_jsonl(path, self.log))
+            try:
+                size = os.lstat(path).st_size
+            except OSError:
+                continue  # set aside by iter_jsonl
+            segments[seq] = [records, size]
+        return segments
 
-    def _pending_records(self) -> List[Dict[str, Any]]:
-        return read_jsonl(self.path, self.log)[self._sent():]
+    def _read_marker(self, oldest: int) -> Tuple[int, int]:
+        try:
+            fd = open_state_file(self.sent_path, os.O_RDONLY)
+        except OSError:
+            return oldest, 0
+        with os.fdopen(fd, "rb") as handle:
+            words = handle.read(64).split()
+        try:
+            numbers = [int(w) for w in words]
+        except ValueError:
+            return oldest, 0
+        if len(numbers) == 1:  # 0.1.0: a count into its single file
+            numbers = [oldest] + numbers
+        if len(numbers) != 2 or min(numbers) < 0 or numbers[0] < oldest:
+            return oldest, 0
+        return numbers[0], numbers[1]
+
+    def _mark(self, seq: int, count: int) -> None:
+        atomic_write(self.sent_path, b"%d %d\n" % (seq, count))
+        self._marker = (seq, count)
+        for old in [s for s in self._segs() if s < seq]:
+            self._remove(self.segment_path(old))
+            del self._segs()[old]
 
     def count(self) -> int:
         with self.lock:
-            if self._count is None:
-                self._count = len(self._pending_records()) if os.path.exists(self.path) else 0
-            return self._count
+            segments = self._segs()
+            total = sum(records for records, _ in segments.values())
+            if segments and self._marker[0] in segments:
+                total -= min(self._marker[1], segments[self._marker[0]][0])
+            return total
+
+    def size(self) -> int:
+        """Bytes on disk in segments."""
+        with self.lock:
+            return sum(size for _, size in self._segs().values())
+
+    # -- adding -------------------------------------------------------------
 
     def add(self, snapshots: List[Dict[str, Any]]) -> None:
         if not snapshots:
             return
         with self.lock:
-            pending = self.count()
-            append_line(self.path, b"".join(encode_line(s) for s in snapshots))
-            self._count = pending + len(snapshots)
-            if self._count > self.max_snapshots or os.path.getsize(self.path) > self.max_bytes:
-                self._drop_oldest()
+            segments = self._segs()
+            chunks = collections.OrderedDict()  # type: collections.OrderedDict  # seq -> [lines]
+            for snapshot in snapshots:
+                line = encode_line(snapshot)
+                if len(line) > min(STATE_RECORD_MAX_BYTES, self.max_bytes):
+                    self.dropped_total += 1
+                    self.log.warn("snapshot too large for the outbox; dropped", bytes=len(line))
+                    continue
+                seq = self._last_seq
+                records, size = segments.get(seq, (0, 0))
+                if seq not in segments or records >= self.segment_records or size + len(line) > self.segment_bytes:
+                    seq = self._last_seq = self._last_seq + 1
+                    records, size = 0, 0
+                segments[seq] = [records + 1, size + len(line)]
+                chunks.setdefault(seq, []).append(line)
+            try:
+                for seq, lines in chunks.items():
+                    append_line(self.segment_path(seq), b"".join(lines))
+            except OSError:
+                self._segments = None  # count again from what the disk holds
+                raise
+            self._drop_oldest()
 
     def _drop_oldest(self) -> None:
-        records = self._pending_records()
-        encoded = [encode_line(r) for r in records[-self.max_snapshots:]]
-        size = sum(len(line) for line in encoded)
-        first = 0
-        while first < len(encoded) and size > self.max_bytes:
-            size -= len(encoded[first])
-            first += 1
-        encoded = encoded[first:]
-        atomic_write(self.path, b"".join(encoded))
-        self._remove(self.sent_path)
-        dropped = len(records) - len(encoded)
-        self._count = len(encoded)
-        self.dropped_total += dropped
-        self.log.warn("snapshot outbox full: dropped the oldest snapshots", dropped=dropped,
-                      kept=len(encoded), dropped_total=self.dropped_total)
+        segments = self._segs()
+        dropped = 0
+        while segments and (sum(r for r, _ in segments.values()) > self.max_snapshots
+                            or sum(s for _, s in segments.values()) > self.max_bytes):
+            seq, (records, _) = segments.popitem(last=False)
+            self._remove(self.segment_path(seq))
+            dropped += records - (min(self._marker[1], records) if seq == self._marker[0] else 0)
+        if dropped:
+            self.dropped_total += dropped
+            self.log.warn("snapshot outbox full: dropped the oldest snapshots", dropped=dropped,
+                          kept=self.count(), dropped_total=self.dropped_total)
+
+    # -- delivering -----------------------------------------------------------
+
+    def _pending(self) -> Iterator[Tuple[int, int, Dict[str, Any]]]:
+        """(seq, position in its segment, record), oldest first."""
+        for seq in list(self._segs()):
+            skip = self._marker[1] if seq == self._marker[0] else 0
+            for index, record in enumerate(iter_jsonl(self.segment_path(seq), self.log), 1):
+                if index > skip:
+                    yield seq, index, record
 
     def drain(self, send: Callable[[List[Dict[str, Any]]], None]) -> int:
         """Send pending snapshots oldest first, in batches; returns how many went.
 
-        Progress is recorded after every batch, so an interruption resends at
-        most one batch.
+        Progress is recorded after every batch but the last, so an
+        interruption resends at most one batch.
         """
         with self.lock:
             if not self.count():
                 return 0
-            sent_before = self._sent()
-            records = read_jsonl(self.path, self.log)[sent_before:]
-            delivered = 0
-            for start in range(0, len(records), SNAPSHOT_BATCH):
-                batch = records[start:start + SNAPSHOT_BATCH]
-                send(batch)
-                delivered += len(batch)
-                self._count = len(records) - delivered
-                if delivered < len(records):
-                    atomic_write(self.sent_path, str(sent_before + delivered).encode())
-            self._remove(self.path)
-            self._remove(self.sent_path)
-            self._count = 0
+            size = 1 if self.isolate else SNAPSHOT_BATCH
+            delivered, batch, last = 0, [], (0, 0)
+            for seq, index, record in self._pending():
+                if len(batch) == size:
+                    delivered += self._deliver(send, batch, last)
+                    self._mark(*last)
+                    batch = []
+                batch.append(record)
+                last = (seq, index)
+            if batch:
+                delivered += self._deliver(send, batch, last)
+            self._clear()
+            self.isolate = False
             return delivered
+
+    def _deliver(self, send: Callable[[List[Dict[str, Any]]], None], batch: List[Dict[str, Any]],
+                 last: Tuple[int, int]) -> int:
+        try:
+            send(batch)
+        except ConnectorError as exc:
+            if not refused_by_cloud(exc):
+                raise
+            if len(batch) > 1:
+                self.isolate = True  # find the one refused: next time, one at a time
+                raise
+            self.refusals += 1
+            if self.refusals < SNAPSHOT_REFUSALS:
+                raise
+            self._set_aside(batch[0], exc)
+            self._mark(*last)
+            return 0
+        self.refusals = 0
+        return len(batch)
+
+    def _set_aside(self, record: Dict[str, Any], exc: Exception) -> None:
+        self.refusals = 0
+        self.refused_total += 1
+        kept = False
+        try:
+            if not os.path.exists(self.refused_path) or os.lstat(self.refused_path).st_size < SNAPSHOT_REFUSED_MAX_BYTES:
+                append_line(self.refused_path, encode_line({"refused_at": now_rfc3339(), "error": _short(str(exc)),
+                                                            "snapshot": record}))
+                kept = True
+        except OSError:
+            pass
+        level = 30 if self.refused_total == 1 else 10
+        self.log.log(level, "the cloud refused a snapshot %d times; set it aside and went on with the others"
+                     % SNAPSHOT_REFUSALS, error=_short(str(exc)), refused_total=self.refused_total,
+                     kept_in=os.path.basename(self.refused_path) if kept else None)
+
+    def _clear(self) -> None:
+        for seq in list(self._segs()):
+            self._remove(self.segment_path(seq))
+        self._segs().clear()
+        self._remove(self.sent_path)
+        self._marker = (0, 0)
 
     @staticmethod
     def _remove(path: str) -> None:
@@ -1437,6 +1916,7 @@ class SnapshotSpill:
 def check_state_dir(state_dir: str) -> None:
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        check_state_dir_owner(state_dir)
         fd, probe = create_temp_file(state_dir, ".probe.")
         try:
             os.write(fd, b"ok")
@@ -1446,6 +1926,24 @@ def check_state_dir(state_dir: str) -> None:
             os.unlink(probe)
     except OSError as exc:
         raise StateDirError("state_dir %s is not writable: %s" % (state_dir, exc.strerror or exc)) from None
+
+
+def check_state_dir_owner(state_dir: str) -> None:
+    """state_dir, and a link to it, must belong to this user or to root, and
+    not be writable by every user: whoever else could replace it or its
+    files could read the ledger or point our writes elsewhere."""
+    me = os.geteuid()
+    link = os.lstat(state_dir)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, me):
+        raise StateDirError("state_dir %s is a symbolic link owned by uid %d, not by this user (uid %d) or root; "
+                            "refusing to follow it" % (state_dir, link.st_uid, me))
+    info = os.stat(state_dir)
+    if info.st_uid not in (0, me):
+        raise StateDirError("state_dir %s belongs to uid %d, not to this user (uid %d) or root"
+                            % (state_dir, info.st_uid, me))
+    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
+        raise StateDirError("state_dir %s is writable by every user (mode %o); make it 0700"
+                            % (state_dir, info.st_mode & 0o7777))
 
 
 # --------------------------------------------------------------------------
@@ -2011,17 +2509,18 @@ class CommandRunner:
         self.config, self.log, self.ledger = agent.config, agent.log, agent.ledger
 
     def handle(self, cloud: Cloud, clients: "PrinterClients", raw: Any) -> None:
-        command_id = normalize_command_id(raw.get("id")) if isinstance(raw, dict) else None
+        command_id = usable_command_id(raw.get("id")) if isinstance(raw, dict) else None
         if command_id is None:
-            self.log.warn("skipping a command without a usable id", command=_short(json.dumps(raw, default=str), 120))
+            self.log.warn("skipping a command without a usable id (at most %d printable characters)"
+                          % COMMAND_ID_MAX_CHARS, command=_short(json.dumps(raw, default=str)[:1000], 120))
             return
         known = self.ledger.get(command_id)
         if known is not None:
             self._redelivered(cloud, command_id, known)
             return
-        action = raw.get("action")
+        action = action_name(raw.get("action"))  # what the ledger may hold; execute() refuses the rest
         try:
-            self.ledger.start(command_id, action, raw.get("printer_id"))
+            self.ledger.start(command_id, action, printer_id_of(raw.get("printer_id")))
         except OSError as exc:
             # Without the record there is no at-most-once guarantee: do not run it.
             self.log.error("cannot record the command in state_dir; failing it without running it",
@@ -2034,21 +2533,53 @@ class CommandRunner:
             completion = completion_body("failed", {"action": action}, "not run: the connector was stopping")
         else:
             completion = self.execute(clients, command_id, raw)
-        self.ledger.finish(command_id, completion)
-        self.deliver(cloud, command_id, completion)
+        recorded = self.record(command_id, action, completion)
+        if recorded is not None:
+            self.deliver(cloud, command_id, recorded)
+
+    def record(self, command_id: str, action: Optional[str], completion: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The completion as the ledger now holds it, or None.
+
+        The cloud is only ever told a final state the disk holds. When the
+        completion cannot be recorded (state_dir full), a short "failed" is
+        tried instead; when even that cannot be written, nothing is sent: the
+        disk still says "running", the completion waits in memory and is
+        recorded and sent as soon as the disk takes it, and if the connector
+        restarts first, the next start reports what the disk holds, "failed:
+        interrupted by restart". Either way the cloud hears one final state.
+        """
+        try:
+            return self.ledger.finish(command_id, completion)
+        except OSError as exc:
+            fallback = completion_body("failed", {"action": action},
+                                       "the command ran, but its result could not be recorded in state_dir (%s); "
+                                       "not re-run" % (exc.strerror or exc))
+            self.log.error("cannot record the command's result; reporting it failed", id=command_id,
+                           action=action, error=str(exc))
+        try:
+            return self.ledger.finish(command_id, fallback)
+        except OSError as exc:
+            self.ledger.hold(command_id, fallback)
+            self.log.error("cannot record the command's outcome at all; nothing is reported until state_dir "
+                           "takes it (a restart reports it interrupted)", id=command_id, error=str(exc))
+            return None
 
     def _redelivered(self, cloud: Cloud, command_id: str, known: Dict[str, Any]) -> None:
         self.log.warn("Command delivered again; not running it twice", id=command_id, action=known.get("action"))
         completion = known.get("completion")
         if isinstance(completion, dict):
             if known.get("state") == "acked":
-                self.ledger.finish(command_id, completion)  # back in the outbox until acknowledged
+                try:
+                    completion = self.ledger.finish(command_id, completion)  # in the outbox until acknowledged
+                except OSError:
+                    pass  # the disk holds it as acknowledged: sending it again says nothing new
             self.deliver(cloud, command_id, completion)
 
     def execute(self, clients: "PrinterClients", command_id: str, raw: Dict[str, Any]) -> Dict[str, Any]:
         action, params = raw.get("action"), raw.get("params")
-        self.log.info("Command started", id=command_id, action=action, printer_id=raw.get("printer_id"))
-        result = {"action": action}  # type: Dict[str, Any]
+        name = action_name(action)  # an action that is not a plausible name fails in _resolve
+        self.log.info("Command started", id=command_id, action=name, printer_id=printer_id_of(raw.get("printer_id")))
+        result = {"action": name}  # type: Dict[str, Any]
         try:
             handler, printer, params = self._resolve(action, raw.get("printer_id"), params)
             moonraker = clients.moonraker(printer)
@@ -2063,10 +2594,10 @@ class CommandRunner:
             completion = completion_body("failed", result, str(exc))
         except Exception as exc:  # a bug must fail the command, never the agent
             completion = completion_body("failed", result, "internal error: %s: %s" % (type(exc).__name__, exc))
-            self.log.error("command handler crashed", id=command_id, action=action, error=repr(exc))
+            self.log.error("command handler crashed", id=command_id, action=name, error=repr(exc))
         # A Moonraker error may quote its api_key back: no secret is recorded or sent.
         completion = self.log.redact_tree(completion)
-        self.log.info("Command finished", id=command_id, action=action, status=completion["status"],
+        self.log.info("Command finished", id=command_id, action=name, status=completion["status"],
                       error=completion.get("error_message"))
         return completion
 
@@ -2077,10 +2608,10 @@ class CommandRunner:
             raise CommandFailed("invalid params: expected a JSON object, got %s" % type(params).__name__)
         handler = ACTIONS.get(action) if isinstance(action, str) else None
         if handler is None:
-            raise CommandFailed("unknown action %s" % json.dumps(action, default=str))
+            raise CommandFailed("unknown action %s" % _short(json.dumps(action, default=str)[:200], 80))
         printer = self.config.printer(printer_id_of(printer_id))
         if printer is None:
-            raise CommandFailed("unknown printer_id %s" % json.dumps(printer_id, default=str))
+            raise CommandFailed("unknown printer_id %s" % _short(json.dumps(printer_id, default=str)[:200], 80))
         return handler, printer, params
 
     def _post_snapshot(self, clients: "PrinterClients", moonraker: Moonraker) -> Dict[str, Any]:
@@ -2104,6 +2635,7 @@ class CommandRunner:
 
     def flush(self, cloud: Cloud) -> None:
         """Deliver every completion the cloud has not acknowledged yet."""
+        self.ledger.record_held()
         for command_id, completion in self.ledger.unacked():
             self.deliver(cloud, command_id, completion)
 
@@ -2111,8 +2643,13 @@ class CommandRunner:
         for entry in self.ledger.interrupted():
             self.log.warn("command was interrupted by a restart; reporting it failed, not re-running it",
                           id=entry["id"], action=entry.get("action"))
-            self.ledger.finish(entry["id"], completion_body("failed", {"action": entry.get("action")},
-                                                            "interrupted by restart; not re-run"))
+            completion = completion_body("failed", {"action": entry.get("action")}, "interrupted by restart; not re-run")
+            try:
+                self.ledger.finish(entry["id"], completion)
+            except OSError as exc:  # the disk still says "running": the next start says the same
+                self.ledger.hold(entry["id"], completion)
+                self.log.error("cannot record it; it is reported once state_dir takes it", id=entry["id"],
+                               error=str(exc))
 
 
 # --------------------------------------------------------------------------

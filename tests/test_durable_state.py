@@ -51,6 +51,7 @@ def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path):
 
 
 def test_old_acked_ids_expire_and_the_file_is_compacted(tmp_path, log, monkeypatch):
+    monkeypatch.setattr(connector, "LEDGER_SLACK_BYTES", 0)
     ledger = connector.Ledger(str(tmp_path), log)
     for n in range(30):
         ledger.start(str(n), "pause", 1)
@@ -77,6 +78,11 @@ def test_unacked_completions_are_never_expired(tmp_path, log, monkeypatch):
     assert len(connector.Ledger(str(tmp_path), log).unacked()) == 5
 
 
+def segments(state_dir):
+    """The outbox's segment files, oldest first."""
+    return sorted(str(p) for p in state_dir.glob("snapshots-*.jsonl"))
+
+
 def snapshot(n):
     return {"printer_id": 1, "captured_at": "2026-01-01T00:00:%02dZ" % (n % 60), "payload": {"n": n}}
 
@@ -88,7 +94,7 @@ def test_spill_delivers_oldest_first_in_batches(tmp_path, log, monkeypatch):
     batches = []
     assert spill.drain(batches.append) == 7
     assert [[s["payload"]["n"] for s in b] for b in batches] == [[0, 1, 2], [3, 4, 5], [6]]
-    assert not os.path.exists(spill.path) and spill.count() == 0
+    assert segments(tmp_path) == [] and spill.count() == 0
 
 
 def test_spill_resumes_after_the_last_delivered_batch(tmp_path, log, monkeypatch):
@@ -125,7 +131,7 @@ def test_spill_drops_the_oldest_past_the_byte_bound(tmp_path, log):
     spill = connector.SnapshotSpill(str(tmp_path), log, max_bytes=1000)
     for n in range(20):
         spill.add([dict(snapshot(n), payload={"n": n, "pad": "x" * 100})])
-    assert os.path.getsize(spill.path) <= 1000
+    assert sum(os.path.getsize(path) for path in segments(tmp_path)) <= 1000
     kept = []
     spill.drain(kept.append)
     numbers = [s["payload"]["n"] for b in kept for s in b]
@@ -135,7 +141,7 @@ def test_spill_drops_the_oldest_past_the_byte_bound(tmp_path, log):
 def test_spill_skips_a_corrupt_tail(tmp_path, log):
     spill = connector.SnapshotSpill(str(tmp_path), log)
     spill.add([snapshot(1)])
-    with open(spill.path, "ab") as handle:
+    with open(segments(tmp_path)[-1], "ab") as handle:
         handle.write(b'{"printer_id": 1, "captu')
     kept = []
     connector.SnapshotSpill(str(tmp_path), log).drain(kept.append)
@@ -152,7 +158,7 @@ def test_unwritable_state_dir_is_a_clear_error(tmp_path):
 def test_spill_records_keep_their_capture_time(tmp_path, log):
     spill = connector.SnapshotSpill(str(tmp_path), log)
     spill.add([snapshot(42)])
-    with open(spill.path) as handle:
+    with open(segments(tmp_path)[0]) as handle:
         assert json.loads(handle.readline())["captured_at"] == "2026-01-01T00:00:42Z"
 
 

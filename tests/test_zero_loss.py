@@ -4,6 +4,7 @@ Every test checks on the cloud's side that what the connector owed arrived
 exactly once (or, past the outbox bound, that the oldest were dropped and
 counted), and on the printer's side that no command ran twice."""
 
+import glob
 import json
 import os
 import time
@@ -160,7 +161,7 @@ def test_a_corrupt_tail_in_the_ledger_is_skipped_with_a_warning(cloud, printer, 
     with open(os.path.join(str(connector.state_dir), "commands.jsonl"), "ab") as ledger:
         ledger.write(b'{"id":"half-writ')
     connector.start()
-    connector.wait_log("skipping a corrupt record")
+    connector.wait_log("skipping corrupt records")
     connector.wait_log("Heartbeat sent")
     count = len(pauses(printer))
     cloud.redeliver(command_id)
@@ -198,12 +199,17 @@ def snapshots_of(cloud, connector):
     return [s for s in cloud.snapshots if s["printer_id"] == connector.printer_id]
 
 
+def outbox_segments(connector):
+    return sorted(glob.glob(os.path.join(str(connector.state_dir), "snapshots-*.jsonl")))
+
+
 def spilled(connector):
-    path = os.path.join(str(connector.state_dir), "snapshots.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """What the snapshot outbox holds, oldest first (all its segments)."""
+    records = []
+    for path in outbox_segments(connector):
+        with open(path) as handle:
+            records += [json.loads(line) for line in handle if line.strip()]
+    return records
 
 
 def key(snapshot):
@@ -224,7 +230,7 @@ def test_snapshots_taken_during_an_outage_arrive_afterwards_oldest_first(cloud, 
     before = len(snapshots_of(cloud, connector))
     kept = spilled(connector)
     cloud.clear_faults()
-    cloud.wait_for(lambda: not os.path.exists(os.path.join(str(connector.state_dir), "snapshots.jsonl")), 70)
+    cloud.wait_for(lambda: not outbox_segments(connector), 70)
     arrived = snapshots_of(cloud, connector)[before:]
     arrived_keys = [key(s) for s in arrived]
     assert arrived_keys[:len(kept)] == [key(s) for s in kept]  # original capture times, oldest first
