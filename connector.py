@@ -184,10 +184,15 @@ def _refuse_constant(name: str):
     raise BadJson("%s is not a JSON value" % name)
 
 
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # one: json.loads(**kw) builds one per call
+
+
 def decode_json(data, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """json.loads for untrusted bytes or text; BadJson for anything refused."""
     try:
-        value = json.loads(data, parse_constant=_refuse_constant)
+        if isinstance(data, (bytes, bytearray)):
+            data = data.decode(json.detect_encoding(data), "surrogatepass")
+        value = _DECODER.decode(data)
     except RecursionError:
         raise BadJson("JSON nested too deeply") from None
     except BadJson:
@@ -1343,8 +1348,9 @@ def iter_jsonl(path: str, log: Logger, accept: Optional[Callable[[Dict[str, Any]
                 continue
             if not line.strip():
                 continue
-            try:
-                record = decode_json(line) if line.lstrip()[:1] == b"{" else None
+            body = line.strip()
+            try:  # every record we write is one object on one line: anything else is not worth parsing
+                record = decode_json(body) if body[:1] == b"{" and body[-1:] == b"}" else None
             except BadJson:
                 record = None
             if isinstance(record, dict) and (accept is None or accept(record)):
@@ -1399,6 +1405,11 @@ def normalize_command_id(value) -> Optional[str]:
         text = str(value).strip()
         return text or None
     return None
+
+
+def printer_id_of(value) -> Optional[int]:
+    command_id = normalize_command_id(value)
+    return int(command_id) if command_id is not None and command_id.isdigit() and len(command_id) < 19 else None
 
 
 def usable_command_id(value) -> Optional[str]:
@@ -2496,11 +2507,6 @@ def completion_body(status: str, result: Dict[str, Any], error: Optional[str] = 
     if error is not None:
         body["error_message"] = error
     return body
-
-
-def printer_id_of(value) -> Optional[int]:
-    command_id = normalize_command_id(value)
-    return int(command_id) if command_id is not None and command_id.isdigit() else None
 
 
 class CommandRunner:
