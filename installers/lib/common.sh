@@ -102,7 +102,7 @@ python_path() {
 # JSON, HTTP and zip work is done by the host's python3 (Klipper, Moonraker
 # and the K1 firmware all ship one); this is the one place it is written.
 PYHELPER='
-import hashlib, json, os, ssl, sys, urllib.error, urllib.request, zipfile
+import hashlib, json, os, shlex, ssl, sys, urllib.error, urllib.request, zipfile
 
 def die(msg, code=1):
     sys.stderr.write(msg + "\n")
@@ -178,6 +178,68 @@ def parse_printers(text):
         die("no printer given", 2)
     return printers
 
+SYSTEMD_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "s": " "}
+
+def systemd_words(line):
+    """A command line split as systemd does (systemd.syntax(7)): %% is a
+    percent sign, words in double or single quotes may hold spaces, a
+    backslash escapes the next character, $$ is a dollar sign."""
+    line = line.replace("%%", "\0")
+    words, i, n = [], 0, len(line)
+    while True:
+        while i < n and line[i] in " \t":
+            i += 1
+        if i >= n:
+            return [w.replace("\0", "%").replace("$$", "$") for w in words]
+        quote, word = None, ""
+        if line[i] in "\"\x27":
+            quote = line[i]
+            i += 1
+        while i < n and not (quote is None and line[i] in " \t"):
+            c = line[i]
+            i += 1
+            if c == quote:
+                break
+            if c == "\\" and i < n:
+                c = SYSTEMD_ESCAPES.get(line[i], line[i])
+                i += 1
+            word += c
+        words.append(word)
+
+def is_python(word):
+    name = os.path.basename(word)
+    return name in ("python", "python3") or name.startswith("python3.")
+
+def unit_fields(path):
+    """User, the binary (after a Python in front of it) and --config."""
+    user, words = "", []
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("User=") and not user:
+                user = line[5:]
+            elif line.startswith("ExecStart=") and not words:
+                words = systemd_words(line[10:])
+    binary, config = "", ""
+    rest = iter(words)
+    for word in rest:
+        if word == "--config":
+            config = next(rest, "")
+        elif word == "--log-level":
+            next(rest, "")
+        elif not word.startswith("-") and (not binary or is_python(binary)):
+            binary = word
+    return user, binary, config
+
+def init_var(path, name):
+    """NAME=value of a shell init script, unquoted as sh would."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(name + "="):
+                words = shlex.split(line[len(name) + 1:].strip(), comments=True)
+                return words[0] if words else ""
+    return ""
+
 def main(argv):
     cmd, args = argv[0], argv[1:]
     if cmd == "download":
@@ -245,6 +307,11 @@ def main(argv):
             print(read_json(args[0]).get(args[1], ""))
         except (OSError, ValueError):
             print("")
+    elif cmd == "unit-fields":
+        for value in unit_fields(args[0]):
+            print(value)
+    elif cmd == "init-var":
+        print(init_var(args[0], args[1]))
     elif cmd == "zip-extract":
         try:
             with zipfile.ZipFile(args[0]) as z, open(args[2], "wb") as f:
@@ -311,11 +378,13 @@ wget_verifies_tls() {
     command -v wget >/dev/null 2>&1 && wget --version 2>/dev/null | grep -q 'GNU Wget'
 }
 
+# From stdin: sha256sum marks a name with a backslash or newline by a
+# leading backslash on the digest.
 sha256_of() {
     if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum "$1" | cut -d ' ' -f 1
+        sha256sum <"$1" | cut -d ' ' -f 1
     elif command -v shasum >/dev/null 2>&1; then
-        shasum -a 256 "$1" | cut -d ' ' -f 1
+        shasum -a 256 <"$1" | cut -d ' ' -f 1
     else
         pyhelp sha256 "$1"
     fi
@@ -404,13 +473,32 @@ bin_version() {
     printf '%s\n' "$v"
 }
 
-# The command line the service runs, as one line.
+# The command line the service runs, as one line of systemd's syntax.
 exec_line() { # BIN CONFIG LOGLEVEL
     if is_native "$1"; then
-        printf '%s --config %s --log-level %s\n' "$1" "$2" "$3"
+        printf '%s --config %s --log-level %s\n' "$(systemd_word "$1")" "$(systemd_word "$2")" "$3"
     else
-        printf '%s %s --config %s --log-level %s\n' "$(python_path)" "$1" "$2" "$3"
+        printf '%s %s --config %s --log-level %s\n' "$(systemd_word "$(python_path)")" "$(systemd_word "$1")" \
+            "$(systemd_word "$2")" "$3"
     fi
+}
+
+# One word of a unit file's ExecStart= (systemd.syntax(7)): in double
+# quotes with backslash and quote escaped, % (a specifier) and $ (a
+# variable) doubled. systemd_value is the same without $, for Environment=.
+systemd_word() { printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/%/%%/g' -e 's/\$/$$/g')"; }
+systemd_value() { printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/%/%%/g')"; }
+systemd_path() { printf '%s' "$1" | sed -e 's/%/%%/g'; }
+
+# A value in single quotes for sh (the K1 init script).
+sh_quote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
+
+# Paths go into unit files, init scripts and one-a-line lists: no newline.
+check_path() { # WHAT PATH
+    case $2 in
+        *'
+'*) err "$1 may not contain a newline: $2" ;;
+    esac
 }
 
 # Maps `uname -m` to the release's architecture names.
@@ -432,41 +520,22 @@ detect_arch() {
 
 unit_path() { printf '%s/etc/systemd/system/%s.service\n' "$ROOT" "$SERVICE"; }
 
-# Reads BIN and CONFIG from the ExecStart= line of a unit (a Python in
-# front of the artifact is skipped), and SVC_USER from its User= line.
+# Reads BIN and CONFIG from the ExecStart= line of a unit (split as systemd
+# does; a Python in front of the artifact is skipped), and SVC_USER from its
+# User= line.
 parse_unit() {
-    unit_file=$1
-    SVC_USER=$(sed -n 's/^User=//p' "$unit_file" | head -n 1)
-    line=$(sed -n 's/^ExecStart=//p' "$unit_file" | head -n 1)
-    set -f
-    # shellcheck disable=SC2086  # splitting the command line into words is intended
-    set -- $line
-    set +f
-    BIN=""
-    CONFIG=""
-    while [ $# -gt 0 ]; do
-        case $1 in
-            --config) CONFIG=${2:-}; shift ;;
-            --log-level) shift ;;
-            -*) ;;
-            *) if [ -z "$BIN" ] || is_python_name "$BIN"; then BIN=$1; fi ;;
-        esac
-        shift
-    done
+    fields=$(pyhelp unit-fields "$1") || return 1
+    SVC_USER=$(printf '%s\n' "$fields" | sed -n 1p)
+    BIN=$(printf '%s\n' "$fields" | sed -n 2p)
+    CONFIG=$(printf '%s\n' "$fields" | sed -n 3p)
     [ -n "$BIN" ] && [ -n "$CONFIG" ]
 }
 
-is_python_name() {
-    case ${1##*/} in
-        python | python3 | python3.*) return 0 ;;
-        *) return 1 ;;
-    esac
-}
-
-# Our init script and the Go connector's both name BIN= and CONFIG=.
+# Our init script and the Go connector's both name BIN= and CONFIG=, read
+# back with sh's quoting rules.
 parse_init() {
-    BIN=$(sed -n 's/^BIN="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$1" | head -n 1)
-    CONFIG=$(sed -n 's/^CONFIG="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$1" | head -n 1)
+    BIN=$(pyhelp init-var "$1" BIN) || return 1
+    CONFIG=$(pyhelp init-var "$1" CONFIG) || return 1
     [ -n "$BIN" ] && [ -n "$CONFIG" ]
 }
 
@@ -578,12 +647,12 @@ After=network-online.target moonraker.service
 [Service]
 Type=simple
 User=$SVC_USER
-WorkingDirectory=$DIR
+WorkingDirectory=$(systemd_path "$DIR")
 ExecStart=$1
 # Fewer malloc arenas for a multi-threaded Python: several MB less RSS.
 Environment=MALLOC_ARENA_MAX=2
 # The onefile binary unpacks here at every start (/tmp may be RAM).
-Environment=TMPDIR=$DIR/tmp
+Environment=$(systemd_value "TMPDIR=$DIR/tmp")
 Restart=always
 RestartSec=5
 
@@ -601,16 +670,16 @@ write_init() { # PYTHON (empty for a native binary)
 #!/bin/sh
 # printer-connector init script, written by install-k1.sh
 # start | stop | restart | status
-BIN="$BIN"
-CONFIG="$CONFIG"
-PYTHON="$1"
-LOG="$LOG"
-PIDFILE="$ROOT/var/run/printer-connector.pid"
+BIN=$(sh_quote "$BIN")
+CONFIG=$(sh_quote "$CONFIG")
+PYTHON=$(sh_quote "$1")
+LOG=$(sh_quote "$LOG")
+PIDFILE=$(sh_quote "$ROOT/var/run/printer-connector.pid")
 LOG_MAX=1048576
 # Fewer malloc arenas for a multi-threaded Python: about 8 MB less RSS.
 MALLOC_ARENA_MAX=2
 # Temporary files on the large /usr/data partition: /tmp is RAM on a K1.
-TMPDIR="$DIR/tmp"
+TMPDIR=$(sh_quote "$DIR/tmp")
 export MALLOC_ARENA_MAX TMPDIR
 EOF
     cat >>"$K1_INIT.tmp" <<'EOF'
@@ -976,6 +1045,8 @@ stage_artifact() { # ASSETS...
 # The shared installer. The caller sets LAYOUT, DIR, BIN, CONFIG, SVC_USER,
 # the OPT_* flags and the answers, and STAGE (scratch inside DIR).
 install_connector() { # ASSETS...
+    check_path "the install folder" "$DIR"
+    check_path "--config" "$CONFIG"
     CONFIG_STATE=absent
     [ ! -f "$CONFIG" ] || CONFIG_STATE=$(pyhelp config-state "$CONFIG")
     case $CONFIG_STATE in
@@ -996,6 +1067,7 @@ install_connector() { # ASSETS...
     swap_in "$NEW" || err "could not install $BIN (disk full?)"
     [ "$LAYOUT" != k1 ] || [ "$NEW_ASSET" != printer-connector.pyz ] || k1_ca_bundle "$BIN"
     if [ "$CONFIG_STATE" != paired ]; then
+        mkdir -p "$(dirname "$CONFIG")"
         pyhelp write-config "$CONFIG.tmp" "$CLOUD_URL" "$TOKEN" "$DIR/state" "$PRINTERS"
         mv -f "$CONFIG.tmp" "$CONFIG"
         pair_once

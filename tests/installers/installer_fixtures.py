@@ -170,9 +170,9 @@ def release(tmp_path):
 class Sandbox:
     """A scratch root the scripts treat as /, plus stub systemctl/journalctl."""
 
-    def __init__(self, tmp_path, release):
+    def __init__(self, tmp_path, release, root_name="root"):
         self.tmp = tmp_path
-        self.root = tmp_path / "root"
+        self.root = tmp_path / root_name
         self.state = tmp_path / "stub-state"
         self.bin = tmp_path / "stub-bin"
         for d in (self.root, self.state, self.bin):
@@ -312,6 +312,19 @@ def process_alive(pid):
 @pytest.fixture
 def sandbox(tmp_path, release):
     box = Sandbox(tmp_path, release)
+    yield box
+    box.cleanup()
+
+
+# Every character a shell, systemd or a sed script could take for syntax.
+ODD_NAME = "the root 'q' \"d\" $HOME ${x} %h %% \\n `id` ;&|*?[a] <> ~ #"
+
+
+@pytest.fixture
+def odd_sandbox(tmp_path, release):
+    """A sandbox whose root (so every path of the install) holds spaces and
+    characters special to sh and systemd."""
+    box = Sandbox(tmp_path, release, root_name=ODD_NAME)
     yield box
     box.cleanup()
 

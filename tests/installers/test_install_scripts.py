@@ -114,7 +114,7 @@ def test_klipper_fresh_install(sandbox, shell, tmp_path, cloud, printer, release
 
     unit = sandbox.unit().read_text()
     assert "User=%s\n" % sandbox.user in unit and "Restart=always\n" in unit
-    assert "ExecStart=" in unit and "%s --config %s --log-level info" % (binary, config_path) in unit
+    assert 'ExecStart="' in unit and '"%s" --config "%s" --log-level info\n' % (binary, config_path) in unit
     verbs = [c[0] for c in sandbox.systemctl_calls()]
     assert verbs.index("daemon-reload") < verbs.index("enable") < verbs.index("start")
 
@@ -238,7 +238,7 @@ def test_k1_fresh_install(sandbox, shell, tmp_path, cloud, printer, release):
     assert (d / "ca-bundle.pem").read_text().startswith("\n# Issuer") or \
         "BEGIN CERTIFICATE" in (d / "ca-bundle.pem").read_text()
     init = sandbox.k1_init.read_text()
-    assert 'BIN="%s/printer-connector"' % d in init
+    assert "BIN='%s/printer-connector'" % d in init
     assert sandbox.systemctl_calls() == []
     assert 'msg="Heartbeat sent"' in (d / "printer-connector.log").read_text()
     cloud.wait_for(lambda: heartbeats_of(cloud, config["connector_id"]), 10, "a heartbeat")

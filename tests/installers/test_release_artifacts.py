@@ -34,7 +34,7 @@ def test_klipper_host_runs_the_static_binary(sandbox, cloud, printer, release):
     binary = sandbox.klipper_bin
     assert binary.read_bytes()[:4] == b"\x7fELF"
     # A native binary is the service's command itself.
-    assert "\nExecStart=%s --config " % binary in sandbox.unit().read_text()
+    assert "\nExecStart=\"%s\" --config " % binary in sandbox.unit().read_text()
     config = config_of(sandbox.klipper_dir / "config.json")
     cloud.wait_for(lambda: [h for h in heartbeats_of(cloud, config["connector_id"])
                             if h["body"]["status"]["version"] == version], 15, "a heartbeat")
@@ -62,4 +62,4 @@ def test_k1_runs_the_zipapp_with_busybox_and_python38(sandbox, tmp_path, cloud, 
                             if h["body"]["status"]["version"] == version], 15, "a heartbeat")
     out = subprocess.run(["sh", str(sandbox.k1_init), "status"], stdout=subprocess.PIPE, env=sandbox.env)
     assert out.returncode == 0, out.stdout
-    assert 'PYTHON="%s/python3"' % k1 in sandbox.k1_init.read_text()
+    assert "PYTHON='%s/python3'" % k1 in sandbox.k1_init.read_text()
