@@ -271,6 +271,62 @@ def test_upload_with_a_traversal_name_fails_locally_and_writes_nothing(cloud, co
     assert not os.path.exists(os.path.join(moonraker.config_dir, "evil.cfg"))
 
 
+@pytest.fixture
+def link_out_of_gcodes(moonraker, tmp_path):
+    """gcodes/escape -> a folder outside printer_data holding a file; the
+    link is removed afterwards (the other tests list gcodes)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.cfg").write_bytes(b"[keep me]\n")
+    link = os.path.join(moonraker.gcodes, "escape")
+    os.symlink(str(outside), link)
+    yield outside
+    os.unlink(link)
+
+
+def test_moonraker_itself_writes_and_deletes_through_a_link_in_gcodes(moonraker, link_out_of_gcodes):
+    """The premise of the check below: Moonraker's path check is lexical."""
+    import requests
+    response = requests.post(moonraker.url + "/server/files/upload", data={"root": "gcodes", "path": "escape"},
+                             files={"file": ("planted.gcode", b"G28\n")}, timeout=10)
+    assert response.status_code == 201 and (link_out_of_gcodes / "planted.gcode").exists()
+    response = requests.delete(moonraker.url + "/server/files/gcodes/escape/planted.gcode", timeout=10)
+    assert response.status_code == 200 and not (link_out_of_gcodes / "planted.gcode").exists()
+
+
+def test_upload_through_a_link_out_of_gcodes_is_refused_and_writes_nothing_outside(
+        cloud, connector, moonraker, link_out_of_gcodes):
+    body = run_command(cloud, connector, "upload_file",
+                       {"filename": "escape/planted.gcode", "content": base64.b64encode(b"G28\n").decode()})
+
+    assert body["status"] == "failed" and "leads out of the gcodes folder" in body["error_message"], body
+    assert sorted(os.listdir(str(link_out_of_gcodes))) == ["victim.cfg"]
+
+
+def test_delete_through_a_link_out_of_gcodes_is_refused_and_deletes_nothing_outside(
+        cloud, connector, moonraker, link_out_of_gcodes):
+    body = run_command(cloud, connector, "delete_file", {"filename": "escape/victim.cfg"})
+
+    assert body["status"] == "failed" and "leads out of the gcodes folder" in body["error_message"], body
+    assert (link_out_of_gcodes / "victim.cfg").read_bytes() == b"[keep me]\n"
+    marker = "after_link_refusal.gcode"
+    write_gcode(moonraker, marker, b"G28\n")
+    assert run_command(cloud, connector, "delete_file", {"filename": marker})["status"] == "succeeded"
+    wait_logged(moonraker, "DELETE /server/files/gcodes/" + marker)
+    assert not requests_logged(moonraker, "victim.cfg")
+
+
+@pytest.mark.parametrize("name", ["sub/ ..", "sub/.. ", " planted.gcode"])
+def test_a_name_moonraker_would_strip_is_refused_before_it_reaches_moonraker(cloud, connector, moonraker, name):
+    os.makedirs(os.path.join(moonraker.gcodes, "sub"), exist_ok=True)
+    before = moonraker.gcode_files()
+    body = run_command(cloud, connector, "upload_file",
+                       {"filename": name, "content": base64.b64encode(b"G28\n").decode()})
+
+    assert body["status"] == "failed" and "white space" in body["error_message"], body
+    assert moonraker.gcode_files() == before
+
+
 # --------------------------------------------------------------------------
 # History
 # --------------------------------------------------------------------------
@@ -364,6 +420,7 @@ def test_webcam_with_a_relative_snapshot_url_is_fetched_from_the_ui_port(
     try:
         connector = start_connector(cloud, make_connector, keyed_moonraker, api_key=keyed_moonraker.api_key(),
                                     ui_port=image_server.server.server_address[1])
+        connector.wait_log("Camera found")  # the look for cameras at start is done: it fetched one image too
         hits_before = image_server.hits
 
         request_id = cloud.enqueue_webcam_request(connector.connector_id, connector.printer_id)
