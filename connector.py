@@ -22,6 +22,7 @@ import collections
 import datetime
 import errno
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -70,6 +71,13 @@ CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
 PROBE_TIMEOUT = 3.0
 UPLOAD_READ_TIMEOUT = 300.0
+# A wall-clock bound on a whole exchange (connect, send, headers, body): a
+# peer that trickles a byte at a time never trips a read timeout. An
+# ordinary call has EXCHANGE_DEADLINE; a transfer, TRANSFER_BASE_SECONDS
+# plus its size at MIN_TRANSFER_RATE (transfer_deadline).
+EXCHANGE_DEADLINE = 30.0
+TRANSFER_BASE_SECONDS = 60.0
+MIN_TRANSFER_RATE = 50 * 1024  # bytes per second
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
@@ -134,12 +142,42 @@ class ConfigError(ConnectorError):
 
 
 class HttpError(ConnectorError):
-    """A request failed: transport trouble (status None) or a non-2xx answer."""
+    """Every failed HTTP exchange. `status` is the peer's answer code, None
+    when it gave no usable answer. The subclasses say what went wrong; they
+    are raised from the low-level exceptions of both transports in one place
+    (`http_error_of`, HTTP section)."""
 
-    def __init__(self, message, status=None, tls=False):
+    def __init__(self, message, status=None):
         super().__init__(message)
         self.status = status
-        self.tls = tls  # the peer's TLS certificate or handshake failed
+
+
+class HttpStatusError(HttpError):
+    """The peer answered, with a status other than 2xx."""
+
+    def __init__(self, message, response):
+        super().__init__(message, response.status)
+        self.response = response
+
+
+class TransportError(HttpError):
+    """No usable answer: refused, reset, unknown host, closed early, not HTTP."""
+
+
+class ExchangeTimeout(TransportError):
+    """The connect or read timeout, or the exchange's deadline, passed."""
+
+
+class TlsError(TransportError):
+    """The peer's TLS certificate or handshake failed."""
+
+
+class BadResponse(HttpError):
+    """An answer we refuse: not JSON, or not the shape the protocol says."""
+
+
+class ResponseTooLarge(BadResponse):
+    """An answer body over the cap for that call."""
 
 
 class CredentialsRejected(ConnectorError):
@@ -702,16 +740,25 @@ class FailureTracker:
 # --------------------------------------------------------------------------
 # HTTP
 # --------------------------------------------------------------------------
-# The one place that does HTTP: connect and read timeouts on every call, a
-# cap on every body we read, and every failure mapped to HttpError with a
-# short message. Peers are reached over kept-alive http.client connections:
-# the polls run thousands of times an hour, and requests would cost three
-# times the CPU per call and 6 MB more memory for features they do not use
+# The one place that does HTTP: connect and read timeouts and a wall-clock
+# deadline on every exchange, a cap on every body we read, and every failure
+# mapped, in `http_error_of`, to one of the HttpError subclasses with a short
+# message. Peers are reached over kept-alive http.client connections: the
+# polls run thousands of times an hour, and requests would cost three times
+# the CPU per call and 6 MB more memory for features they do not use
 # (bench/README.md). requests is imported only for a peer that the
 # environment routes through a proxy (it speaks CONNECT and proxy
-# authentication). Redirects are not followed. Only the headers the protocol
-# needs are sent: every byte is paid for on metered links. TLS verification
-# stays on.
+# authentication). Both transports take the same arguments and raise only
+# the typed errors. Redirects are not followed. Only the headers the
+# protocol needs are sent, and credentials only to the client's own origin.
+# TLS verification stays on.
+#
+# A read timeout bounds each wait for a byte, not the exchange: a peer that
+# trickles a byte a second never trips it. So one watchdog thread for the
+# whole process holds the deadlines of the exchanges in flight and shuts
+# down the socket of one whose deadline passed, which ends any wait (in
+# TLS, http.client or urllib3 alike). It sleeps until the earliest deadline
+# it knows, so a poll costs it a heap push and a removal, not a wake-up.
 
 import http.client  # noqa: E402
 import select  # noqa: E402
@@ -719,20 +766,21 @@ import ssl  # noqa: E402
 
 
 class HttpResponse:
-    __slots__ = ("status", "headers", "content")
+    __slots__ = ("status", "headers", "content", "size")
 
-    def __init__(self, status, headers, content):
+    def __init__(self, status, headers, content, size=None):
         self.status, self.headers, self.content = status, headers, content
+        self.size = len(content) if size is None else size  # bytes received, also when they went to a sink
 
     def json(self, what: str):
         if not self.content:
             return None
         try:
             return decode_json(self.content)
-        except BadJson:
+        except BadJson as exc:
             ctype = self.headers.get("Content-Type", "?").split(";")[0]
-            raise HttpError("%s: expected JSON, got %s (%d bytes)" % (what, ctype, len(self.content)),
-                            self.status) from None
+            raise BadResponse("%s: expected JSON, got %s (%d bytes: %s)"
+                              % (what, ctype, len(self.content), _short(str(exc), 80)), self.status) from None
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -740,37 +788,202 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _socket_message(exc: Exception) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return "TLS error: %s" % _short(str(exc), 160)
-    if isinstance(exc, socket.timeout):
-        return "read timed out"
-    if isinstance(exc, socket.gaierror):
-        return "host name not found"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "connection closed without a response"
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset"
-    if isinstance(exc, (BrokenPipeError, ConnectionAbortedError)):
-        return "connection closed without a response"
-    if isinstance(exc, http.client.HTTPException):
-        return "bad HTTP answer: %s" % _short(str(exc) or type(exc).__name__, 160)
-    return "connection failed: %s" % _short(exc.strerror if isinstance(exc, OSError) and exc.strerror
-                                            else str(exc) or type(exc).__name__, 160)
+def default_deadline(timeout: Tuple[float, float]) -> float:
+    """The deadline of a call that names none: EXCHANGE_DEADLINE, or longer
+    for a call whose own timeouts are longer (a G28 may take two minutes)."""
+    return max(EXCHANGE_DEADLINE, timeout[0] + timeout[1])
+
+
+def transfer_deadline(nbytes: int) -> float:
+    """The deadline of an upload or download of nbytes: a base for the
+    handshakes and the peer's work, plus the time at MIN_TRANSFER_RATE."""
+    return TRANSFER_BASE_SECONDS + max(0, nbytes) / MIN_TRANSFER_RATE
+
+
+class WatchedExchange:
+    """One exchange in flight: its deadline, and the socket to shut down when
+    it passes. `connected` tells a connect timeout from a read timeout."""
+    __slots__ = ("deadline", "seconds", "sock", "connected", "expired", "entry")
+
+    def __init__(self, seconds: float):
+        self.seconds, self.deadline = seconds, time.monotonic() + seconds
+        self.sock, self.connected, self.expired = None, False, False
+        self.entry = None  # type: Optional[Tuple[float, int, WatchedExchange]]
+
+    def remaining(self) -> float:
+        return max(0.001, self.deadline - time.monotonic())
+
+
+def _shut_down(sock) -> None:
+    try:
+        # The plain socket's shutdown, also for an SSLSocket: it ends a wait
+        # in another thread without touching the TLS state that thread uses.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, TypeError):
+        pass  # closed meanwhile: nothing waits on it any more
+
+
+class DeadlineWatch:
+    """The process-wide watchdog of exchange deadlines (see the section
+    comment). An exchange's thread calls start, attach as its sockets
+    appear, and finish; the watchdog thread starts with the first exchange."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._heap = []  # type: List[Tuple[float, int, WatchedExchange]]
+        self._alarm = float("inf")  # when the watchdog looks next
+        self._count = 0
+        self._thread = None  # type: Optional[threading.Thread]
+        self._local = threading.local()
+
+    def start(self, seconds: float) -> WatchedExchange:
+        watched = WatchedExchange(seconds)
+        with self._lock:
+            self._count += 1
+            watched.entry = (watched.deadline, self._count, watched)
+            heapq.heappush(self._heap, watched.entry)
+            if watched.deadline < self._alarm:
+                self._alarm = watched.deadline
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="http-deadlines", daemon=True)
+                    self._thread.start()
+                else:
+                    self._changed.notify()
+        self._local.current = watched
+        return watched
+
+    def attach(self, sock, connected: bool) -> None:
+        """The socket the calling thread's exchange now waits on."""
+        watched = getattr(self._local, "current", None)
+        if watched is None:
+            return
+        with self._lock:
+            watched.sock, watched.connected = sock, connected
+            expired = watched.expired
+        if expired:
+            _shut_down(sock)
+
+    def finish(self, watched: WatchedExchange) -> None:
+        self._local.current = None
+        with self._lock:
+            watched.sock = None
+            if not watched.expired:
+                if self._heap[0] is watched.entry:
+                    heapq.heappop(self._heap)
+                else:
+                    self._heap.remove(watched.entry)
+                    heapq.heapify(self._heap)
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    watched = heapq.heappop(self._heap)[2]
+                    watched.expired = True
+                    if watched.sock is not None:
+                        _shut_down(watched.sock)
+                self._alarm = self._heap[0][0] if self._heap else float("inf")
+                self._changed.wait(self._alarm - now if self._heap else None)
+
+
+DEADLINES = DeadlineWatch()
+
+
+class _LocalFailure(Exception):
+    """A failure of our side of an exchange (writing the sink, reading the
+    file we send, the progress callback): passed on as it is, not taken for
+    the peer's."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _local(function: Callable, *args):
+    try:
+        return function(*args)
+    except Exception as exc:
+        raise _LocalFailure(exc) from exc
+
+
+def _exception_chain(exc: BaseException) -> List[BaseException]:
+    """exc and what caused it, outermost first (requests wraps urllib3,
+    which wraps the socket's error, in causes, `reason` and args)."""
+    chain = []  # type: List[BaseException]
+    while exc is not None and len(chain) < 12 and all(exc is not seen for seen in chain):
+        chain.append(exc)
+        inner = exc.__cause__ or exc.__context__ or getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((arg for arg in exc.args if isinstance(arg, BaseException)), None)
+        exc = inner
+    return chain
+
+
+def _os_message(exc: BaseException) -> str:
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    return "connection failed: %s" % _short(text, 160)
+
+
+# The low-level failures of both transports, most specific first: the first
+# row that matches the innermost cause names the error.
+LOW_LEVEL_ERRORS = [
+    (ssl.SSLError, TlsError, lambda exc: "TLS error: %s" % _short(str(exc), 160)),
+    (socket.gaierror, TransportError, lambda exc: "host name not found"),
+    (ConnectionRefusedError, TransportError, lambda exc: "connection refused"),
+    (http.client.RemoteDisconnected, TransportError, lambda exc: "connection closed without a response"),
+    (ConnectionResetError, TransportError, lambda exc: "connection reset"),
+    ((BrokenPipeError, ConnectionAbortedError), TransportError, lambda exc: "connection closed without a response"),
+    (http.client.IncompleteRead, TransportError, lambda exc: "connection closed in the middle of the answer"),
+    (http.client.HTTPException, TransportError,
+     lambda exc: "bad HTTP answer: %s" % _short(str(exc) or type(exc).__name__, 160)),
+    ((OSError, ValueError, OverflowError), TransportError, _os_message),
+]  # type: List[Tuple[Any, type, Callable[[BaseException], str]]]
+
+
+def _requests_errors() -> List[Tuple[Any, type, Callable[[BaseException], str]]]:
+    """The rows for what requests and urllib3 raise without a socket error
+    inside (a connect timeout, say); read only once requests is loaded."""
+    if "requests" not in sys.modules:
+        return []
+    import requests
+    import urllib3
+    errors, lower = requests.exceptions, urllib3.exceptions
+    return [
+        ((errors.SSLError, lower.SSLError), TlsError, lambda exc: "TLS error: %s" % _short(str(exc), 160)),
+        ((errors.ConnectTimeout, lower.ConnectTimeoutError), ExchangeTimeout, lambda exc: "connect timed out"),
+        ((errors.Timeout, lower.TimeoutError), ExchangeTimeout, lambda exc: "read timed out"),
+        ((errors.RequestException, lower.HTTPError), TransportError, _os_message),
+    ]
+
+
+def http_error_of(exc: BaseException, watched: Optional[WatchedExchange]) -> HttpError:
+    """The one map from a low-level failure of either transport to a typed error."""
+    if isinstance(exc, HttpError):
+        return exc
+    if watched is not None and watched.expired:
+        return ExchangeTimeout("no complete answer within the %g s deadline" % watched.seconds)
+    chain = _exception_chain(exc)
+    rows = _requests_errors() + LOW_LEVEL_ERRORS
+    for cause in reversed(chain):
+        if isinstance(cause, socket.timeout) and not isinstance(cause, ssl.SSLError):
+            connected = watched is not None and watched.connected
+            return ExchangeTimeout("read timed out" if connected else "connect timed out")
+        for kinds, error, describe in rows:
+            if isinstance(cause, kinds):
+                return error(describe(cause))
+    return TransportError(_os_message(exc))
 
 
 def _check_declared_length(headers, status: int, max_bytes: int) -> None:
     declared = headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise HttpError("response too large: %s bytes (limit %d)" % (declared, max_bytes), status)
+        raise ResponseTooLarge("response too large: %s bytes (limit %d)" % (declared, max_bytes), status)
 
 
-def _check_length(content: bytes, status: int, max_bytes: int) -> bytes:
-    if len(content) > max_bytes:
-        raise HttpError("response too large: over %d bytes" % max_bytes, status)
-    return content
+def _too_large(status: int, max_bytes: int) -> ResponseTooLarge:
+    return ResponseTooLarge("response too large: over %d bytes" % max_bytes, status)
 
 
 def read_capped(read: Callable[[int], bytes], max_bytes: int) -> bytes:
@@ -785,6 +998,43 @@ def read_capped(read: Callable[[int], bytes], max_bytes: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+def read_body(read: Callable[[int], bytes], headers, status: int, max_bytes: int, sink=None,
+              progress: Optional[Callable[[int], None]] = None,
+              read_all: Optional[Callable[[], bytes]] = None) -> Tuple[bytes, int]:
+    """(content, size) of an answer's body, capped at max_bytes. With a sink
+    the body goes there a chunk at a time and content is b"". read_all reads
+    a body whose declared length was checked against the cap in one go."""
+    _check_declared_length(headers, status, max_bytes)
+    if sink is None:
+        content = read_all() if read_all is not None else read_capped(read, max_bytes)
+        if len(content) > max_bytes:
+            raise _too_large(status, max_bytes)
+        return content, len(content)
+    size = 0
+    while True:
+        chunk = read(READ_CHUNK)
+        if not chunk:
+            return b"", size
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(status, max_bytes)
+        _local(sink.write, chunk)
+        if progress is not None:
+            _local(progress, size)
+
+
+def send_file(send: Callable[[bytes], Any], body, progress: Optional[Callable[[int], None]]) -> None:
+    sent = 0
+    while True:
+        chunk = _local(body.read, READ_CHUNK)
+        if not chunk:
+            return
+        send(chunk)
+        sent += len(chunk)
+        if progress is not None:
+            _local(progress, sent)
 
 
 _TLS_CONTEXT = []  # type: List[ssl.SSLContext]
@@ -804,7 +1054,41 @@ def tls_context() -> ssl.SSLContext:
     return _TLS_CONTEXT[0]
 
 
-class KeptConnections:
+class Transport:
+    """What both transports share: the deadline of each exchange and the one
+    map of their failures. `_exchange` may raise whatever its library raises."""
+
+    FAILURES = (OSError, ValueError, OverflowError, http.client.HTTPException)  # type: Tuple[type, ...]
+
+    def exchange(self, method: str, url: str, headers: Dict[str, str], body, timeout: Tuple[float, float],
+                 deadline: float, max_bytes: int, sink=None,
+                 progress: Optional[Callable[[int], None]] = None) -> HttpResponse:
+        """body: None, bytes, or a binary file whose Content-Length is in
+        headers (streamed). deadline: seconds for the whole exchange."""
+        watched = DEADLINES.start(deadline)
+        try:
+            return self._exchange(method, url, headers, body, timeout, watched, max_bytes, sink, progress)
+        except _LocalFailure as failure:
+            raise failure.error from None
+        except self.FAILURES as exc:
+            raise http_error_of(exc, watched) from None
+        finally:
+            DEADLINES.finish(watched)
+
+    def _exchange(self, method, url, headers, body, timeout, watched, max_bytes, sink, progress) -> HttpResponse:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _watched_create_connection(address, timeout=None, source_address=None):
+    sock = socket.create_connection(address, timeout, source_address)
+    DEADLINES.attach(sock, connected=False)  # a TLS handshake follows
+    return sock
+
+
+class KeptConnections(Transport):
     """HTTP/1.1 over http.client, one kept-alive connection per scheme://host:port.
 
     A connection the peer closed while idle is noticed before it is reused; a
@@ -818,29 +1102,28 @@ class KeptConnections:
     def __init__(self):
         self.connections = {}  # type: Dict[Tuple[str, str], http.client.HTTPConnection]
 
-    def exchange(self, method: str, url: str, headers: Dict[str, str], body, timeout, max_bytes: int) -> HttpResponse:
+    def _exchange(self, method, url, headers, body, timeout, watched, max_bytes, sink, progress) -> HttpResponse:
         parts = urlsplit(url)
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         key = (parts.scheme, parts.netloc)
         conn = self.connections.get(key)
         reused = conn is not None and not self._dropped(conn)
         while True:
-            if not reused:
-                conn = self._connect(key, timeout[0])
+            if reused:
+                DEADLINES.attach(conn.sock, connected=True)
+            else:
+                conn = self._connect(key, min(timeout[0], watched.remaining()))
             sent = False
             try:
-                sent = self._send(conn, method, target, headers, body, timeout[1])
-                return self._receive(conn, max_bytes)
-            except self.DEAD as exc:
+                sent = self._send(conn, method, target, headers, body, timeout[1], progress)
+                return self._receive(conn, max_bytes, sink, progress)
+            except self.DEAD:
                 conn.close()
                 replayable = body is None or isinstance(body, bytes)
-                if not (reused and replayable and (method in self.IDEMPOTENT or not sent)):
-                    raise HttpError(_socket_message(exc)) from None
+                if watched.expired or not (reused and replayable and (method in self.IDEMPOTENT or not sent)):
+                    raise
                 reused = False  # once more, on a fresh connection
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                raise HttpError(_socket_message(exc), tls=isinstance(exc, ssl.SSLError)) from None
-            except HttpError:
+            except BaseException:
                 conn.close()
                 raise
 
@@ -864,19 +1147,19 @@ class KeptConnections:
                                                context=tls_context())  # type: http.client.HTTPConnection
         else:
             conn = http.client.HTTPConnection(netloc, timeout=connect_timeout)
+        conn._create_connection = _watched_create_connection  # type: ignore  # http.client's own hook
         self.connections[key] = conn
         try:
             conn.connect()
-        except socket.timeout:
+        except BaseException:
             conn.close()
-            raise HttpError("connect timed out") from None
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            conn.close()
-            raise HttpError(_socket_message(exc), tls=isinstance(exc, ssl.SSLError)) from None
+            raise
+        DEADLINES.attach(conn.sock, connected=True)
         return conn
 
     @staticmethod
-    def _send(conn, method: str, target: str, headers: Dict[str, str], body, read_timeout: float) -> bool:
+    def _send(conn, method: str, target: str, headers: Dict[str, str], body, read_timeout: float,
+              progress: Optional[Callable[[int], None]]) -> bool:
         conn.sock.settimeout(read_timeout)
         # Host is added by putrequest; Accept-Encoding would be "identity",
         # which the protocol does not need.
@@ -884,23 +1167,26 @@ class KeptConnections:
         for name, value in headers.items():
             conn.putheader(name, value)
         if "Content-Length" not in headers:
-            if body is not None:
+            if isinstance(body, bytes):
                 conn.putheader("Content-Length", str(len(body)))
             elif method in ("POST", "PUT", "PATCH"):
                 conn.putheader("Content-Length", "0")  # some front ends refuse a bodiless POST without it
-        conn.endheaders(body)
+        if body is None or isinstance(body, bytes):
+            conn.endheaders(body)
+        else:
+            conn.endheaders()
+            send_file(conn.send, body, progress)
         return True
 
     @staticmethod
-    def _receive(conn, max_bytes: int) -> HttpResponse:
+    def _receive(conn, max_bytes: int, sink, progress) -> HttpResponse:
         response = conn.getresponse()
-        _check_declared_length(response.msg, response.status, max_bytes)
         # A Content-Length was checked against the cap already.
-        body = response.read() if response.length is not None else read_capped(response.read, max_bytes)
-        content = _check_length(body, response.status, max_bytes)
+        content, size = read_body(response.read, response.msg, response.status, max_bytes, sink, progress,
+                                  response.read if response.length is not None else None)
         if not response.isclosed():
             conn.close()  # an unread remainder would be taken for the next answer
-        return HttpResponse(response.status, response.msg, content)
+        return HttpResponse(response.status, response.msg, content, size)
 
     def close(self) -> None:
         for conn in self.connections.values():
@@ -908,58 +1194,94 @@ class KeptConnections:
         self.connections.clear()
 
 
-class RequestsTransport:
+class _FileBody:
+    """A file body for requests that reports progress; its length keeps
+    requests from sending it chunked, which S3 and its clones refuse."""
+
+    def __init__(self, body, length: int, progress: Callable[[int], None]):
+        self.body, self.length, self.progress, self.sent = body, length, progress, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = _local(self.body.read, size)
+        self.sent += len(chunk)
+        _local(self.progress, self.sent)
+        return chunk
+
+    def __iter__(self):
+        return iter(lambda: self.read(READ_CHUNK), b"")
+
+
+def _watched_pool_classes():
+    """urllib3 pools whose connections hand their sockets to DEADLINES."""
+    import urllib3
+    import urllib3.connection
+
+    class Watched:
+        def _new_conn(self):
+            sock = super()._new_conn()
+            DEADLINES.attach(sock, connected=False)
+            return sock
+
+        def connect(self):
+            super().connect()
+            DEADLINES.attach(self.sock, connected=True)
+
+        def request(self, *args, **kwargs):
+            if self.sock is not None:  # kept alive from an earlier exchange
+                DEADLINES.attach(self.sock, connected=True)
+            return super().request(*args, **kwargs)
+
+    http_connection = type("WatchedHTTPConnection", (Watched, urllib3.connection.HTTPConnection), {})
+    https_connection = type("WatchedHTTPSConnection", (Watched, urllib3.connection.HTTPSConnection), {})
+    return {"http": type("WatchedHTTPPool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": http_connection}),
+            "https": type("WatchedHTTPSPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": https_connection})}
+
+
+class RequestsTransport(Transport):
     """requests, for a peer the environment routes through a proxy. Imported
     only then: the steady state of most printers never needs it."""
 
     def __init__(self, proxy: Optional[str]):
         import requests
+        import requests.adapters
         import urllib3
-        self.requests = requests
+        self.FAILURES = Transport.FAILURES + (urllib3.exceptions.HTTPError,)
+        pools = _watched_pool_classes()
+
+        class WatchedAdapter(requests.adapters.HTTPAdapter):
+            def init_poolmanager(self, *args, **kwargs):
+                super().init_poolmanager(*args, **kwargs)
+                self.poolmanager.pool_classes_by_scheme = pools
+
+            def proxy_manager_for(self, *args, **kwargs):
+                manager = super().proxy_manager_for(*args, **kwargs)
+                manager.pool_classes_by_scheme = pools
+                return manager
+
         self.session = requests.Session()
         self.session.trust_env = False  # the proxy was looked up once; no netrc or env reads per call
         self.session.proxies = {"http": proxy, "https": proxy} if proxy else {}
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, WatchedAdapter())
         self.session.headers.clear()
         # Without this, http.client adds "Accept-Encoding: identity".
         self.session.headers["Accept-Encoding"] = urllib3.util.SKIP_HEADER
 
-    def exchange(self, method: str, url: str, headers: Dict[str, str], body, timeout, max_bytes: int) -> HttpResponse:
-        errors = self.requests.exceptions
+    def _exchange(self, method, url, headers, body, timeout, watched, max_bytes, sink, progress) -> HttpResponse:
+        if progress is not None and body is not None and not isinstance(body, bytes):
+            body = _FileBody(body, int(headers.get("Content-Length", "0")), progress)
+        response = self.session.request(method, url, data=body, headers=headers,
+                                        timeout=(min(timeout[0], watched.remaining()), timeout[1]),
+                                        stream=True, verify=True, allow_redirects=False)
         try:
-            response = self.session.request(method, url, data=body, headers=headers, timeout=timeout, stream=True,
-                                            verify=True, allow_redirects=False)
-        except errors.SSLError as exc:
-            raise HttpError("TLS error: %s" % _short(str(exc), 160), tls=True) from None
-        except errors.ConnectTimeout:
-            raise HttpError("connect timed out") from None
-        except errors.ReadTimeout:
-            raise HttpError("read timed out") from None
-        except errors.RequestException as exc:
-            raise HttpError(self._message(exc)) from None
-        try:
-            _check_declared_length(response.headers, response.status_code, max_bytes)
-            try:
-                content = read_capped(lambda size: response.raw.read(size, decode_content=True), max_bytes)
-            except Exception as exc:  # urllib3 raises several unrelated types here
-                raise HttpError(self._message(exc)) from None
-            return HttpResponse(response.status_code, response.headers,
-                                _check_length(content, response.status_code, max_bytes))
+            content, size = read_body(lambda amount: response.raw.read(amount, decode_content=True),
+                                      response.headers, response.status_code, max_bytes, sink, progress)
+            return HttpResponse(response.status_code, response.headers, content, size)
         finally:
             response.close()
-
-    @staticmethod
-    def _message(exc: Exception) -> str:
-        text = str(exc)
-        for needle, message in (("Connection refused", "connection refused"),
-                                ("Name or service not known", "host name not found"),
-                                ("Temporary failure in name resolution", "host name not found"),
-                                ("RemoteDisconnected", "connection closed without a response"),
-                                ("Connection reset", "connection reset"),
-                                ("Connection aborted", "connection closed without a response"),
-                                ("Read timed out", "read timed out")):
-            if needle in text:
-                return message
-        return "connection failed: %s" % _short(text, 160)
 
     def close(self) -> None:
         self.session.close()
@@ -1012,12 +1334,17 @@ def direct_transport():
 
 class HttpClient:
     """The connections to one peer, with its headers and error format. Not
-    shared between threads."""
+    shared between threads. Credential headers go only to the peer's own
+    origin (scheme, host, port of base_url): a webcam URL that names another
+    host gets none of them."""
 
     def __init__(self, base_url: str, headers: Dict[str, str], error_message: Callable[[HttpResponse], str],
                  log: Logger, peer: str):
         self.base_url = base_url.rstrip("/")
+        self.origin = url_origin(self.base_url)
         self.headers = dict(headers)
+        self.foreign_headers = {name: value for name, value in headers.items()
+                                if name.lower() not in CREDENTIAL_HEADERS}
         self.error_message = error_message
         self.log, self.peer = log, peer
         self._routes = {}  # type: Dict[Tuple[str, str], Any]  # (scheme, host:port) -> transport
@@ -1027,15 +1354,20 @@ class HttpClient:
         return path if "://" in path else self.base_url + path
 
     def request(self, method: str, path: str, *, params=None, json_body=None, data=None, files=None,
-                headers=None, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), max_bytes=MAX_JSON_BODY,
-                any_status=False) -> HttpResponse:
+                headers=None, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), deadline=None, max_bytes=MAX_JSON_BODY,
+                any_status=False, sink=None, progress=None) -> HttpResponse:
         """data: bytes, a file opened in binary mode (give its Content-Length
-        in headers), or form fields when files are given. A status other than
-        2xx raises HttpError, unless any_status."""
+        in headers; it is streamed), or form fields when files are given.
+        deadline: seconds for the whole exchange (default_deadline when
+        None). sink: a binary file the body is written to instead of
+        content. progress(bytes_so_far): called per chunk of a file sent or
+        a body received into the sink. A status other than 2xx raises
+        HttpStatusError, unless any_status."""
         url = self.url(path)
         if params:
             url += ("&" if "?" in url else "?") + urlencode(params)
-        sent_headers = dict(self.headers)
+        own = "://" not in path or url_origin(url) == self.origin
+        sent_headers = dict(self.headers if own else self.foreign_headers)
         if json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode("utf-8")
             sent_headers["Content-Type"] = "application/json"
@@ -1044,18 +1376,21 @@ class HttpClient:
         sent_headers.update(headers or {})
         started = time.monotonic()
         try:
-            result = self._transport(url).exchange(method, url, sent_headers, data, timeout, max_bytes)
+            result = self._transport(url).exchange(
+                method, url, sent_headers, data, timeout,
+                default_deadline(timeout) if deadline is None else deadline, max_bytes, sink, progress)
         except HttpError as exc:
             self.log.debug("http request failed", peer=self.peer, method=method, path=urlsplit(url).path,
                            error=str(exc))
-            raise HttpError("%s %s" % (self.peer, exc), exc.status, exc.tls) from None
+            exc.args = ("%s %s" % (self.peer, exc),)
+            raise exc from None
         if self.log.enabled(10):
             self.log.debug("http", peer=self.peer, method=method, path=urlsplit(url).path,
-                           status=result.status, bytes=len(result.content),
+                           status=result.status, bytes=result.size,
                            ms=round((time.monotonic() - started) * 1000, 1))
         if not (any_status or 200 <= result.status < 300):
-            raise HttpError("%s http %d: %s" % (self.peer, result.status, self.error_message(result)),
-                            result.status)
+            raise HttpStatusError("%s http %d: %s" % (self.peer, result.status, self.error_message(result)),
+                                  result)
         return result
 
     def _transport(self, url: str):
@@ -1076,6 +1411,22 @@ class HttpClient:
             transport.close()
         self._routes.clear()
         self._direct = None
+
+
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "x-connector-id", "cookie"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_origin(url: str) -> Tuple[str, str, Optional[int]]:
+    """(scheme, host, port) as browsers compare origins; a URL whose port
+    cannot be read has an origin of its own."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return ("", url, None)
+    return (scheme, (parts.hostname or "").lower(), port)
 
 
 def generic_error_message(response: HttpResponse) -> str:
@@ -1144,14 +1495,14 @@ class Moonraker:
     def server_info(self, timeout=PROBE_TIMEOUT) -> Dict[str, Any]:
         result = self.call("GET", "/server/info", timeout=(timeout, timeout))
         if not isinstance(result, dict):
-            raise HttpError("moonraker /server/info: unexpected answer")
+            raise BadResponse("moonraker /server/info: unexpected answer")
         return result
 
     def query_status(self, objects: Iterable[str] = STATUS_OBJECTS) -> Dict[str, Any]:
         result = self.call("POST", "/printer/objects/query",
                            json_body={"objects": {name: None for name in objects}})
         if not isinstance(result, dict) or not isinstance(result.get("status"), dict):
-            raise HttpError("moonraker objects/query: unexpected answer (no status object)")
+            raise BadResponse("moonraker objects/query: unexpected answer (no status object)")
         return result
 
     def close(self) -> None:
@@ -1210,12 +1561,12 @@ class Cloud:
         try:
             response = self.http.request("POST", "/api/v1/connectors/register", json_body=body)
         except HttpError as exc:
-            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):
+            if isinstance(exc, HttpStatusError) and 400 <= exc.status < 500 and exc.status not in (408, 429):
                 raise PairingRejected(str(exc)) from None
             raise
         answer = response.json("register")
         if not isinstance(answer, dict):
-            raise HttpError("register: expected a JSON object")
+            raise BadResponse("register: expected a JSON object")
         return answer
 
     def heartbeat(self, body: Dict[str, Any]) -> None:
@@ -1255,7 +1606,7 @@ class Cloud:
     def _array(response: HttpResponse, what: str) -> List[Any]:
         body = response.json(what)
         if not isinstance(body, list):
-            raise HttpError("%s: expected a JSON array, got %s" % (what, type(body).__name__))
+            raise BadResponse("%s: expected a JSON array, got %s" % (what, type(body).__name__))
         return body
 
     def close(self) -> None:
@@ -2695,10 +3046,10 @@ def fetch_webcam_image(moonraker: Moonraker, url: str) -> Tuple[bytes, str]:
                                       headers={"Accept": "image/*"})
     ctype = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
     if not response.content:
-        raise HttpError("webcam %s: empty image" % url)
+        raise BadResponse("webcam %s: empty image" % url)
     if ctype and not ctype.startswith("image/"):
         # A web UI answers unknown paths with its index page: not a picture.
-        raise HttpError("webcam %s: not an image (%s)" % (url, ctype))
+        raise BadResponse("webcam %s: not an image (%s)" % (url, ctype))
     return response.content, ctype or "image/jpeg"
 
 
@@ -3399,7 +3750,7 @@ class Doctor:
         try:
             response = probe.request("GET", url + "/", any_status=True)  # any answer shows the way is open
         except HttpError as exc:
-            if exc.tls:
+            if isinstance(exc, TlsError):
                 self.note("fail", "cloud", "%s: the TLS certificate is not valid: %s" % (url, _short(str(exc), 160)),
                           "check the printer's clock (date -u) and that nothing intercepts HTTPS")
             else:

@@ -25,10 +25,18 @@ def reply(status=200, body=b"[]", headers=(("Content-Type", "application/json"),
     return head.encode("latin-1") + body
 
 
+class Trickle:
+    """An answer sent one byte every `interval` seconds (a peer that never
+    trips a read timeout but never finishes either)."""
+
+    def __init__(self, data, interval=1.0, head=b""):
+        self.data, self.interval, self.head = data, interval, head
+
+
 class RawServer:
     """Answers each request with what `respond(exchange)` returns: bytes to
-    send, CLOSE (drop the connection unanswered), HANG (say nothing), or
-    (bytes, CLOSE) to answer and then close."""
+    send, CLOSE (drop the connection unanswered), HANG (say nothing),
+    (bytes, CLOSE) to answer and then close, or a Trickle."""
 
     CLOSE, HANG = "close", "hang"
 
@@ -79,6 +87,13 @@ class RawServer:
                 if isinstance(answer, tuple):
                     sock.sendall(answer[0])
                     return
+                if isinstance(answer, Trickle):
+                    sock.sendall(answer.head)
+                    for index in range(len(answer.data)):
+                        sock.sendall(answer.data[index:index + 1])
+                        if self.stopping.wait(answer.interval):
+                            return
+                    continue
                 sock.sendall(answer)
         except (OSError, ssl.SSLError):
             return

@@ -8,11 +8,12 @@ import os
 import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 
 from harness import wait_until
-from rawserver import RawServer, reply
+from rawserver import RawServer, Trickle, reply
 
 import connector
 
@@ -137,7 +138,7 @@ def test_a_post_that_meets_a_dead_kept_connection_is_not_sent_again(server, clie
 
 def test_a_fresh_connection_that_dies_is_not_retried(server, client):
     peer = server(lambda exchange: RawServer.CLOSE)
-    with pytest.raises(connector.HttpError, match="connection closed without a response"):
+    with pytest.raises(connector.TransportError, match="connection closed without a response"):
         client(peer.url()).request("GET", "/poll")
     assert len(peer.exchanges) == 1
 
@@ -149,21 +150,21 @@ def test_a_refused_connection_says_so(client):
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    with pytest.raises(connector.HttpError, match="^peer connection refused$") as raised:
+    with pytest.raises(connector.TransportError, match="^peer connection refused$") as raised:
         client("http://127.0.0.1:%d" % port).request("GET", "/")
     assert raised.value.status is None
 
 
 def test_a_silent_peer_times_out_after_the_read_timeout(server, client):
     peer = server(lambda exchange: RawServer.HANG)
-    with pytest.raises(connector.HttpError, match="read timed out"):
+    with pytest.raises(connector.ExchangeTimeout, match="read timed out"):
         client(peer.url()).request("GET", "/", timeout=(2.0, 0.3))
 
 
 def test_a_declared_oversize_body_is_refused_unread_and_the_connection_dropped(server, client):
     peer = server(lambda exchange: reply(body=b"x" * 10))
     http = client(peer.url())
-    with pytest.raises(connector.HttpError, match="too large: 10 bytes") as raised:
+    with pytest.raises(connector.ResponseTooLarge, match="too large: 10 bytes") as raised:
         http.request("GET", "/", max_bytes=5)
     assert raised.value.status == 200
     http.request("GET", "/")
@@ -174,7 +175,7 @@ def test_an_undeclared_oversize_body_is_refused(server, client):
     chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"a\r\n0123456789\r\na\r\n0123456789\r\n0\r\n\r\n")
     peer = server(lambda exchange: chunked)
-    with pytest.raises(connector.HttpError, match="too large: over 15 bytes"):
+    with pytest.raises(connector.ResponseTooLarge, match="too large: over 15 bytes"):
         client(peer.url()).request("GET", "/", max_bytes=15)
 
 
@@ -189,15 +190,15 @@ def test_a_chunked_answer_within_the_cap_is_read_and_the_connection_kept(server,
 
 def test_garbage_instead_of_http_is_a_clear_error(server, client):
     peer = server(lambda exchange: b"SSH-2.0-OpenSSH_9.2\r\n")
-    with pytest.raises(connector.HttpError, match="bad HTTP answer"):
+    with pytest.raises(connector.TransportError, match="bad HTTP answer"):
         client(peer.url()).request("GET", "/")
 
 
 def test_an_error_status_keeps_its_status_and_message(server, client):
     peer = server(lambda exchange: reply(503, b'{"error": "maintenance"}'))
-    with pytest.raises(connector.HttpError, match="peer http 503") as raised:
+    with pytest.raises(connector.HttpStatusError, match="peer http 503") as raised:
         client(peer.url()).request("GET", "/")
-    assert raised.value.status == 503
+    assert raised.value.status == 503 and raised.value.response.content == b'{"error": "maintenance"}'
 
 
 def test_response_headers_are_read_without_regard_to_case(server, client):
@@ -225,16 +226,15 @@ def tls_server(server, localhost_cert):
 
 
 def test_an_untrusted_certificate_is_a_tls_error(tls_server, client):
-    with pytest.raises(connector.HttpError, match="TLS error") as raised:
+    with pytest.raises(connector.TlsError, match="TLS error") as raised:
         client(tls_server.url(scheme="https", host="localhost")).request("GET", "/")
-    assert raised.value.tls and raised.value.status is None
+    assert raised.value.status is None
 
 
 def test_a_trusted_certificate_for_another_name_is_a_tls_error(tls_server, client, localhost_cert, monkeypatch):
     monkeypatch.setattr(connector, "_TLS_CONTEXT", [ssl.create_default_context(cafile=localhost_cert[0])])
-    with pytest.raises(connector.HttpError, match="TLS error") as raised:
+    with pytest.raises(connector.TlsError, match="TLS error"):
         client(tls_server.url(scheme="https")).request("GET", "/")  # 127.0.0.1 is not in the certificate
-    assert raised.value.tls
 
 
 def test_a_trusted_certificate_carries_requests_over_one_connection(tls_server, client, localhost_cert,
@@ -287,3 +287,170 @@ def test_a_body_of_unknown_length_is_read_a_chunk_at_a_time_up_to_one_byte_past_
 
     assert len(connector.read_capped(read, 150000)) == 150001
     assert max(asked) <= connector.READ_CHUNK
+
+
+# -- on both transports: typed errors, deadlines, streamed bodies ------------------
+
+@pytest.fixture(params=["kept_connections", "requests"])
+def any_client(request, client, monkeypatch):
+    """The client on each transport in turn: KeptConnections (direct peers)
+    and RequestsTransport (peers behind a proxy)."""
+    if request.param == "requests":
+        monkeypatch.setattr(connector, "direct_transport", lambda: connector.RequestsTransport(None))
+    return client
+
+
+def _free_port():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def test_a_refused_connection_is_a_transport_error(any_client):
+    with pytest.raises(connector.TransportError, match="^peer connection refused$") as raised:
+        any_client("http://127.0.0.1:%d" % _free_port()).request("GET", "/")
+    assert raised.value.status is None and not isinstance(raised.value, connector.ExchangeTimeout)
+
+
+def test_a_silent_peer_is_an_exchange_timeout_naming_the_read(server, any_client):
+    peer = server(lambda exchange: RawServer.HANG)
+    with pytest.raises(connector.ExchangeTimeout, match="^peer read timed out$"):
+        any_client(peer.url()).request("GET", "/", timeout=(2.0, 0.3))
+
+
+def test_garbage_instead_of_http_is_a_transport_error(server, any_client):
+    peer = server(lambda exchange: (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", RawServer.CLOSE))
+    with pytest.raises(connector.TransportError):
+        any_client(peer.url()).request("GET", "/")
+
+
+def test_an_error_status_is_a_status_error_with_the_response(server, any_client):
+    peer = server(lambda exchange: reply(404, b'{"error": "gone"}'))
+    with pytest.raises(connector.HttpStatusError, match="peer http 404") as raised:
+        any_client(peer.url()).request("GET", "/")
+    assert raised.value.status == 404 and raised.value.response.content == b'{"error": "gone"}'
+
+
+def test_an_untrusted_certificate_is_a_tls_error_on_both_transports(tls_server, any_client):
+    with pytest.raises(connector.TlsError):
+        any_client(tls_server.url(scheme="https", host="localhost")).request("GET", "/")
+
+
+def test_an_answer_over_the_cap_is_response_too_large(server, any_client):
+    peer = server(lambda exchange: reply(body=b"x" * 100))
+    with pytest.raises(connector.ResponseTooLarge, match="too large"):
+        any_client(peer.url()).request("GET", "/", max_bytes=50)
+
+
+def test_a_peer_trickling_its_headers_is_cut_off_at_the_deadline(server, any_client):
+    peer = server(lambda exchange: Trickle(reply(body=b"[]"), interval=0.2))
+    started = time.monotonic()
+    with pytest.raises(connector.ExchangeTimeout, match="within the 1 s deadline"):
+        any_client(peer.url()).request("GET", "/", timeout=(2.0, 5.0), deadline=1.0)
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_peer_trickling_its_body_is_cut_off_at_the_deadline(server, any_client):
+    body = b"x" * 100
+    peer = server(lambda exchange: Trickle(body, interval=0.2, head=reply(body=b"", length=len(body))))
+    started = time.monotonic()
+    with pytest.raises(connector.ExchangeTimeout, match="deadline"):
+        any_client(peer.url()).request("GET", "/", timeout=(2.0, 5.0), deadline=1.0)
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_proxy_that_trickles_is_cut_off_at_the_deadline(server, client, monkeypatch):
+    proxy = server(lambda exchange: Trickle(reply(body=b"[]"), interval=0.2))
+    monkeypatch.setenv("http_proxy", proxy.url())
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    started = time.monotonic()
+    with pytest.raises(connector.ExchangeTimeout, match="deadline"):
+        client("http://printer.invalid:7125").request("GET", "/server/info", timeout=(2.0, 5.0), deadline=1.0)
+    assert time.monotonic() - started < 3.0
+
+
+def test_an_exchange_within_its_deadline_keeps_its_connection(server, any_client):
+    peer = server()
+    http = any_client(peer.url())
+    for _ in range(3):
+        assert http.request("GET", "/", deadline=5.0).content == b"[]"
+    assert [e.connection for e in peer.exchanges] == [0, 0, 0]
+
+
+def test_a_body_goes_into_the_sink_in_chunks_with_progress(server, any_client):
+    body = os.urandom(3 * connector.READ_CHUNK + 5)
+    peer = server(lambda exchange: reply(body=body, headers=(("Content-Type", "application/octet-stream"),)))
+    sink, seen = io.BytesIO(), []
+    answer = any_client(peer.url()).request("GET", "/f", sink=sink, progress=seen.append, max_bytes=len(body))
+    assert sink.getvalue() == body and answer.content == b"" and answer.size == len(body)
+    assert seen == sorted(seen) and seen[-1] == len(body) and len(seen) <= 8
+
+
+def test_a_sink_body_over_the_cap_is_response_too_large(server, any_client):
+    peer = server(lambda exchange: reply(body=b"x" * 1000, length=None))
+    with pytest.raises(connector.ResponseTooLarge):
+        any_client(peer.url()).request("GET", "/f", sink=io.BytesIO(), max_bytes=999)
+
+
+def test_a_failing_sink_raises_its_own_error_not_a_transport_error(server, any_client):
+    class FullDisk(io.RawIOBase):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    peer = server(lambda exchange: reply(body=b"x" * 10))
+    with pytest.raises(OSError, match="No space left") as raised:
+        any_client(peer.url()).request("GET", "/f", sink=FullDisk())
+    assert not isinstance(raised.value, connector.HttpError)
+
+
+def test_a_file_body_streams_with_progress_and_its_length(server, any_client, tmp_path):
+    peer = server(lambda exchange: reply(204, b""))
+    data = os.urandom(2 * connector.READ_CHUNK + 17)
+    (tmp_path / "a.bin").write_bytes(data)
+    seen = []
+    with open(str(tmp_path / "a.bin"), "rb") as body:
+        any_client(peer.url()).request("PUT", "/up", data=body, headers={"Content-Length": str(len(data))},
+                                       progress=seen.append)
+    sent = peer.exchanges[0]
+    assert sent.body == data and sent.headers["content-length"] == str(len(data))
+    assert "transfer-encoding" not in sent.headers
+    assert seen[-1] == len(data) and seen == sorted(seen)
+
+
+def test_a_transfer_deadline_grows_with_the_size_at_the_minimum_rate():
+    assert connector.transfer_deadline(0) == connector.TRANSFER_BASE_SECONDS
+    assert connector.transfer_deadline(connector.MIN_TRANSFER_RATE * 100) == connector.TRANSFER_BASE_SECONDS + 100
+
+
+def test_an_ordinary_call_gets_the_exchange_deadline_and_a_long_one_its_timeouts():
+    assert connector.default_deadline((connector.CONNECT_TIMEOUT, connector.READ_TIMEOUT)) == \
+        connector.EXCHANGE_DEADLINE
+    assert connector.default_deadline((5.0, 120.0)) == 125.0
+
+
+# -- credentials stay with their origin -------------------------------------------
+
+def test_credentials_go_only_to_the_clients_own_origin(server, any_client):
+    own, other = server(), server(lambda exchange: reply(body=b"\xff\xd8", headers=(("Content-Type", "image/jpeg"),)))
+    http = any_client(own.url(), {"User-Agent": "printer-connector/test", "X-Api-Key": "moonraker-key-123",
+                                  "Authorization": "Bearer sk_live_x", "X-Connector-Id": "42"})
+    http.request("GET", "/server/info")
+    http.request("GET", own.url("/webcam/snapshot"))
+    http.request("GET", other.url("/webcam/snapshot"))
+    http.request("GET", other.url("/x", host="localhost"))
+    for exchange in own.exchanges:
+        assert exchange.headers["x-api-key"] == "moonraker-key-123"
+        assert exchange.headers["authorization"] == "Bearer sk_live_x"
+    for exchange in other.exchanges:
+        assert not {"x-api-key", "authorization", "x-connector-id"} & set(exchange.headers)
+        assert exchange.headers["user-agent"] == "printer-connector/test"
+    assert len(other.exchanges) == 2
+
+
+def test_another_scheme_on_the_same_host_and_port_is_another_origin():
+    assert connector.url_origin("http://h:80/a") == connector.url_origin("http://H/b")
+    assert connector.url_origin("https://h:443/") != connector.url_origin("http://h:443/")
+    assert connector.url_origin("http://h:x/")[0] == ""
