@@ -321,6 +321,12 @@ class ReferenceCloud(Recorder):
     fault_hits = recorded("_fault_hits")
     completions = recorded("_completions")
 
+    @property
+    def refused_batches(self):
+        """How many snapshot batches refuse_snapshots() has refused."""
+        with self._lock:
+            return self._refused_batches
+
     def __init__(self, host="127.0.0.1", port=0):
         self.host = host
         self.port = port
@@ -340,6 +346,8 @@ class ReferenceCloud(Recorder):
         self._webcam_requests = {}  # int id -> dict
         self._next_webcam = 1
         self._faults = FaultTable(self._lock, FAULT_MODES)
+        self._refused_print_state = None
+        self._refused_batches = 0
         self._registrations = []
         self._requests = []
         self._heartbeats = []
@@ -501,6 +509,22 @@ class ReferenceCloud(Recorder):
 
     def clear_faults(self):
         self._faults.clear()
+        with self._lock:
+            self._refused_print_state = None
+
+    def refuse_snapshots(self, print_state):
+        """Answer 422 to every snapshot batch holding a snapshot whose
+        print_stats.state is `print_state` (a cloud that cannot take one
+        record), until clear_faults()."""
+        with self._lock:
+            self._refused_print_state = print_state
+
+    def _refuses(self, snapshot):
+        payload = snapshot.get("payload")
+        status = payload.get("status") if isinstance(payload, dict) else None
+        stats = status.get("print_stats") if isinstance(status, dict) else None
+        return (self._refused_print_state is not None and isinstance(stats, dict)
+                and stats.get("state") == self._refused_print_state)
 
     def _take_fault(self, endpoint):
         return self._faults.take([endpoint, None])
@@ -624,6 +648,9 @@ class ReferenceCloud(Recorder):
             batch = body.get("snapshots")
             if not isinstance(batch, list) or not all(isinstance(s, dict) for s in batch):
                 return 422, {"error": "snapshots must be a list of objects"}
+            if any(self._refuses(snap) for snap in batch):
+                self._refused_batches += 1
+                return 422, {"error": "snapshot refused"}
             received_at = time.time()
             for snap in batch:
                 self._snapshots.append({
