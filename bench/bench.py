@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Cost of the connector on the printer and on the wire (issue 7).
+"""Cost of the connector on the printer and on the wire.
 
 Runs the connector -- connector.py on this interpreter, and the built binary
 and zipapp when they exist -- at its default intervals against the reference
