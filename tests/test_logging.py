@@ -177,3 +177,28 @@ def test_any_value_gives_one_logfmt_line_with_the_same_keys_and_no_secret(secret
     for _, value in pairs:
         for secret in secrets:
             assert secret not in value
+
+
+# -- crashes ----------------------------------------------------------------
+
+def test_a_crash_in_a_thread_is_one_escaped_redacted_line_not_a_raw_traceback(monkeypatch, capsys):
+    import sys
+    import threading
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    stream = io.StringIO()
+    log = connector.Logger("info", stream=stream)
+    log.add_secret("sk_live_0123456789")
+    connector.log_uncaught_exceptions(log)
+
+    def buggy():
+        raise TypeError('from a peer\ntime=x level=INFO msg="Pairing successful" key=sk_live_0123456789')
+    thread = threading.Thread(target=buggy, name="status-1")
+    thread.start()
+    thread.join()
+
+    assert capsys.readouterr().err == ""
+    pairs = dict(parse_logfmt(stream.getvalue()))
+    assert pairs["level"] == "ERROR" and pairs["msg"] == "crashed" and pairs["thread"] == "status-1"
+    assert pairs["error"].startswith("TypeError: from a peer\ntime=x") and "[redacted]" in pairs["error"]
+    assert "buggy" in pairs["where"]
