@@ -1855,6 +1855,7 @@ class Ledger:
         self.file_bytes = 0
         self.compact_floor = 0
         self.ack_write_failed = False
+        self.undated = set()  # type: set
         for _ in iter_jsonl(self.path, log, accept=self._load):
             pass
         try:
@@ -1862,7 +1863,8 @@ class Ledger:
         except OSError:
             self.file_bytes = 0
         self._account_loaded()
-        self._compact_if_needed()
+        self._compact_if_needed(force=bool(self.undated))
+        self.undated.clear()
 
     # -- loading ----------------------------------------------------------
 
@@ -1876,9 +1878,11 @@ class Ledger:
             return False
         entry = self.entries.get(command_id)
         if entry is None:
-            entry = self.entries[command_id] = _LedgerEntry(time.time())
+            entry = self.entries[command_id] = _LedgerEntry(round(time.time(), 3))
+            self.undated.add(command_id)  # until a record says when: written down once loaded
         if _is_number(record.get("t")) and math.isfinite(record["t"]):
             entry.t = float(record["t"])
+            self.undated.discard(command_id)
         if "action" in record:
             entry.action = action_name(record["action"])
         if "printer_id" in record:
@@ -1942,8 +1946,8 @@ class Ledger:
     def _append(self, data: bytes, durable: bool = True) -> None:
         self.file_bytes += append_line(self.path, data, durable)
 
-    def _compact_if_needed(self) -> None:
-        if self.file_bytes <= max(2 * self.live_bytes + LEDGER_SLACK_BYTES, self.compact_floor):
+    def _compact_if_needed(self, force: bool = False) -> None:
+        if not force and self.file_bytes <= max(2 * self.live_bytes + LEDGER_SLACK_BYTES, self.compact_floor):
             return
         try:
             atomic_write(self.path, b"".join(e.line(cid) for cid, e in self.entries.items()))
