@@ -2562,6 +2562,7 @@ _OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLO
 # O_NONBLOCK: a FIFO swapped in for a file cannot hang the open.
 _OPEN_MEMBER = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 BACKUP_MAX_DEPTH = 32  # folders deeper than this are left out (each level holds a descriptor)
+BACKUP_SCANNED_BYTES = 1024 * 1024  # files up to this size are searched for the connector's own secrets
 
 
 def _service_user_home() -> str:
@@ -2607,12 +2608,22 @@ class BackupFilter:
     """What a backup leaves out, and how many of each it met."""
     own_config: Optional[Tuple[int, int]]  # (st_dev, st_ino) of the connector's config
     own_config_name: str
+    own_secrets: Tuple[bytes, ...] = ()  # a copy of the config (config.json.bak) holds them
     left_out: Dict[str, int] = field(default_factory=lambda: {"links": 0, "secrets": 0, "other": 0})
 
     def secret(self, name: str, info: os.stat_result) -> bool:
         lowered = name.lower()
         return (lowered in BACKUP_SECRET_NAMES or lowered.endswith(BACKUP_SECRET_SUFFIXES)
                 or name == self.own_config_name or (info.st_dev, info.st_ino) == self.own_config)
+
+    def holds_own_secret(self, handle, size: int) -> bool:
+        """Whether a small file holds the connector's secret or token (read
+        whole, at most BACKUP_SCANNED_BYTES); larger files are not searched."""
+        if not self.own_secrets or size > BACKUP_SCANNED_BYTES:
+            return False
+        data = handle.read(size)
+        handle.seek(0)
+        return any(secret in data for secret in self.own_secrets)
 
     def skip(self, reason: str) -> None:
         self.left_out[reason] += 1
@@ -2624,7 +2635,9 @@ def backup_filter(config: Config) -> BackupFilter:
         own = (info.st_dev, info.st_ino)  # type: Optional[Tuple[int, int]]
     except OSError:
         own = None
-    return BackupFilter(own, os.path.basename(config.path))
+    secrets = tuple(s.encode("utf-8") for s in (config.connector_secret, config.pairing_token)
+                    if s and len(s) >= MIN_SECRET_LENGTH)
+    return BackupFilter(own, os.path.basename(config.path), secrets)
 
 
 def backup_members(folder_fd: int, prefix: str, keep: BackupFilter, depth: int = 0):
@@ -2669,8 +2682,10 @@ def _backup_folder(parent_fd: int, name: str, prefix: str, keep: BackupFilter, d
         os.close(fd)
 
 
-def archive_member(tar: "tarfile.TarFile", name: str, folder_fd: int, entry: "os.DirEntry") -> bool:
-    """Adds one walked file; False when it is gone or no longer the file walked."""
+def archive_member(tar: "tarfile.TarFile", name: str, folder_fd: int, entry: "os.DirEntry",
+                   keep: BackupFilter) -> bool:
+    """Adds one walked file; False when it is gone, no longer the file walked,
+    or holds the connector's own secret."""
     import tarfile
     walked = entry.stat(follow_symlinks=False)
     try:
@@ -2680,6 +2695,9 @@ def archive_member(tar: "tarfile.TarFile", name: str, folder_fd: int, entry: "os
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != (walked.st_dev, walked.st_ino):
+            return False
+        if keep.holds_own_secret(handle, info.st_size):
+            keep.skip("secrets")
             return False
         member = tarfile.TarInfo(name)
         member.size, member.mtime, member.mode = info.st_size, int(info.st_mtime), info.st_mode & 0o777
@@ -2773,7 +2791,7 @@ def _archive_and_upload(ctx: ActionContext, url: str, chosen: List[str], root: s
                     for member, folder_fd, entry in _backup_folder(root_fd, name, name + "/", keep, 1):
                         if ctx.stop.is_set():
                             raise CommandFailed("backup interrupted: the connector is stopping")
-                        archive_member(tar, member, folder_fd, entry)
+                        archive_member(tar, member, folder_fd, entry, keep)
         _upload_backup(ctx, url, archive, writer.size)
     finally:
         os.unlink(archive)

@@ -425,6 +425,18 @@ def test_backup_does_not_stop_heartbeats(cloud, backing_up, storage, printer_dat
     assert body["status"] == "succeeded" and body["result"]["size_bytes"] > 64 << 20
 
 
+def test_backup_leaves_out_a_copy_of_the_connectors_config_by_its_content(cloud, printer, make_connector, storage,
+                                                                          printer_data):
+    from harness import unpaired_config
+    connector = make_connector(unpaired_config(cloud, printer, printer_data_root=str(printer_data))).start()
+    connector.wait_log("Pairing successful")
+    (printer_data / "config" / "old-connector.json.bak").write_bytes(connector.config_path.read_bytes())
+    body = backup(cloud, connector, storage, printer_data, {"config": True}, key="copy")
+    assert body["status"] == "succeeded", body
+    archive = archive_of(storage, "copy")
+    assert "config/old-connector.json.bak" not in archive.getnames() and "config/printer.cfg" in archive.getnames()
+
+
 # -- secrets in completions -------------------------------------------------
 
 def test_an_api_key_that_moonraker_echoes_is_redacted_in_the_completion_and_the_ledger(cloud, make_connector):

@@ -58,7 +58,7 @@ def archive(root):
     try:
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             added = [name for name, folder_fd, entry in members
-                     if connector.archive_member(tar, name, folder_fd, entry)]
+                     if connector.archive_member(tar, name, folder_fd, entry, keep)]
     finally:
         os.close(fd)
     buffer.seek(0)
@@ -76,7 +76,7 @@ def test_a_file_swapped_for_a_link_after_the_walk_listed_it_is_left_out(tmp_path
     os.symlink(tmp_path / "secret", tree / "a.cfg")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        assert connector.archive_member(tar, name, folder_fd, entry) is False
+        assert connector.archive_member(tar, name, folder_fd, entry, keep) is False
     os.close(fd)
     assert b"outside" not in buffer.getvalue()
 
@@ -88,7 +88,7 @@ def test_a_file_replaced_by_another_after_the_walk_is_left_out(tmp_path):
     os.replace(str(tmp_path / "a.cfg"), str(tmp_path / "old"))
     (tmp_path / "a.cfg").write_bytes(b"second")
     with tarfile.open(fileobj=io.BytesIO(), mode="w") as tar:
-        assert connector.archive_member(tar, name, folder_fd, entry) is False
+        assert connector.archive_member(tar, name, folder_fd, entry, keep) is False
     os.close(fd)
 
 
@@ -137,3 +137,21 @@ def test_a_file_that_shrinks_while_archived_is_padded_not_fatal(tmp_path):
 def test_a_file_that_grows_while_archived_is_cut_at_its_listed_size(tmp_path):
     reader = connector._FixedSize(io.BytesIO(b"0123456789"), 4)
     assert reader.read(-1) == b"0123" and reader.read(10) == b""
+
+
+def test_a_copy_of_the_config_under_any_name_is_left_out_by_its_content(tmp_path):
+    (tmp_path / "config.json.bak").write_text('{"connector_secret": "sk_live_0123456789abcdef"}')
+    (tmp_path / "printer.cfg").write_text("[printer]\n")
+    fd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    keep = connector.BackupFilter(None, "config.json", (b"sk_live_0123456789abcdef",))
+    with tarfile.open(fileobj=io.BytesIO(), mode="w") as tar:
+        added = [name for name, folder_fd, entry in connector.backup_members(fd, "", keep)
+                 if connector.archive_member(tar, name, folder_fd, entry, keep)]
+    os.close(fd)
+    assert added == ["printer.cfg"] and keep.left_out["secrets"] == 1
+
+
+def test_the_filter_knows_the_connectors_secret_and_token_but_not_short_ones(tmp_path):
+    config = connector.Config(path=str(tmp_path / "c.json"), cloud_url="https://c.test", moonraker=[],
+                              connector_id="1", connector_secret="sk_live_0123456789", pairing_token="short")
+    assert connector.backup_filter(config).own_secrets == (b"sk_live_0123456789",)
