@@ -71,6 +71,7 @@ CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
 PROBE_TIMEOUT = 3.0
 UPLOAD_READ_TIMEOUT = 300.0
+REGISTER_READ_TIMEOUT = 60.0  # the cloud may take its time to create a connector; register is not retried blindly
 # A wall-clock bound on a whole exchange (connect, send, headers, body): a
 # peer that trickles a byte at a time never trips a read timeout. An
 # ordinary call has EXCHANGE_DEADLINE; a transfer, TRANSFER_BASE_SECONDS
@@ -185,7 +186,15 @@ class CredentialsRejected(ConnectorError):
 
 
 class PairingRejected(ConnectorError):
-    """The cloud refused the pairing token; retrying cannot help (exit 3)."""
+    """The cloud refused the pairing token, or its answer cannot be used;
+    retrying cannot help (exit 3). `summary` is the line the owner reads."""
+
+    summary = "Pairing rejected: the pairing token is invalid or already used; get a new one"
+
+    def __init__(self, message, summary=None):
+        super().__init__(message)
+        if summary:
+            self.summary = summary
 
 
 class CommandFailed(ConnectorError):
@@ -589,6 +598,7 @@ def save_config(config: Config) -> None:
     """Write the paired state back, keeping every key we do not know."""
     raw = dict(config.raw)
     raw.pop("pairing_token", None)
+    raw.pop(PAIRING_KEY_FIELD, None)  # used up with the token
     raw["connector_id"] = config.connector_id
     raw["connector_secret"] = config.connector_secret
     for key, default in DEFAULT_INTERVALS.items():
@@ -1582,17 +1592,19 @@ class Cloud:
             path = self._paths[suffix] = "/api/v1/connectors/%s%s" % (connector_id, suffix)
         return path
 
-    def register(self, body: Dict[str, Any]) -> Dict[str, Any]:
+    def register(self, body: Dict[str, Any], idempotency_key: str) -> Any:
+        """A cloud that knows the Idempotency-Key header answers a repeat
+        with the same key and token with the same credentials; one that does
+        not ignores it."""
         try:
-            response = self.http.request("POST", "/api/v1/connectors/register", json_body=body)
+            response = self.http.request("POST", "/api/v1/connectors/register", json_body=body,
+                                         headers={"Idempotency-Key": idempotency_key},
+                                         timeout=(CONNECT_TIMEOUT, REGISTER_READ_TIMEOUT))
         except HttpError as exc:
             if isinstance(exc, HttpStatusError) and 400 <= exc.status < 500 and exc.status not in (408, 429):
                 raise PairingRejected(str(exc)) from None
             raise
-        answer = response.json("register")
-        if not isinstance(answer, dict):
-            raise BadResponse("register: expected a JSON object")
-        return answer
+        return response.json("register")  # read_registration checks it
 
     def heartbeat(self, body: Dict[str, Any]) -> None:
         self.call("POST", self.connector_path("/heartbeat"), "heartbeat", json_body=body)
@@ -1785,7 +1797,9 @@ def normalize_command_id(value) -> Optional[str]:
 
 def printer_id_of(value) -> Optional[int]:
     command_id = normalize_command_id(value)
-    return int(command_id) if command_id is not None and command_id.isdigit() and len(command_id) < 19 else None
+    if command_id is None or not re.fullmatch(r"[0-9]{1,18}", command_id):
+        return None  # "²".isdigit() is True, but int("²") fails
+    return int(command_id)
 
 
 def usable_command_id(value) -> Optional[str]:
@@ -3594,52 +3608,151 @@ def registration_body(config: Config) -> Dict[str, Any]:
     return body
 
 
-def apply_registration(config: Config, answer: Dict[str, Any]) -> None:
+@dataclass
+class Registration:
+    """What the cloud's answer to register gives us, checked."""
+    connector_id: str
+    secret: str
+    printer_ids: List[Optional[int]]
+    polling: Dict[str, float]
+
+
+POLLING_FIELDS = (("commands_seconds", "poll_commands_seconds"), ("snapshots_seconds", "push_snapshots_seconds"),
+                  ("heartbeat_seconds", "heartbeat_seconds"))
+
+
+def read_registration(answer: Any) -> Registration:
+    """The checked registration; BadResponse names the first thing wrong."""
+    if not isinstance(answer, dict):
+        raise BadResponse("register: expected a JSON object, got %s" % type(answer).__name__)
     connector = answer.get("connector")
     credentials = answer.get("credentials")
     connector_id = normalize_command_id(connector.get("id")) if isinstance(connector, dict) else None
     secret = credentials.get("secret") if isinstance(credentials, dict) else None
     if connector_id is None or not isinstance(secret, str) or not secret:
-        raise HttpError("register: the answer lacks connector.id or credentials.secret")
+        raise BadResponse("register: the answer lacks connector.id or credentials.secret")
     unsafe = unsafe_credential({"connector.id": connector_id, "credentials.secret": secret})
     if unsafe:
-        raise HttpError("register: the answer's %s, so it cannot be used; the pairing token is probably "
-                        "used up: get a new one" % unsafe)
-    config.connector_id, config.connector_secret, config.pairing_token = connector_id, secret, None
-    printers = answer.get("printers")
-    for index, entry in enumerate(printers if isinstance(printers, list) else []):
-        printer_id = printer_id_of(entry.get("id")) if isinstance(entry, dict) else None
-        if index < len(config.moonraker) and printer_id:
-            config.moonraker[index].printer_id = printer_id
+        raise BadResponse("register: the answer's %s, so it cannot be used" % unsafe)
+    printers = answer.get("printers", [])
+    if not isinstance(printers, list):
+        raise BadResponse("register: printers is %s, not a list" % type(printers).__name__)
+    printer_ids = []  # type: List[Optional[int]]
+    for index, entry in enumerate(printers):
+        raw_id = entry.get("id") if isinstance(entry, dict) else None
+        printer_id = printer_id_of(raw_id)
+        if raw_id is not None and not printer_id:
+            raise BadResponse("register: printers[%d].id is not a printer id: %s"
+                              % (index, _short(json.dumps(raw_id), 40)))
+        printer_ids.append(printer_id)
     polling = answer.get("polling")
-    for key, attr in (("commands_seconds", "poll_commands_seconds"), ("snapshots_seconds", "push_snapshots_seconds"),
-                      ("heartbeat_seconds", "heartbeat_seconds")):
+    intervals = {}
+    for key, attr in POLLING_FIELDS:
         value = polling.get(key) if isinstance(polling, dict) else None
-        if _is_number(value) and value > 0:
-            setattr(config, attr, float(value))
+        if _is_number(value) and 0 < value < 86400:
+            intervals[attr] = float(value)
+    return Registration(connector_id, secret, printer_ids, intervals)
 
 
-def pair(config: Config, log: Logger, stop: threading.Event, attempts: Optional[int] = None) -> None:
-    log.info("Pairing with the cloud", cloud=config.cloud_url, printers=len(config.moonraker))
+def apply_registration(config: Config, answer: Any) -> None:
+    """Takes the credentials, printer ids and intervals of the cloud's answer
+    to register into config; BadResponse, with config unchanged, when the
+    answer cannot be used."""
+    registration = read_registration(answer)
+    config.connector_id, config.connector_secret = registration.connector_id, registration.secret
+    config.pairing_token = None
+    for printer, printer_id in zip(config.moonraker, registration.printer_ids):
+        if printer_id:
+            printer.printer_id = printer_id
+    for attr, value in registration.polling.items():
+        setattr(config, attr, value)
+
+
+# The Idempotency-Key of register (docs/PROTOCOL.md, Extensions) is stored in
+# the config before the first attempt, so that a retry, and a run after a
+# kill -9 with the answer in flight, send the same one; it is dropped with the
+# token once paired or refused.
+PAIRING_KEY_FIELD = "pairing_idempotency_key"
+UNANSWERED_SUMMARY = ("Pairing rejected after an earlier register went unanswered: that attempt probably used the "
+                      "pairing token; get a new pairing token from the cloud and run again with it")
+UNREADABLE_SUMMARY = ("Pairing failed: the cloud's answer to register cannot be used, and the pairing token may be "
+                      "used up by it; if running again says it was already used, get a new pairing token")
+
+
+def pairing_idempotency_key(config: Config, log: Logger) -> Tuple[str, bool]:
+    """(key, whether an earlier run stored it): a stored key means an earlier
+    register may have reached the cloud."""
+    stored = config.raw.get(PAIRING_KEY_FIELD)
+    if isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{32}", stored):
+        return stored, True
+    key = binascii.hexlify(os.urandom(16)).decode("ascii")
+    try:
+        _rewrite_config_key(config, key)
+    except OSError as exc:
+        log.warn("the pairing key could not be stored: a restart while pairing may use up the token",
+                 path=config.path, error=str(exc))
+    return key, False
+
+
+def forget_pairing_key(config: Config) -> None:
+    try:
+        _rewrite_config_key(config, None)
+    except OSError:
+        pass  # a stale key only makes the next pairing's messages more cautious
+
+
+def _rewrite_config_key(config: Config, key: Optional[str]) -> None:
+    raw = dict(config.raw)
+    if key is None:
+        if raw.pop(PAIRING_KEY_FIELD, None) is None:
+            return
+    else:
+        raw[PAIRING_KEY_FIELD] = key
+    atomic_write(config.path, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
+    config.raw = raw
+
+
+def may_have_reached_the_cloud(exc: HttpError) -> bool:
+    """No answer, or a gateway's: the cloud may have used the token."""
+    return isinstance(exc, TransportError) or exc.status in (502, 504)
+
+
+def register(config: Config, log: Logger, stop: threading.Event, attempts: Optional[int]) -> Any:
+    """Registers, retrying transport failures and 5xx with the same key.
+    A refusal or an unusable answer raises PairingRejected."""
+    key, unanswered = pairing_idempotency_key(config, log)
     cloud = Cloud(config, log)
     body = registration_body(config)
     failures = 0
     try:
         while True:
             try:
-                answer = cloud.register(body)
-                break
+                answer = cloud.register(body, key)
+                read_registration(answer)  # an unusable answer is not retried: see below
+                return answer
+            except PairingRejected as exc:
+                forget_pairing_key(config)
+                raise PairingRejected(str(exc), UNANSWERED_SUMMARY if unanswered else None) from None
+            except BadResponse as exc:
+                raise PairingRejected(str(exc), UNREADABLE_SUMMARY) from None
             except HttpError as exc:
                 failures += 1
+                reached = may_have_reached_the_cloud(exc)
+                unanswered = unanswered or reached
                 if attempts is not None and failures >= attempts:
                     raise
                 delay = backoff_delay(failures, BACKOFF_BASE * 2)
-                log.warn("pairing failed; retrying", error=str(exc), retry_in=round(delay, 1))
+                note = "it may have reached the cloud; the retry carries the same Idempotency-Key" if reached else None
+                log.warn("pairing failed; retrying", error=str(exc), retry_in=round(delay, 1), note=note)
                 if stop.wait(delay):
                     raise HttpError("pairing interrupted: the connector is stopping") from None
     finally:
         cloud.close()
-    apply_registration(config, answer)
+
+
+def pair(config: Config, log: Logger, stop: threading.Event, attempts: Optional[int] = None) -> None:
+    log.info("Pairing with the cloud", cloud=config.cloud_url, printers=len(config.moonraker))
+    apply_registration(config, register(config, log, stop, attempts))
     log.add_secret(config.connector_secret)
     try:
         save_config(config)
@@ -4006,8 +4119,7 @@ def run_agent(config: Config, log: Logger, once: bool) -> int:
     try:
         return agent.run_once() if once else agent.run()
     except PairingRejected as exc:
-        log.error("Pairing rejected: the pairing token is invalid or already used; get a new one",
-                  error=str(exc))
+        log.error(exc.summary, error=str(exc))
         return EXIT_PAIRING_REJECTED
     except (HttpError, OSError) as exc:
         log.error("Connector failed", error=str(exc))

@@ -28,7 +28,13 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 HUGE_BODY_BYTES = 20 * 1024 * 1024
 FAULT_ENDPOINTS = ("register", "heartbeat", "commands", "complete", "snapshots",
                    "webcam_requests", "webcam_upload")
-FAULT_MODES = ("503", "500", "html", "object", "notjson", "nulls", "huge", "drop", "401")
+FAULT_MODES = ("503", "500", "html", "object", "notjson", "nulls", "huge", "drop", "401",
+               "lost", "deep", "bad_printer_id")
+# Faults that let the endpoint do its work (a register consumes its token)
+# and then spoil the answer: "lost" drops the connection unanswered,
+# "late:N" answers after N seconds, "deep" and "bad_printer_id" answer a
+# body the connector cannot use (JSON 1000 levels deep; a printer id "²").
+AFTER_WORK_FAULTS = ("lost", "deep", "bad_printer_id")
 VERBOSE = os.environ.get("SIM_VERBOSE") == "1"
 
 
@@ -186,7 +192,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         fault = cloud._take_fault(endpoint) if endpoint not in (None, "_control") else None
         cloud._record_request(self, endpoint, fault, len(body))
-        if fault is not None and self._apply_fault(fault, endpoint):
+        after_work = fault is not None and (fault in AFTER_WORK_FAULTS or fault.startswith("late:"))
+        if fault is not None and not after_work and self._apply_fault(fault, endpoint):
             return
         if handler_name is None:
             self._send_json(404, {"error": "Not found"})
@@ -201,6 +208,22 @@ class _Handler(BaseHTTPRequestHandler):
             if VERBOSE:
                 raise
             status, payload = 500, {"error": "Internal server error: %s" % exc}
+        if after_work:
+            self._spoil_answer(fault, status, payload)
+            return
+        self._send_json(status, payload)
+
+    def _spoil_answer(self, mode, status, payload):
+        if mode.startswith("late:"):
+            time.sleep(float(mode.split(":", 1)[1]))
+        elif mode == "lost":
+            self._apply_fault("drop", self._endpoint)
+            return
+        elif mode == "deep":
+            self._send_bytes(200, b"[" * 1000 + b"]" * 1000, "application/json")
+            return
+        elif mode == "bad_printer_id" and isinstance(payload, dict):
+            payload = dict(payload, printers=[dict(p, id="\u00b2") for p in payload.get("printers") or [{}]])
         self._send_json(status, payload)
 
     def _read_body(self, endpoint):
@@ -440,9 +463,11 @@ class ReferenceCloud(Recorder):
                         len(self._snapshots), len(self._webcam_uploads), len(self._fault_hits)))
 
     # ---- control API: pairing ----
-    def add_pairing_token(self, token, polling=None):
+    def add_pairing_token(self, token, polling=None, idempotent=True):
+        """idempotent=False: a cloud that ignores the Idempotency-Key header."""
         with self._lock:
-            self._tokens[token] = {"polling": polling, "consumed": False}
+            self._tokens[token] = {"polling": polling, "consumed": False, "idempotent": idempotent,
+                                   "answers": {}}
 
     def connector(self, connector_id):
         with self._lock:
@@ -575,10 +600,18 @@ class ReferenceCloud(Recorder):
             token = self._tokens.get(body.get("pairing_token"))
             if token is None:
                 return 401, {"error": "Invalid or expired pairing token"}
+            # Idempotency-Key (docs/PROTOCOL.md, Extensions): the same key
+            # with the same token gets the same answer again.
+            key = request["headers"].get("Idempotency-Key") if token.get("idempotent", True) else None
+            if key and key in token.get("answers", {}):
+                return 200, token["answers"][key]
             if token["consumed"]:
                 return 422, {"error": "Pairing token already consumed"}
             token["consumed"] = True
-            return 200, self._new_connector(body, token["polling"])
+            answer = self._new_connector(body, token["polling"])
+            if key:
+                token.setdefault("answers", {})[key] = answer
+            return 200, answer
 
     def _new_connector(self, body, polling):
         connector_id = self._next_connector
@@ -695,7 +728,7 @@ class ReferenceCloud(Recorder):
         body = self._json_body(request)
         if not isinstance(body.get("token"), str):
             return 422, {"error": "token required"}
-        self.add_pairing_token(body["token"], body.get("polling"))
+        self.add_pairing_token(body["token"], body.get("polling"), body.get("idempotent", True) is not False)
         return 201, {"token": body["token"]}
 
     def _ctl_command(self, request):

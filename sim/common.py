@@ -77,7 +77,7 @@ class FaultTable:
         self._faults = {}
 
     def set(self, mode, key=None, count=None):
-        if not (mode in self._modes or re.fullmatch(r"slow:\d+(\.\d+)?", mode)):
+        if not (mode in self._modes or re.fullmatch(r"(slow|late):\d+(\.\d+)?", mode)):
             raise ValueError("unknown fault mode %r" % mode)
         with self._lock:
             self._faults[key] = {"mode": mode, "count": count}

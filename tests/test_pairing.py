@@ -4,7 +4,9 @@ import json
 import os
 import stat
 
-from harness import new_token, unpaired_config
+import pytest
+
+from harness import new_token, unpaired_config, wait_until
 
 
 def test_pairing_rewrites_the_config_with_credentials(cloud, printer, make_connector):
@@ -106,3 +108,70 @@ def test_sigterm_while_pairing_retries_is_a_clean_stop(cloud, printer, make_conn
     connector.wait_log("pairing failed; retrying")
     assert connector.stop(timeout=5) == 0
     assert "Connector stopped" in connector.run_log
+
+
+# -- a register answer that is slow, lost or unreadable ------------------------------
+
+def _registrations(cloud, token):
+    return [r for r in cloud.registrations if isinstance(r, dict) and r.get("pairing_token") == token]
+
+
+def test_a_register_answer_slower_than_the_old_15_s_timeout_pairs_on_the_first_attempt(cloud, printer,
+                                                                                       make_connector):
+    config = unpaired_config(cloud, printer)
+    cloud.set_fault("late:17", endpoint="register", count=1)
+    connector = make_connector(config)
+    assert connector.run("--once", timeout=90) == 0, connector.log
+    assert len(_registrations(cloud, config["pairing_token"])) == 1
+    assert "pairing failed" not in connector.log and "Pairing successful" in connector.log
+
+
+def test_a_kill_with_the_register_answer_in_flight_then_a_restart_pairs(cloud, printer, make_connector):
+    config = unpaired_config(cloud, printer)
+    cloud.set_fault("late:30", endpoint="register", count=1)
+    connector = make_connector(config).start()
+    wait_until(lambda: _registrations(cloud, config["pairing_token"]), timeout=20, message="register sent")
+    key = connector.config["pairing_idempotency_key"]  # stored before the attempt
+    connector.kill()  # the cloud has used the token; its answer is still to come
+    assert connector.run("--once") == 0, connector.run_log
+    assert "Pairing successful" in connector.run_log and "already consumed" not in connector.log
+    assert len(_registrations(cloud, config["pairing_token"])) == 2
+    saved = connector.config
+    assert saved["connector_secret"].startswith("sk_live_") and "pairing_idempotency_key" not in saved
+    assert len(key) == 32
+
+
+def test_a_lost_register_answer_is_retried_with_the_same_key_and_said_so(cloud, printer, make_connector):
+    config = unpaired_config(cloud, printer)
+    cloud.set_fault("lost", endpoint="register", count=1)
+    connector = make_connector(config)
+    assert connector.run("--once") == 0, connector.log
+    assert "may have reached the cloud; the retry carries the same Idempotency-Key" in connector.log
+    sent = [r for r in cloud.requests if r.get("endpoint") == "register"][-2:]
+    assert len(_registrations(cloud, config["pairing_token"])) == 2
+    keys = {r["headers"].get("Idempotency-Key") for r in sent}
+    assert len(keys) == 1 and None not in keys
+
+
+def test_a_cloud_without_idempotency_that_lost_the_answer_gets_a_clear_exit_3(cloud, printer, make_connector):
+    config = unpaired_config(cloud, printer)
+    cloud.add_pairing_token(config["pairing_token"], idempotent=False)
+    cloud.set_fault("lost", endpoint="register", count=1)
+    connector = make_connector(config)
+    assert connector.run("--once") == 3
+    assert "Pairing rejected after an earlier register went unanswered: that attempt probably used the " \
+           "pairing token; get a new pairing token from the cloud and run again with it" in connector.log
+    assert "already consumed" in connector.log
+    assert "pairing_idempotency_key" not in connector.config  # the next token starts afresh
+
+
+@pytest.mark.parametrize("fault", ["deep", "bad_printer_id"])
+def test_an_unreadable_register_answer_is_a_clear_error_that_the_token_may_be_used_up(cloud, printer,
+                                                                                     make_connector, fault):
+    config = unpaired_config(cloud, printer)
+    cloud.set_fault(fault, endpoint="register", count=1)
+    connector = make_connector(config)
+    assert connector.run("--once") == 3
+    assert "the pairing token may be used up" in connector.log
+    assert "Traceback" not in connector.log
+    assert len(_registrations(cloud, config["pairing_token"])) == 1  # not sent again blindly

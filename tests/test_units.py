@@ -155,14 +155,14 @@ def test_register_rejection_is_pairing_rejected(config, log, status):
         mock.post(CLOUD + "/api/v1/connectors/register", status_code=status,
                   json={"error": "Invalid or expired pairing token"})
         with pytest.raises(connector.PairingRejected, match="Invalid or expired pairing token"):
-            connector.Cloud(config, log).register({})
+            connector.Cloud(config, log).register({}, "0" * 32)
 
 
 def test_register_sends_no_credentials(config, log):
     config.connector_secret, config.connector_id = None, None
     with rm.Mocker() as mock:
         mock.post(CLOUD + "/api/v1/connectors/register", json={})
-        connector.Cloud(config, log).register({"pairing_token": "PAIR_x"})
+        connector.Cloud(config, log).register({"pairing_token": "PAIR_x"}, "0" * 32)
         assert "Authorization" not in mock.request_history[0].headers
 
 
