@@ -634,6 +634,7 @@ LEVEL_NAMES = {10: "DEBUG", 20: "INFO", 30: "WARN", 40: "ERROR"}
 # garble every line and hide nothing (a real secret is 24 characters or more).
 MIN_SECRET_LENGTH = 8
 REDACTED = "[redacted]"
+MAX_LOG_VALUE_CHARS = 1000
 _NEEDS_QUOTES = re.compile('[ "=\\\\%s]' % _UNSAFE)
 _ESCAPED_IN_QUOTES = re.compile('["\\\\%s]' % _UNSAFE)
 
@@ -675,7 +676,10 @@ class Logger:
 
     def _value(self, value) -> str:
         text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
-        return _logfmt_value(self.redact(text))
+        text = self.redact(text)
+        if len(text) > MAX_LOG_VALUE_CHARS:  # a 4 MB action name from the cloud is not a 4 MB line
+            text = "%s...(%d more characters)" % (text[:MAX_LOG_VALUE_CHARS], len(text) - MAX_LOG_VALUE_CHARS)
+        return _logfmt_value(text)
 
     def enabled(self, level: int) -> bool:
         return level >= self.level

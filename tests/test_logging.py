@@ -202,3 +202,17 @@ def test_a_crash_in_a_thread_is_one_escaped_redacted_line_not_a_raw_traceback(mo
     assert pairs["level"] == "ERROR" and pairs["msg"] == "crashed" and pairs["thread"] == "status-1"
     assert pairs["error"].startswith("TypeError: from a peer\ntime=x") and "[redacted]" in pairs["error"]
     assert "buggy" in pairs["where"]
+
+
+def test_a_huge_value_is_cut_with_its_length_said():
+    line = logged(action="x" * 4000000)
+    assert len(line) < 2 * connector.MAX_LOG_VALUE_CHARS
+    assert dict(parse_logfmt(line))["action"].endswith("...(%d more characters)"
+                                                       % (4000000 - connector.MAX_LOG_VALUE_CHARS))
+
+
+def test_a_secret_beyond_the_cut_is_still_redacted_not_half_shown():
+    secret = "sk_live_0123456789abcdef"
+    cut = connector.MAX_LOG_VALUE_CHARS
+    line = logged(secrets=[secret], error="x" * (cut - 10) + secret)
+    assert "sk_live_01" not in line
