@@ -62,6 +62,10 @@ CAMERA_RECHECK_SECONDS = 300.0  # how often to look again for a camera that did 
 WEBCAM_REQUEST_MAX_AGE = 30.0
 WEBCAM_MAX_BYTES = 10 * 1024 * 1024
 MAX_JSON_BODY = 4 * 1024 * 1024
+# A commands answer is read whatever its size up to this (its long strings
+# go to disk while there is room, see Large transfers), so that every command
+# in it is named and completed; files larger than this go by `url`.
+MAX_COMMANDS_BODY = 2 * 1024 * 1024 * 1024
 READ_CHUNK = 64 * 1024
 COMMANDS_PER_POLL = 20
 WEBCAM_REQUESTS_PER_POLL = 10
@@ -777,6 +781,351 @@ class FailureTracker:
 
 
 # --------------------------------------------------------------------------
+# Large transfers
+# --------------------------------------------------------------------------
+# A G-code file can be hundreds of megabytes, and a K1 has about 200 MB of
+# RAM for everything, so no file body is ever held in memory. A command
+# poll's answer is split as it arrives: its structure (small) stays in
+# memory, every long string (the base64 of a file) goes to a file of its
+# own, within the free disk. base64 is decoded a chunk at a time, and
+# downloads and uploads go file to socket. stdlib scanning was chosen over
+# json-stream and ijson by measurement (bench/json_split.py): it finds a
+# long string's end with one regex search per chunk where those parse a
+# character at a time in Python. The files live in state_dir (on disk: /tmp
+# is RAM on a K1), all named TEMP_PREFIX..., so a start after a kill -9
+# sweeps what the killed run left.
+
+TEMP_PREFIX = ".transfer-"
+LONG_STRING = 64 * 1024  # a JSON string longer than this is kept on disk
+DISK_RESERVE = 64 * 1024 * 1024  # free space transfers leave alone (at most a tenth of the disk)
+PROGRESS_QUIET_SECONDS = 5.0  # a transfer shorter than this logs nothing at info
+PROGRESS_EVERY_SECONDS = 10.0
+_STRING_STOP = re.compile(rb'["\\]')
+
+
+class TransferStopped(CommandFailed):
+    """The connector is stopping: a transfer in progress gives up."""
+
+
+def transfer_budget(folder: str) -> Tuple[int, int]:
+    """(bytes a transfer may write in folder, bytes free there): the reserve
+    keeps room for the ledger, the logs and Moonraker's copy of the file."""
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    reserve = min(DISK_RESERVE, stats.f_blocks * stats.f_frsize // 10)
+    return max(0, free - reserve), free
+
+
+def too_large_message(what: str, size: int, folder: str) -> str:
+    limit, free = transfer_budget(folder)
+    return ("%s too large for this printer's free disk: %s bytes, limit %d bytes (%d bytes free in %s)"
+            % (what, size, limit, free, folder))
+
+
+def sweep_temp_files(folder: str) -> int:
+    """Removes the transfer files a killed run left; returns how many."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        if name.startswith(TEMP_PREFIX):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def remove_file(path: Optional[str]) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class TransferFile:
+    """A temp file in state_dir for one transfer, removed however it ends."""
+
+    def __init__(self, folder: str, kind: str):
+        fd, self.path = create_temp_file(folder, TEMP_PREFIX, "." + kind)
+        self.file = os.fdopen(fd, "w+b")
+
+    def __enter__(self) -> "TransferFile":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.file.close()
+        remove_file(self.path)
+
+
+class TransferProgress:
+    """progress= for HttpClient.request: an info line every ~10 s or 10 %
+    for a transfer that takes a while, none for a short one; on stop, the
+    transfer gives up (TransferStopped)."""
+
+    def __init__(self, log: Logger, what: str, total: Optional[int] = None,
+                 stop: Optional[threading.Event] = None):
+        self.log, self.what, self.total, self.stop = log, what, total, stop
+        self.started = self.last = time.monotonic()
+        self.next_percent = 10
+        self.done = 0
+
+    def __call__(self, done: int) -> None:
+        self.done = done
+        if self.stop is not None and self.stop.is_set():
+            raise TransferStopped("%s interrupted: the connector is stopping" % self.what)
+        now = time.monotonic()
+        if now - self.started < PROGRESS_QUIET_SECONDS:
+            return
+        percent = 100 * done // self.total if self.total else None
+        if now - self.last >= PROGRESS_EVERY_SECONDS or (percent is not None and percent >= self.next_percent):
+            self.last = now
+            if percent is not None:
+                self.next_percent = percent // 10 * 10 + 10
+            self.log.info("Transfer in progress", what=self.what, bytes=done, total=self.total, percent=percent,
+                          kib_per_s=self.rate(now))
+
+    def rate(self, now: float) -> int:
+        return int(self.done / 1024.0 / max(now - self.started, 0.001))
+
+    def finished(self, done: int) -> None:
+        self.done = done
+        now = time.monotonic()
+        level = 20 if now - self.started >= PROGRESS_QUIET_SECONDS else 10
+        self.log.log(level, "Transfer done", what=self.what, bytes=done, seconds=round(now - self.started, 1),
+                     kib_per_s=self.rate(now))
+
+
+class SpooledString:
+    """A JSON string too long to hold: its text as it came (JSON escapes and
+    all) in a file, or, when it did not fit on the disk, only its length and
+    why (`missing`)."""
+
+    __slots__ = ("path", "length", "escaped", "missing")
+
+    def __init__(self, path: Optional[str], length: int, escaped: bool, missing: Optional[str]):
+        self.path, self.length, self.escaped, self.missing = path, length, escaped, missing
+
+    def __repr__(self) -> str:
+        return "<string of %d bytes>" % self.length
+
+    def utf8_chunks(self, size: int = 256 * 1024) -> Iterable[bytes]:
+        """The string's text, UTF-8 encoded, a chunk at a time; ValueError for a bad escape."""
+        with open(self.path, "rb") as handle:
+            carry = b""
+            while True:
+                data = handle.read(size)
+                if not data:
+                    break
+                if not self.escaped:
+                    yield data
+                    continue
+                data = carry + data
+                cut = _complete_escapes(data)
+                carry = data[cut:]
+                yield _unescape(data[:cut])
+            if carry:
+                yield _unescape(carry)
+
+    def discard(self) -> None:
+        remove_file(self.path)
+        self.path = None
+
+
+def _complete_escapes(data: bytes) -> int:
+    """How much of data ends on a whole JSON escape (a surrogate pair is one)."""
+    at = data.rfind(b"\\")
+    if at < 0:
+        return len(data)
+    if not _escape_starts(data, at):  # an even run of backslashes: all of them "\\" pairs
+        return len(data)
+    need = 6 if data[at + 1:at + 2] == b"u" else 2
+    if data[at + 1:at + 2] == b"u" and data[at + 2:at + 4].lower() in (b"d8", b"d9", b"da", b"db"):
+        need = 12  # a high surrogate goes with the escape after it
+    if len(data) - at >= need:
+        return len(data)
+    before = at - 6  # a high surrogate just before a cut-off low one goes with it
+    if (before >= 0 and data[before:before + 2] == b"\\u" and _escape_starts(data, before)
+            and data[before + 2:before + 4].lower() in (b"d8", b"d9", b"da", b"db")):
+        return before
+    return at
+
+
+def _escape_starts(data: bytes, at: int) -> bool:
+    """Whether the backslash at data[at] starts an escape (is not the second of a "\\\\")."""
+    run = at
+    while run > 0 and data[run - 1] == 0x5C:
+        run -= 1
+    return (at - run) % 2 == 0
+
+
+def _unescape(data: bytes) -> bytes:
+    return json.loads(b'"' + data + b'"').encode("utf-8", "surrogatepass")
+
+
+class JsonSplitter:
+    """sink= for HttpClient.request: takes a JSON body of any size as it
+    arrives. Its structure stays in memory (up to max_structure bytes), each
+    string longer than LONG_STRING goes to a file of its own in `folder`
+    while the free disk allows (transfer_budget), and is only counted past
+    that. value() decodes the structure with decode_json and puts a
+    SpooledString where each long string was; close() removes the files."""
+
+    def __init__(self, folder: str, max_structure: int = MAX_JSON_BODY):
+        self.folder, self.max_structure = folder, max_structure
+        self.structure = bytearray()
+        self.strings = []  # type: List[SpooledString]
+        self.size = 0
+        self.error = None  # type: Optional[str]
+        self.room = None  # type: Optional[int]  # disk left for long strings, looked up at the first one
+        self.nonce = ""
+        self._in_string = self._escape_next = False
+        self._reset_string()
+
+    def _reset_string(self) -> None:
+        self._text = bytearray()  # a string while it is short
+        self._file = None  # type: Optional[Any]
+        self._path = None  # type: Optional[str]
+        self._length, self._escaped, self._missing = 0, False, None  # type: Tuple[int, bool, Optional[str]]
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        if self.error is None:
+            self._scan(bytes(data))
+        return len(data)
+
+    def _scan(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._in_string:
+                pos = self._string_part(data, pos)
+                continue
+            quote_at = data.find(b'"', pos)
+            stop = end if quote_at < 0 else quote_at + 1
+            self._keep(data[pos:stop])
+            self._in_string, pos = quote_at >= 0, stop
+
+    def _string_part(self, data: bytes, pos: int) -> int:
+        """Takes string text from data[pos:]; returns where the scan goes on."""
+        if self._escape_next:  # the chunk before ended on a backslash
+            self._escape_next = False
+            self._add(data[pos:pos + 1])
+            return pos + 1
+        found = _STRING_STOP.search(data, pos)
+        if found is None:
+            self._add(data[pos:])
+            return len(data)
+        at = found.start()
+        if data[at] == 0x22:  # the closing quote
+            self._add(data[pos:at])
+            self._close_string()
+            return at + 1
+        self._escaped = True
+        self._escape_next = at + 1 == len(data)
+        self._add(data[pos:at + 2])
+        return at + 2
+
+    def _add(self, piece: bytes) -> None:
+        self._length += len(piece)
+        if self._missing is not None:
+            return
+        if self._file is None:
+            self._text += piece
+            if len(self._text) > LONG_STRING:
+                self._to_disk()
+            return
+        self._write(piece)
+
+    def _to_disk(self) -> None:
+        if self.room is None:
+            self.room = transfer_budget(self.folder)[0]
+            self.nonce = binascii.hexlify(os.urandom(8)).decode("ascii")
+        try:
+            fd, self._path = create_temp_file(self.folder, TEMP_PREFIX, ".string")
+            self._file = os.fdopen(fd, "wb")
+        except OSError as exc:
+            self._drop("cannot be kept in %s: %s" % (self.folder, exc.strerror or exc))
+            return
+        text, self._text = bytes(self._text), bytearray()
+        self._write(text)
+
+    def _write(self, piece: bytes) -> None:
+        if len(piece) > self.room:
+            limit, free = transfer_budget(self.folder)
+            self._drop("too large for this printer's free disk: over %d bytes, limit %d bytes (%d bytes free in %s)"
+                       % (self._length, limit, free, self.folder))
+            return
+        try:
+            self._file.write(piece)
+        except OSError as exc:
+            self._drop("cannot be kept in %s: %s" % (self.folder, exc.strerror or exc))
+            return
+        self.room -= len(piece)
+
+    def _drop(self, why: str) -> None:
+        """Stops keeping the current string: too large for the disk."""
+        if self._file is not None:
+            self.room += self._file.tell()
+            self._file.close()
+            remove_file(self._path)
+        self._file, self._path, self._missing, self._text = None, None, why, bytearray()
+
+    def _close_string(self) -> None:
+        if self._file is None and self._missing is None and len(self._text) <= LONG_STRING:
+            self._keep(bytes(self._text))
+        else:
+            if self._file is not None:
+                self._file.close()
+            self.strings.append(SpooledString(self._path, self._length, self._escaped, self._missing))
+            self._keep(("\\u0000%s:%d" % (self.nonce, len(self.strings) - 1)).encode("ascii"))
+        self._keep(b'"')
+        self._in_string = False
+        self._reset_string()
+
+    def _keep(self, piece: bytes) -> None:
+        if len(self.structure) + len(piece) > self.max_structure:
+            self.error = "its structure (all but its long strings) is over %d bytes" % self.max_structure
+            self.structure = bytearray()
+            return
+        self.structure += piece
+
+    def value(self) -> Any:
+        """The body decoded, long strings as SpooledString; BadJson if it is not JSON."""
+        if self.error is not None:
+            raise BadJson(self.error)
+        if self._in_string:
+            raise BadJson("it ends inside a string")
+        value = decode_json(bytes(self.structure))
+        return self._restore(value) if self.strings else value
+
+    def _restore(self, value: Any) -> Any:
+        marker = "\x00%s:" % self.nonce
+        root = [value]
+        stack = [root]  # type: List[Any]
+        while stack:
+            node = stack.pop()
+            for key in list(node.keys() if isinstance(node, dict) else range(len(node))):
+                child = node[key]
+                if isinstance(child, (dict, list)):
+                    stack.append(child)
+                elif isinstance(child, str) and child.startswith(marker):
+                    node[key] = self.strings[int(child[len(marker):])]
+        return root[0]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            remove_file(self._path)
+        for spooled in self.strings:
+            spooled.discard()
+        self._reset_string()
+
+
+# --------------------------------------------------------------------------
 # HTTP
 # --------------------------------------------------------------------------
 # The one place that does HTTP: connect and read timeouts and a wall-clock
@@ -1346,23 +1695,71 @@ def environ_proxy(url: str, environ=os.environ) -> Optional[str]:
     return proxies.get(parts.scheme) or proxies.get("all")
 
 
-def multipart_body(fields: Dict[str, str], files: Dict[str, Tuple[str, bytes]]) -> Tuple[bytes, str]:
-    boundary = "printer-connector-%s" % binascii.hexlify(os.urandom(12)).decode("ascii")
-
+def _multipart_head(boundary: str, fields: Dict[str, str], name: str, filename: str) -> bytes:
+    """Everything of a multipart/form-data body before its file's bytes."""
     def quoted(value: str) -> str:  # as browsers escape form-data names (HTML spec)
         return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
     chunks = []
-    for name, value in fields.items():
+    for field_name, value in fields.items():
         chunks.append(('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
-                       % (boundary, quoted(name), value)).encode("utf-8"))
+                       % (boundary, quoted(field_name), value)).encode("utf-8"))
+    chunks.append(('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
+                   'Content-Type: application/octet-stream\r\n\r\n'
+                   % (boundary, quoted(name), quoted(filename))).encode("utf-8"))
+    return b"".join(chunks)
+
+
+def _multipart_boundary() -> str:
+    return "printer-connector-%s" % binascii.hexlify(os.urandom(12)).decode("ascii")
+
+
+def multipart_body(fields: Dict[str, str], files: Dict[str, Tuple[str, bytes]]) -> Tuple[bytes, str]:
+    boundary = _multipart_boundary()
+    chunks = []
     for name, (filename, content) in files.items():
-        chunks.append(('--%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n'
-                       'Content-Type: application/octet-stream\r\n\r\n'
-                       % (boundary, quoted(name), quoted(filename))).encode("utf-8"))
+        chunks.append(_multipart_head(boundary, {} if chunks else fields, name, filename))
         chunks.append(content + b"\r\n")
     chunks.append(("--%s--\r\n" % boundary).encode("ascii"))
     return b"".join(chunks), "multipart/form-data; boundary=%s" % boundary
+
+
+class MultipartFile:
+    """A multipart/form-data body of form fields and one file that is read
+    from disk as it is sent (data= for HttpClient.request, with `headers()`):
+    its length is known up front, so it goes out with a Content-Length, which
+    Moonraker's streamed upload handler and S3-alikes want."""
+
+    def __init__(self, fields: Dict[str, str], name: str, filename: str, handle, size: int):
+        boundary = _multipart_boundary()
+        head = _multipart_head(boundary, fields, name, filename)
+        tail = ("\r\n--%s--\r\n" % boundary).encode("ascii")
+        self.content_type = "multipart/form-data; boundary=%s" % boundary
+        self.length = len(head) + size + len(tail)
+        self._parts = [_BytesReader(head), handle, _BytesReader(tail)]
+
+    def headers(self) -> Dict[str, str]:
+        return {"Content-Type": self.content_type, "Content-Length": str(self.length)}
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(READ_CHUNK), b""))
+        while self._parts:
+            data = self._parts[0].read(size)
+            if data:
+                return data
+            self._parts.pop(0)
+        return b""
+
+
+class _BytesReader:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self, size: int = -1) -> bytes:
+        size = len(self.data) if size is None or size < 0 else size
+        data, self.data = self.data[:size], self.data[size:]
+        return data
 
 
 def direct_transport():
@@ -1613,9 +2010,21 @@ class Cloud:
     def heartbeat(self, body: Dict[str, Any]) -> None:
         self.call("POST", self.connector_path("/heartbeat"), "heartbeat", json_body=body)
 
-    def poll_commands(self) -> List[Any]:
-        response = self.call("GET", self.connector_path("/commands?limit=%d" % COMMANDS_PER_POLL), "commands")
-        return self._array(response, "commands")
+    def poll_commands(self, splitter: JsonSplitter, progress: Optional[Callable[[int], None]] = None) -> List[Any]:
+        """The queued commands, read through `splitter` (Large transfers): an
+        answer of any size costs a few chunks of memory."""
+        response = self.call("GET", self.connector_path("/commands?limit=%d" % COMMANDS_PER_POLL), "commands",
+                             sink=splitter, max_bytes=MAX_COMMANDS_BODY, progress=progress)
+        try:
+            body = splitter.value()
+        except BadJson as exc:
+            ctype = response.headers.get("Content-Type", "?").split(";")[0]
+            raise HttpError("commands: expected JSON, got %s (%d bytes): %s" % (ctype, splitter.size, exc),
+                            response.status) from None
+        if not isinstance(body, list):
+            raise HttpError("commands: expected a JSON array, got %s (%d bytes)"
+                            % (type(body).__name__, splitter.size))
+        return body
 
     def complete(self, command_id: str, body: Dict[str, Any]) -> bool:
         """True when acknowledged; False when the cloud says the command is gone (404)."""
@@ -2507,23 +2916,142 @@ def action_homing(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def action_upload_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    """The file comes as base64 `content` or, extension `upload_url`, from a
+    presigned `url`; either way through a temp file in state_dir, never
+    whole in memory. `start: true` starts printing it once it is there."""
     filename = validate_filename(params)
-    content = params.get("content")
-    if not isinstance(content, str):
-        raise CommandFailed("missing or invalid param 'content' (base64 text)", {"filename": filename})
-    try:
-        data = base64.b64decode(content, validate=True)
-    except (binascii.Error, ValueError):
-        raise CommandFailed("invalid param 'content': not valid base64", {"filename": filename}) from None
+    result = {"filename": filename}  # type: Dict[str, Any]
+    start = params.get("start", False)
+    if not isinstance(start, bool):
+        raise CommandFailed("invalid param 'start': must be true or false", result)
+    if params.get("url") is not None and params.get("content") is not None:
+        raise CommandFailed("give either param 'content' or param 'url', not both", result)
     check_gcodes_path(ctx, filename)
+    with TransferFile(ctx.config.state_dir, "gcode") as local:
+        if params.get("url") is not None:
+            result.update(_download_file(ctx, params, local, result))
+        else:
+            result["size"] = _decode_content(ctx, params.get("content"), local, result)
+        _upload_to_moonraker(ctx, filename, local, result)
+    if start:
+        _start_uploaded_file(ctx, result)
+    return result
+
+
+def _decode_content(ctx: ActionContext, content: Any, local: TransferFile, result: Dict[str, Any]) -> int:
+    """base64 into local.file a chunk at a time; returns the decoded size."""
+    folder = ctx.config.state_dir
+    if isinstance(content, SpooledString):
+        if content.missing is not None:
+            raise CommandFailed("param 'content' (%d bytes of base64) %s" % (content.length, content.missing),
+                                result)
+        pieces, length = content.utf8_chunks(), content.length  # type: Iterable[bytes], int
+    elif isinstance(content, str):
+        pieces, length = [content.encode("utf-8")], len(content)
+    else:
+        raise CommandFailed("missing or invalid param 'content' (base64 text)", result)
+    if length * 3 // 4 > transfer_budget(folder)[0]:
+        raise CommandFailed(too_large_message("file", length * 3 // 4, folder), result)
+    decoder = Base64Chunks()
+    try:
+        for piece in pieces:
+            local.file.write(decoder.feed(piece))
+        local.file.write(decoder.finish())
+    except ValueError:  # binascii.Error, a bad JSON escape
+        raise CommandFailed("invalid param 'content': not valid base64", result) from None
+    if isinstance(content, SpooledString):
+        content.discard()  # its disk is free again before Moonraker's copy takes some
+    return decoder.size
+
+
+class Base64Chunks:
+    """Strict base64 (no whitespace, padding only at the end) decoded a piece
+    at a time; ValueError when it is not base64."""
+
+    def __init__(self):
+        self.carry, self.size, self.ended = b"", 0, False
+
+    def feed(self, piece: bytes) -> bytes:
+        data = self.carry + piece
+        whole = len(data) // 4 * 4
+        self.carry = data[whole:]
+        return self._decode(data[:whole])
+
+    def finish(self) -> bytes:
+        if self.carry:
+            raise ValueError("base64 length is not a multiple of 4")
+        return b""
+
+    def _decode(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        if self.ended:
+            raise ValueError("base64 goes on after its padding")
+        decoded = base64.b64decode(data, validate=True)
+        self.ended = data.endswith(b"=")
+        self.size += len(decoded)
+        return decoded
+
+
+def _download_file(ctx: ActionContext, params: Dict[str, Any], local: TransferFile,
+                   result: Dict[str, Any]) -> Dict[str, Any]:
+    """The `url` extension: a presigned GET into local.file, its size and
+    sha256 checked when the command gives them. Redirects are refused (the
+    HTTP layer follows none), as are schemes other than http(s)."""
+    url, size, sha256 = params.get("url"), params.get("size"), params.get("sha256")
+    if not _is_http_url(url):
+        raise CommandFailed("missing or invalid param 'url' (an http(s) URL)", result)
+    if size is not None and not (_is_int(size) and size >= 0):
+        raise CommandFailed("invalid param 'size': must be an integer >= 0 (bytes)", result)
+    if sha256 is not None and not (isinstance(sha256, str) and re.match(r"[0-9a-fA-F]{64}\Z", sha256)):
+        raise CommandFailed("invalid param 'sha256': must be 64 hex digits", result)
+    folder = ctx.config.state_dir
+    limit = transfer_budget(folder)[0]
+    if size is not None and size > limit:
+        raise CommandFailed(too_large_message("file", size, folder), result)
+    writer = _HashingWriter(local.file)
+    progress = TransferProgress(ctx.log, "download", size, ctx.stop)
+    downloader = HttpClient(url, {"User-Agent": user_agent()}, _storage_error_message, ctx.log, "url")
+    try:
+        downloader.request("GET", url, sink=writer, max_bytes=limit if size is None else size,
+                           deadline=transfer_deadline(limit if size is None else size), progress=progress)
+    except HttpError as exc:
+        if exc.status is not None and 300 <= exc.status < 400:
+            raise CommandFailed("download failed: the url answered %d (a redirect); redirects are not "
+                                "followed" % exc.status, result) from None
+        raise CommandFailed("download failed: %s" % exc, result) from None
+    finally:
+        downloader.close()
+    progress.finished(writer.size)
+    if size is not None and writer.size != size:
+        raise CommandFailed("download incomplete: got %d of %d bytes" % (writer.size, size), result)
+    digest = writer.sha256.hexdigest()
+    if sha256 is not None and digest != sha256.lower():
+        raise CommandFailed("download corrupt: sha256 %s, expected %s" % (digest, sha256.lower()), result)
+    return {"size": writer.size, "sha256": digest}
+
+
+def _upload_to_moonraker(ctx: ActionContext, filename: str, local: TransferFile, result: Dict[str, Any]) -> None:
     folder, _, base = filename.rpartition("/")
     form = {"root": "gcodes"}
     if folder:
         form["path"] = folder
-    result = {"filename": filename, "size": len(data)}
-    _moonraker(ctx, result, "POST", "/server/files/upload", data=form, files={"file": (base, data)},
-               timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT))
-    return result
+    local.file.flush()
+    size = os.fstat(local.file.fileno()).st_size
+    local.file.seek(0)
+    body = MultipartFile(form, "file", base, local.file, size)
+    progress = TransferProgress(ctx.log, "upload to moonraker", body.length, ctx.stop)
+    _moonraker(ctx, result, "POST", "/server/files/upload", data=body, headers=body.headers(),
+               timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT), deadline=transfer_deadline(body.length),
+               progress=progress)
+    progress.finished(body.length)
+
+
+def _start_uploaded_file(ctx: ActionContext, result: Dict[str, Any]) -> None:
+    """`start: true`: the file is there either way; the result says whether it prints."""
+    result["started"] = False
+    _moonraker(ctx, result, "POST", "/printer/print/start", params={"filename": result["filename"]})
+    result["started"] = True
 
 
 def action_delete_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -2934,6 +3462,10 @@ class CommandRunner:
         self.config, self.log, self.ledger = agent.config, agent.log, agent.ledger
 
     def handle(self, cloud: Cloud, clients: "PrinterClients", raw: Any) -> None:
+        if isinstance(raw, dict):
+            for key in ("id", "action", "printer_id"):  # a long string there goes to the ledger as its length
+                if isinstance(raw.get(key), SpooledString):
+                    raw[key] = None if key == "id" else repr(raw[key])
         command_id = usable_command_id(raw.get("id")) if isinstance(raw, dict) else None
         if command_id is None:
             self.log.warn("skipping a command without a usable id (at most %d printable characters)"
@@ -3403,6 +3935,9 @@ class Agent:
         self.stop = threading.Event()
         self.started = time.monotonic()
         check_state_dir(config.state_dir)
+        swept = sweep_temp_files(config.state_dir)
+        if swept:
+            log.info("Removed transfer files a previous run left", count=swept, state_dir=config.state_dir)
         self.ledger = Ledger(config.state_dir, log)
         spill = SnapshotSpill(config.state_dir, log, config.outbox_max_snapshots, config.outbox_max_bytes)
         self.snapshots = SnapshotOutbox(spill, log, lambda: config.push_snapshots_seconds)
@@ -3442,8 +3977,17 @@ class Agent:
 
     def poll_commands(self, clients: PrinterClients) -> None:
         self.commands.flush(clients.cloud)
-        for raw in clients.cloud.poll_commands():
-            self.commands.handle(clients.cloud, clients, raw)
+        splitter = JsonSplitter(self.config.state_dir)
+        try:
+            # Not stopped by a SIGTERM: the cloud has marked these commands
+            # running, and only a whole answer names them all.
+            progress = TransferProgress(self.log, "commands answer")
+            commands = clients.cloud.poll_commands(splitter, progress)
+            progress.finished(splitter.size)
+            for raw in commands:
+                self.commands.handle(clients.cloud, clients, raw)
+        finally:
+            splitter.close()
 
     def push_snapshots(self, clients: PrinterClients) -> None:
         fresh, errors = [], []
@@ -3570,6 +4114,7 @@ class Agent:
         # close frame) is a daemon: it ends with the process.
         for thread in [loop.thread for loop in self.loops] + watchers:
             thread.join(max(0.0, deadline - time.monotonic()))
+        sweep_temp_files(self.config.state_dir)  # a transfer still going at the deadline ends with the process
         self.log.info("Connector stopped")
         return EXIT_OK
 

@@ -94,7 +94,7 @@ def test_transport_errors_become_http_error_with_a_short_message(cloud):
     with rm.Mocker() as mock:
         mock.get(CLOUD + "/api/v1/connectors/42/commands", exc=requests.exceptions.ConnectTimeout("x"))
         with pytest.raises(connector.HttpError, match="cloud connect timed out"):
-            cloud.poll_commands()
+            cloud.poll_commands(connector.JsonSplitter(cloud.config.state_dir))
 
 
 def test_a_body_over_the_cap_is_refused(moonraker):
@@ -117,7 +117,7 @@ def test_command_poll_accepts_only_an_array(cloud):
     with rm.Mocker() as mock:
         mock.get(CLOUD + "/api/v1/connectors/42/commands", json={"commands": []})
         with pytest.raises(connector.HttpError, match="expected a JSON array, got dict"):
-            cloud.poll_commands()
+            cloud.poll_commands(connector.JsonSplitter(cloud.config.state_dir))
 
 
 def test_html_instead_of_json_is_an_error_naming_the_type(cloud):
@@ -125,7 +125,7 @@ def test_html_instead_of_json_is_an_error_naming_the_type(cloud):
         mock.get(CLOUD + "/api/v1/connectors/42/commands", text="<html>oops</html>",
                  headers={"Content-Type": "text/html"})
         with pytest.raises(connector.HttpError, match="expected JSON, got text/html"):
-            cloud.poll_commands()
+            cloud.poll_commands(connector.JsonSplitter(cloud.config.state_dir))
 
 
 def test_cloud_401_is_credentials_rejected(cloud):
@@ -275,11 +275,17 @@ def test_start_print_passes_the_file_name_as_a_query_parameter(ctx):
 
 
 def test_upload_sends_multipart_with_root_and_folder(ctx):
+    sent = []
+
+    def answer(request, context):  # the body is a file, read as it is sent
+        sent.append(request.body.read())
+        assert len(sent[0]) == int(request.headers["Content-Length"])
+        return {"action": "create_file", "item": {}}
     with rm.Mocker() as mock:
-        mock.post(MOON + "/server/files/upload", status_code=201, json={"action": "create_file", "item": {}})
+        mock.post(MOON + "/server/files/upload", status_code=201, json=answer)
         content = base64.b64encode(b"G28\n").decode()
         result = connector.ACTIONS["upload_file"](ctx, {"filename": "sub/a.gcode", "content": content})
-        body = mock.request_history[0].body
+    body = sent[0]
     assert result == {"filename": "sub/a.gcode", "size": 4}
     assert b'name="root"\r\n\r\ngcodes' in body
     assert b'name="path"\r\n\r\nsub' in body
