@@ -7,7 +7,10 @@ assert on what arrived, and it can be told to misbehave (``set_fault``).
 """
 
 import argparse
+import base64
 import datetime
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -36,6 +39,10 @@ FAULT_MODES = ("503", "500", "html", "object", "notjson", "nulls", "huge", "drop
 # body the connector cannot use (JSON 1000 levels deep; a printer id "²").
 AFTER_WORK_FAULTS = ("lost", "deep", "bad_printer_id")
 VERBOSE = os.environ.get("SIM_VERBOSE") == "1"
+
+
+DOWNLOAD_MODES = ("truncate", "redirect")  # and "trickle:BYTES_PER_SECOND"
+DOWNLOAD_CHUNK = 256 * 1024
 
 
 def utc_now_rfc3339():
@@ -84,6 +91,108 @@ class _CountingWriter:
 
 
 # --------------------------------------------------------------------------
+# Large files: base64 content read from disk as it is sent, presigned URLs
+# --------------------------------------------------------------------------
+
+class Base64File:
+    """A command param whose value is the base64 of a file on disk, encoded
+    while the commands answer is sent: the cloud can hold a command with a
+    file of any size without having it in memory. escape_slashes writes "/"
+    as "\\/", as PHP's json_encode does; encoded=True sends the file's bytes
+    as they are (a file that holds base64 text already, or bad base64)."""
+
+    def __init__(self, path, escape_slashes=False, encoded=False):
+        self.path, self.escape_slashes, self.encoded = path, escape_slashes, encoded
+        size = os.path.getsize(path)
+        self.length = size if encoded else (size + 2) // 3 * 4
+        if escape_slashes:
+            self.length += sum(chunk.count(b"/") for chunk in self._chunks(False))
+
+    def _chunks(self, escape):
+        with open(self.path, "rb") as handle:
+            while True:
+                data = handle.read(3 * 256 * 1024)
+                if not data:
+                    return
+                encoded = data if self.encoded else base64.b64encode(data)
+                yield encoded.replace(b"/", b"\\/") if escape else encoded
+
+    def chunks(self):
+        return self._chunks(self.escape_slashes)
+
+    def __repr__(self):
+        return "<base64 of %s>" % os.path.basename(self.path)
+
+
+def streamed_json(payload):
+    """(length, chunks) of payload as JSON, each Base64File read from disk as
+    the chunks are taken."""
+    files = []
+
+    def placeholder(value):
+        if not isinstance(value, Base64File):
+            raise TypeError("%r is not JSON serializable" % (value,))
+        files.append(value)
+        return "\x00b64:%d\x00" % (len(files) - 1)
+    text = json.dumps(payload, default=placeholder).encode("utf-8")
+    pieces = re.split(rb"\\u0000b64:(\d+)\\u0000", text)
+    length = sum(len(p) for p in pieces[::2]) + sum(f.length for f in files)
+
+    def chunks():
+        for index, piece in enumerate(pieces):
+            if index % 2 == 0:
+                yield piece
+            else:
+                for chunk in files[int(piece)].chunks():
+                    yield chunk
+    return length, chunks()
+
+
+class Downloads:
+    """Files served at presigned-style URLs (an HMAC of path and expiry, as
+    S3's are), for upload_file's `url` extension. A download can misbehave:
+    "truncate" (declares the whole length, sends half, closes), "redirect"
+    (302 to a good URL of the same file), "trickle:N" (N bytes a second)."""
+
+    def __init__(self):
+        self.key = os.urandom(16)
+        self.files = {}  # name -> {"path", "mode", "hits"}
+        self.lock = threading.Lock()
+
+    def add(self, base_url, path, expires_in=300.0, mode=None, name=None):
+        if mode is not None and mode not in DOWNLOAD_MODES and not mode.startswith("trickle:"):
+            raise ValueError("unknown download mode %r" % mode)
+        with self.lock:
+            name = name or "f%d-%s" % (len(self.files) + 1, os.path.basename(path))
+            self.files[name] = {"path": path, "mode": mode, "hits": 0}
+        return self.url(base_url, name, expires_in)
+
+    def url(self, base_url, name, expires_in):
+        expires = int(time.time() + expires_in)
+        return "%s/_downloads/%s?expires=%d&signature=%s" % (base_url, name, expires, self.sign(name, expires))
+
+    def sign(self, name, expires):
+        return hmac.new(self.key, ("%s\n%d" % (name, expires)).encode(), hashlib.sha256).hexdigest()
+
+    def check(self, name, query):
+        """The file entry, or (status, message) when the URL is not valid now."""
+        try:
+            expires = int(query.get("expires", ""))
+        except ValueError:
+            return None, (403, "missing expiry")
+        if not hmac.compare_digest(self.sign(name, expires), query.get("signature", "")):
+            return None, (403, "SignatureDoesNotMatch")
+        if time.time() > expires:
+            return None, (403, "Request has expired")
+        with self.lock:
+            entry = self.files.get(name)
+            if entry is None:
+                return None, (404, "NoSuchKey")
+            entry["hits"] += 1
+            return dict(entry), None
+
+
+# --------------------------------------------------------------------------
 # Routing: (method, regex) -> (endpoint name, handler method name)
 # --------------------------------------------------------------------------
 
@@ -102,6 +211,7 @@ ROUTES = [
     ("POST", r"/_control/faults", "_control", "_ctl_fault"),
     ("DELETE", r"/_control/faults", "_control", "_ctl_clear_faults"),
     ("GET", r"/_control/state", "_control", "_ctl_state"),
+    ("GET", r"/_downloads/(?P<name>[^/]+)", "download", None),
 ]
 _COMPILED_ROUTES = [(m, re.compile(p + r"\Z"), e, h) for m, p, e, h in ROUTES]
 # Endpoints whose answer is a JSON array in normal operation.
@@ -183,6 +293,9 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         endpoint, handler_name, params = match_route(self.command, split.path)
         self._endpoint = endpoint or "unknown"
+        if endpoint == "download" and handler_name is None:
+            self._serve_download(params["name"], {k: v[-1] for k, v in parse_qs(split.query).items()})
+            return
         try:
             body = self._read_body(endpoint)
         except _Response as early:
@@ -260,8 +373,58 @@ class _Handler(BaseHTTPRequestHandler):
         self._account()
 
     def _send_json(self, status, payload):
-        body = b"" if status == 204 else json.dumps(payload).encode("utf-8")
-        self._send_bytes(status, body, "application/json; charset=utf-8")
+        if status == 204:
+            self._send_bytes(status, b"", "application/json; charset=utf-8")
+            return
+        length, chunks = streamed_json(payload)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if self.command != "HEAD":
+            for chunk in chunks:
+                self.wfile.write(chunk)
+        self._account()
+
+    # ---- presigned downloads ----
+    def _serve_download(self, name, query):
+        cloud = self.server.cloud
+        entry, refused = cloud.downloads.check(name, query)
+        cloud._record_request(self, "download", None, 0)
+        if refused is not None:
+            status, message = refused
+            body = ("<Error><Code>%s</Code></Error>" % message).encode()
+            self._send_bytes(status, body, "application/xml")
+            return
+        mode = entry["mode"] or ""
+        if mode == "redirect":
+            self.send_response(302)
+            self.send_header("Location", cloud.downloads.url(cloud.url, name, 300))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        size = os.path.getsize(entry["path"])
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        send = size // 2 if mode == "truncate" else size
+        rate = float(mode.split(":", 1)[1]) if mode.startswith("trickle:") else None
+        with open(entry["path"], "rb") as handle:
+            while send > 0:
+                chunk = handle.read(min(send, DOWNLOAD_CHUNK if rate is None else max(1, int(rate / 10))))
+                if not chunk:
+                    break
+                try:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                except OSError:
+                    break
+                send -= len(chunk)
+                if rate is not None:
+                    time.sleep(len(chunk) / rate)
+        if mode == "truncate":
+            self.close_connection = True
 
     # ---- faults ----
     def _apply_fault(self, mode, endpoint):
@@ -371,6 +534,7 @@ class ReferenceCloud(Recorder):
         self._faults = FaultTable(self._lock, FAULT_MODES)
         self._refused_print_state = None
         self._refused_batches = 0
+        self.downloads = Downloads()
         self._registrations = []
         self._requests = []
         self._heartbeats = []
@@ -500,6 +664,14 @@ class ReferenceCloud(Recorder):
         with self._lock:
             self._commands[str(command_id)]["deleted"] = True
             self._notify()
+
+    def add_download(self, path, expires_in=300.0, mode=None):
+        """A presigned-style URL (HMAC signature, expiry) that serves the file
+        at path; mode: see Downloads."""
+        return self.downloads.add(self.url, path, expires_in, mode)
+
+    def download_hits(self, url):
+        return self.downloads.files[urlsplit(url).path.rsplit("/", 1)[-1]]["hits"]
 
     def command(self, command_id):
         with self._lock:
@@ -768,7 +940,8 @@ class ReferenceCloud(Recorder):
                 "registrations": len(self._registrations),
                 "heartbeats": len(self._heartbeats),
                 "completions": self._completions,
-                "commands": [{k: v for k, v in c.items()} for c in self._commands.values()],
+                # A file held as Base64File shows as its name, not its bytes.
+                "commands": json.loads(json.dumps(list(self._commands.values()), default=repr)),
                 "snapshots": len(self._snapshots),
                 "webcam_uploads": len(self._webcam_uploads),
                 "stats": self._stats,
