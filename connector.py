@@ -925,7 +925,7 @@ class SpooledString:
                     yield data
                     continue
                 data = carry + data
-                cut = _complete_escapes(data)
+                cut = _char_boundary(data, _complete_escapes(data))
                 carry = data[cut:]
                 yield _unescape(data[:cut])
             if carry:
@@ -953,6 +953,17 @@ def _complete_escapes(data: bytes) -> int:
             and data[before + 2:before + 4].lower() in (b"d8", b"d9", b"da", b"db")):
         return before
     return at
+
+
+def _char_boundary(data: bytes, cut: int) -> int:
+    """cut, moved back to the start of a UTF-8 sequence it would split."""
+    lead = cut - 1
+    while lead > max(cut - 4, 0) and data[lead] & 0xC0 == 0x80:
+        lead -= 1
+    if lead < 0 or data[lead] < 0xC0:
+        return cut
+    length = 2 if data[lead] < 0xE0 else 3 if data[lead] < 0xF0 else 4
+    return lead if lead + length > cut else cut
 
 
 def _escape_starts(data: bytes, at: int) -> bool:
@@ -1041,7 +1052,7 @@ class JsonSplitter:
         self._write(piece)
 
     def _to_disk(self) -> None:
-        if self.room is None:
+        if self.room is None:  # a long string as a key (nonsense) stays as its repr, see _restore
             self.room = transfer_budget(self.folder)[0]
             self.nonce = binascii.hexlify(os.urandom(8)).decode("ascii")
         try:
@@ -1108,6 +1119,11 @@ class JsonSplitter:
         stack = [root]  # type: List[Any]
         while stack:
             node = stack.pop()
+            if isinstance(node, dict) and any(key.startswith(marker) for key in node):
+                node_items = [(repr(self.strings[int(k[len(marker):])]) if k.startswith(marker) else k, v)
+                              for k, v in node.items()]
+                node.clear()
+                node.update(node_items)
             for key in list(node.keys() if isinstance(node, dict) else range(len(node))):
                 child = node[key]
                 if isinstance(child, (dict, list)):
