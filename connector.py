@@ -46,6 +46,9 @@ __version__ = "0.1.0"
 # Defaults come from docs/PROTOCOL.md; limits keep a misbehaving peer from
 # exhausting the memory of a 200 MB printer.
 
+# The extensions this connector speaks (docs/PROTOCOL.md section 5).
+CAPABILITIES = ("upload_url",)
+
 DEFAULT_CLOUD_URL = "https://www.spoolr.io"
 DEFAULT_STATE_DIR = "/var/lib/printer-connector"
 DEFAULT_MOONRAKER_URL = "http://127.0.0.1:7125"
