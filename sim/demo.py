@@ -2,12 +2,13 @@
 
 Starts the reference cloud and the printer simulator, pairs a real connector
 process (connector.py) with a demo token, sends the commands an owner would
-send from the cloud (upload, sync, start, pause, resume, cancel), shows a
+send from the cloud (a 6 MB file as base64 content and a 20 MB one by a
+presigned URL, sync, start, pause, resume, cancel), shows a
 print state change arriving in real time, answers a webcam request, and
 prints what the cloud saw. Then stops everything. No printer or cloud needed.
 """
 
-import base64
+import hashlib
 import json
 import os
 import signal
@@ -19,11 +20,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sim.cloud import ReferenceCloud  # noqa: E402
+from sim.cloud import Base64File, ReferenceCloud  # noqa: E402
 from sim.printer import PrinterSimulator  # noqa: E402
 
 DEMO_TOKEN = "PAIR_demo_workshop"
-GCODE = b"; demo part\nG28\nG1 Z0.3 F3000\nG1 X50 Y50 E5 F1500\n"
+GCODE_LINE = b"G1 X50.000 Y50.000 E0.04000 F1500\n"
+
+
+def write_gcode(folder, name, size):
+    """A G-code file of about size bytes, made on the fly."""
+    path = os.path.join(folder, name)
+    with open(path, "wb") as handle:
+        handle.write(b"; demo part\nG28\n")
+        handle.write(GCODE_LINE * (size // len(GCODE_LINE)))
+    return path
 
 
 def say(text):
@@ -65,7 +75,7 @@ def main():
             proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "connector.py"), "--config", config_path],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            run(cloud, printer, config_path)
+            run(cloud, printer, config_path, folder)
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(10)
@@ -77,7 +87,7 @@ def main():
             sys.exit(1)
 
 
-def run(cloud, printer, config_path):
+def run(cloud, printer, config_path, folder):
     heartbeat = cloud.wait_for(lambda: cloud.heartbeats, 30, "the connector pairs and sends a heartbeat")[-1]["body"]
     with open(config_path) as handle:
         saved = json.load(handle)
@@ -86,8 +96,15 @@ def run(cloud, printer, config_path):
         (connector_id, printer_id))
     say("heartbeat: %s" % json.dumps(heartbeat))
     say("commands from the cloud:")
+    content_file = write_gcode(folder, "part.gcode", 6 * 1000 * 1000)
     send(cloud, connector_id, printer_id, "upload_file",
-         {"filename": "demo/part.gcode", "content": base64.b64encode(GCODE).decode()})
+         {"filename": "demo/part.gcode", "content": Base64File(content_file)})
+    url_file = write_gcode(folder, "plate.gcode", 20 * 1000 * 1000)
+    with open(url_file, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    send(cloud, connector_id, printer_id, "upload_file",
+         {"filename": "demo/plate.gcode", "url": cloud.add_download(url_file, expires_in=600),
+          "size": os.path.getsize(url_file), "sha256": digest})
     send(cloud, connector_id, printer_id, "sync_files")
     send(cloud, connector_id, printer_id, "start_print", {"filename": "demo/part.gcode"})
     send(cloud, connector_id, printer_id, "pause")
