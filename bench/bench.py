@@ -8,12 +8,15 @@ and prints one table: bytes on the wire per hour (both directions, headers
 included, counted by the cloud), requests per hour by endpoint, CPU seconds
 per hour and peak RSS of the whole process tree, bytes written to storage per
 hour, `--version` start-up time, artifact size, and the time from a print
-state change in the simulator to a snapshot with that state in the cloud.
+state change in the simulator to a snapshot with that state in the cloud,
+and the peak RSS and wall time of a G-code upload (--upload-mb, 50 MB) each
+way: as base64 `content` in the commands answer, and by presigned `url`.
 Per-hour figures are extrapolated from a steady-state window (--duration);
 CPU is also given as the median of one-minute windows. Results go to
 bench/results/ as JSON and Markdown.
 
     bench.py [--duration S] [--runs N] [--targets py,binary,pyz,nocam]
+    bench.py --uploads-only [--upload-mb 50]  # only the upload each way
     bench.py --soak [--soak-minutes M]      # 1 s intervals, RSS start vs end
     bench.py --profile [--duration S]       # cProfile of connector.py, all threads
 
@@ -66,6 +69,12 @@ TARGETS = [
     ("version_startup_seconds", "--version start-up, median (s)", 0.5, "<= 0.5", lambda v: "%.3f" % v),
     ("size_bytes", "artifact size (MB)", 14 * MB, "<= 14", lambda v: "%.2f" % (v / MB)),
     ("state_latency_seconds", "state change to cloud, median (s)", 2.0, "<= 2", lambda v: "%.3f" % v),
+    ("upload_content_peak_rss_bytes", "50 MB upload as content: peak RSS (MiB)", 80 * MIB, "<= 80",
+     lambda v: "%.1f" % (v / MIB)),
+    ("upload_content_seconds", "  same: wall time, poll to completion (s)", None, "", lambda v: "%.1f" % v),
+    ("upload_url_peak_rss_bytes", "50 MB upload by url: peak RSS (MiB)", 40 * MIB, "<= 40",
+     lambda v: "%.1f" % (v / MIB)),
+    ("upload_url_seconds", "  same: wall time, poll to completion (s)", None, "", lambda v: "%.1f" % v),
 ]
 
 
@@ -323,6 +332,53 @@ def measure_run(subject, workdir, duration, warmup, latency_samples, window=60.0
     return result
 
 
+UPLOAD_INTERVALS = {"poll_commands_seconds": 0.5}
+
+
+def measure_upload(subject, workdir, megabytes, form):
+    """One upload_file of a generated file through `form` ("content" or
+    "url") in a fresh connector: peak RSS of its tree (VmHWM, so no sample
+    can miss it) and seconds from queueing to the completion."""
+    from sim.cloud import Base64File
+    rig = Rig(subject, workdir, intervals=UPLOAD_INTERVALS).start()
+    try:
+        rig.wait_steady()
+        path = os.path.join(workdir, "upload.gcode")
+        line = b"G1 X10.000 Y20.000 E0.04000 F1800\n"
+        with open(path, "wb") as handle:
+            block = line * (1024 * 1024 // len(line))
+            for _ in range(int(megabytes * MB) // len(block)):
+                handle.write(block)
+        size = os.path.getsize(path)
+        idle = procfs.sample_tree(rig.proc.pid)["hwm_bytes"]
+        with open(rig.config_path) as handle:
+            saved = json.load(handle)
+        params = {"filename": "bench-%s.gcode" % form}
+        params.update({"content": Base64File(path)} if form == "content" else {"url": rig.cloud.add_download(path)})
+        started = time.monotonic()
+        command_id = rig.cloud.enqueue_command(saved["connector_id"], saved["moonraker"][0]["printer_id"],
+                                               "upload_file", params=params)
+        done = rig.cloud.wait_for(lambda: rig.cloud.completions_for(command_id), 600)[-1]["body"]
+        seconds = time.monotonic() - started
+        peak = procfs.sample_tree(rig.proc.pid)["hwm_bytes"]
+        if done["status"] != "succeeded":
+            raise RuntimeError("upload by %s failed: %s" % (form, done.get("error_message")))
+        return {"upload_%s_peak_rss_bytes" % form: peak, "upload_%s_idle_peak_rss_bytes" % form: idle,
+                "upload_%s_seconds" % form: seconds, "upload_%s_bytes" % form: size,
+                "upload_%s_mb_per_second" % form: size / MB / seconds}
+    finally:
+        rig.stop()
+
+
+def measure_uploads(subject, out_dir, megabytes):
+    found = {}
+    for form in ("content", "url"):
+        log("%s: %.0f MB upload as %s" % (subject.label, megabytes, form))
+        found.update(measure_upload(subject, os.path.join(out_dir, "%s-upload-%s" % (subject.key, form)),
+                                    megabytes, form))
+    return found
+
+
 def version_startup(subject, runs):
     times, output = [], None
     for _ in range(runs):
@@ -425,12 +481,15 @@ def run_bench(args, subjects, out_dir):
         try:
             entry["size_bytes"] = os.path.getsize(subject.artifact)
             runs = []
-            for number in range(args.runs):
+            for number in range(0 if args.uploads_only else args.runs):
                 workdir = os.path.join(out_dir, "%s-run%d" % (subject.key, number + 1))
                 log("%s: run %d of %d (%d s window)" % (subject.label, number + 1, args.runs, args.duration))
                 runs.append(measure_run(subject, workdir, args.duration, args.warmup, args.latency_samples))
-            entry.update(median_of_runs(runs))
-            entry["per_run"] = runs
+            if runs:
+                entry.update(median_of_runs(runs))
+                entry["per_run"] = runs
+            if args.upload_mb > 0:
+                entry.update(measure_uploads(subject, out_dir, args.upload_mb))
         except Exception as exc:  # one broken artifact must not hide the others
             entry["error"] = "failed: %s" % exc
             log(entry["error"])
@@ -614,6 +673,9 @@ def main(argv=None):
     parser.add_argument("--connector", help="measure this copy of connector.py instead (a proposed change)")
     parser.add_argument("--write-doc", metavar="PATH", action="append", default=[],
                         help="put the table into PATH between the bench markers (repeatable)")
+    parser.add_argument("--upload-mb", type=float, default=50.0,
+                        help="size of the G-code upload measured each way, MB (0: none; default 50)")
+    parser.add_argument("--uploads-only", action="store_true", help="measure only the uploads (no steady window)")
     parser.add_argument("--soak", action="store_true", help="1 s intervals for --soak-minutes; RSS start vs end")
     parser.add_argument("--soak-minutes", type=float, default=30.0, help="soak length (default 30)")
     parser.add_argument("--soak-interval", type=float, default=1.0,
