@@ -7,7 +7,8 @@ answer gets its completion whatever the size of the one beside it.
 Files are generated in tmp for each test, never committed; the big sizes
 (50 MB, 200 MB) appear only where the memory target is the point. The
 200 MB `url` download and the files checked on the real Moonraker's disk are
-in test_large_files_moonraker.py.
+in test_large_files_moonraker.py; the download that trickles, whose
+deadline is a minute in service, is in test_transfers.py.
 """
 
 import hashlib
@@ -241,14 +242,6 @@ def test_the_url_is_not_logged(cloud, paired, tmp_path):
     url = cloud.add_download(gcode_file(tmp_path, 1000))
     assert upload(cloud, paired, {"filename": "quiet.gcode", "url": url})["status"] == "succeeded"
     assert "signature" not in paired.log
-
-
-def test_a_trickling_url_fails_at_its_deadline_and_leaves_no_file(cloud, paired, printer, tmp_path):
-    url = cloud.add_download(gcode_file(tmp_path, 100 * 1000), mode="trickle:2000")
-    body = upload(cloud, paired, {"filename": "slow.gcode", "url": url, "size": 100 * 1000}, timeout=90)
-    assert body["status"] == "failed" and "timed out" in body["error_message"], body
-    assert "slow.gcode" not in printer.files
-    assert not transfer_files(paired)
 
 
 # -- start: true -----------------------------------------------------------------

@@ -219,3 +219,28 @@ def test_the_sweep_removes_only_transfer_files(tmp_path):
     assert connector.sweep_temp_files(str(tmp_path)) == 3
     assert sorted(os.listdir(str(tmp_path))) == ["commands.jsonl", "transfer-not-ours"]
     assert os.path.exists("/etc/passwd")
+
+
+# -- a download that trickles ------------------------------------------------------
+
+def test_a_trickling_download_fails_at_its_minimum_rate_deadline(cloud, printer, tmp_path, monkeypatch):
+    # In process, so that the deadline's base (60 s in service) can be 1 s here.
+    monkeypatch.setattr(connector, "TRANSFER_BASE_SECONDS", 1.0)
+    source = tmp_path / "slow.gcode"
+    source.write_bytes(b"G1 X1\n" * 20000)  # 120 kB at 2 kB/s: a minute; the deadline is 1 s + 120 kB at the rate
+    url = cloud.add_download(str(source), mode="trickle:2000")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    printer_config = connector.PrinterConfig(base_url=printer.url, printer_id=1)
+    config = connector.Config(path=str(tmp_path / "c.json"), cloud_url=cloud.url, moonraker=[printer_config],
+                              connector_id="1", connector_secret="sk_test_secret_value", state_dir=str(state_dir))
+    log = connector.Logger("error")
+    moonraker = connector.Moonraker(printer_config, log, "test")
+    ctx = connector.ActionContext(moonraker, printer_config, config, log, connector.threading.Event())
+    started = connector.time.monotonic()
+    with pytest.raises(connector.CommandFailed, match="^download failed: url ") as failed:
+        connector.ACTIONS["upload_file"](ctx, {"filename": "slow.gcode", "url": url, "size": 120000})
+    elapsed = connector.time.monotonic() - started
+    assert elapsed < connector.transfer_deadline(120000) + 5, failed.value
+    assert os.listdir(str(state_dir)) == []
+    moonraker.close()
