@@ -1425,6 +1425,7 @@ def read_body(read: Callable[[int], bytes], headers, status: int, max_bytes: int
     while True:
         chunk = read(READ_CHUNK)
         if not chunk:
+            _check_complete(headers, size)
             return b"", size
         size += len(chunk)
         if size > max_bytes:
@@ -1432,6 +1433,15 @@ def read_body(read: Callable[[int], bytes], headers, status: int, max_bytes: int
         _local(sink.write, chunk)
         if progress is not None:
             _local(progress, size)
+
+
+def _check_complete(headers, size: int) -> None:
+    """A body read into a sink that ends short of its Content-Length was cut
+    (by the peer, or by the deadline's shutdown): http.client's read(amount)
+    just returns b"" then, where read() would raise IncompleteRead."""
+    declared = headers.get("Content-Length")
+    if declared and declared.isdigit() and size < int(declared):
+        raise http.client.IncompleteRead(b"", int(declared) - size)
 
 
 def send_file(send: Callable[[bytes], Any], body, progress: Optional[Callable[[int], None]]) -> None:
