@@ -1414,7 +1414,10 @@ def read_body(read: Callable[[int], bytes], headers, status: int, max_bytes: int
               read_all: Optional[Callable[[], bytes]] = None) -> Tuple[bytes, int]:
     """(content, size) of an answer's body, capped at max_bytes. With a sink
     the body goes there a chunk at a time and content is b"". read_all reads
-    a body whose declared length was checked against the cap in one go."""
+    a body whose declared length was checked against the cap in one go.
+    An error answer's body is kept in memory (for its message), not sunk."""
+    if sink is not None and not 200 <= status < 300:
+        sink, max_bytes = None, min(max_bytes, MAX_JSON_BODY)
     _check_declared_length(headers, status, max_bytes)
     if sink is None:
         content = read_all() if read_all is not None else read_capped(read, max_bytes)
