@@ -1,5 +1,7 @@
 """Unit specifications of the HTTP client, the Moonraker and cloud clients and
-the action handlers, with requests-mock standing in for the peers."""
+the action handlers. Every one that talks to a peer runs on both transports
+(the `peers` fixture, tests/peers.py): requests-mock behind RequestsTransport,
+and scripted loopback servers behind KeptConnections."""
 
 import base64
 import io
@@ -8,9 +10,7 @@ import os
 import threading
 
 import pytest
-import requests
-import requests_mock as rm
-import urllib3
+from peers import LoopbackPeers, MockedPeers, certificate_for
 
 import connector
 
@@ -25,12 +25,17 @@ def fixture_exchange(name):
     return next(e for e in exchanges if e["name"] == name)
 
 
-@pytest.fixture(autouse=True)
-def through_requests(monkeypatch):
-    """requests-mock stands in for peers behind requests only, so these
-    specifications of the layers above the transport run on the transport
-    used for proxied peers; test_http.py checks the direct one on the wire."""
-    monkeypatch.setattr(connector, "direct_transport", lambda: connector.RequestsTransport(None))
+@pytest.fixture(scope="module")
+def peer_certificate(tmp_path_factory):
+    return certificate_for(tmp_path_factory.mktemp("tls"), "cloud.test", "moonraker.test", "s3.test")
+
+
+@pytest.fixture(params=["requests", "kept_connections"])
+def peers(request, monkeypatch, peer_certificate):
+    """The peers, on one transport and then the other."""
+    made = MockedPeers(monkeypatch) if request.param == "requests" else LoopbackPeers(monkeypatch, peer_certificate)
+    yield made
+    made.close()
 
 
 @pytest.fixture
@@ -67,8 +72,8 @@ def ctx(moonraker, printer_config, config, log):
 
 # -- HTTP layer -----------------------------------------------------------
 
-def test_requests_carry_only_the_protocol_headers(cloud):
-    with rm.Mocker() as mock:
+def test_requests_carry_only_the_protocol_headers(cloud, peers):
+    with peers as mock:
         mock.post(CLOUD + "/api/v1/connectors/42/heartbeat", status_code=204)
         cloud.heartbeat({"status": {}})
         sent = mock.request_history[0].headers
@@ -78,34 +83,32 @@ def test_requests_carry_only_the_protocol_headers(cloud):
     assert sent["Accept"] == "application/json"
     assert sent["Content-Type"] == "application/json"
     assert "Connection" not in sent
-    # The sentinel tells http.client not to add "Accept-Encoding: identity";
-    # test_loops checks on the wire that nothing goes out.
-    assert sent["Accept-Encoding"] == urllib3.util.SKIP_HEADER
+    assert "Accept-Encoding" not in sent
 
 
-def test_json_bodies_are_compact(cloud):
-    with rm.Mocker() as mock:
+def test_json_bodies_are_compact(cloud, peers):
+    with peers as mock:
         mock.post(CLOUD + "/api/v1/connectors/42/heartbeat", json={"status": "ok"})
         cloud.heartbeat({"status": {"uptime_seconds": 1}, "printers": []})
         assert mock.request_history[0].body == b'{"status":{"uptime_seconds":1},"printers":[]}'
 
 
-def test_transport_errors_become_http_error_with_a_short_message(cloud):
-    with rm.Mocker() as mock:
-        mock.get(CLOUD + "/api/v1/connectors/42/commands", exc=requests.exceptions.ConnectTimeout("x"))
-        with pytest.raises(connector.HttpError, match="cloud connect timed out"):
+def test_transport_errors_become_transport_error_with_a_short_message(cloud, peers):
+    with peers as mock:
+        mock.get(CLOUD + "/api/v1/connectors/42/commands", fail="close")
+        with pytest.raises(connector.TransportError, match="^cloud connection closed without a response$"):
             cloud.poll_commands(connector.JsonSplitter(cloud.config.state_dir))
 
 
-def test_a_body_over_the_cap_is_refused(moonraker):
-    with rm.Mocker() as mock:
+def test_a_body_over_the_cap_is_refused(moonraker, peers):
+    with peers as mock:
         mock.get(MOON + "/server/info", content=b"x" * 2000)
         with pytest.raises(connector.HttpError, match="too large"):
             moonraker.http.request("GET", "/server/info", max_bytes=1000)
 
 
-def test_a_declared_length_over_the_cap_is_refused_before_reading(moonraker):
-    with rm.Mocker() as mock:
+def test_a_declared_length_over_the_cap_is_refused_before_reading(moonraker, peers):
+    with peers as mock:
         mock.get(MOON + "/x", content=b"{}", headers={"Content-Length": str(50 * 1024 * 1024)})
         with pytest.raises(connector.HttpError, match="too large: 52428800 bytes"):
             moonraker.http.request("GET", "/x")
@@ -113,54 +116,54 @@ def test_a_declared_length_over_the_cap_is_refused_before_reading(moonraker):
 
 # -- cloud client ---------------------------------------------------------
 
-def test_command_poll_accepts_only_an_array(cloud):
-    with rm.Mocker() as mock:
+def test_command_poll_accepts_only_an_array(cloud, peers):
+    with peers as mock:
         mock.get(CLOUD + "/api/v1/connectors/42/commands", json={"commands": []})
         with pytest.raises(connector.HttpError, match="expected a JSON array, got dict"):
             cloud.poll_commands(connector.JsonSplitter(cloud.config.state_dir))
 
 
-def test_html_instead_of_json_is_an_error_naming_the_type(cloud):
-    with rm.Mocker() as mock:
+def test_html_instead_of_json_is_an_error_naming_the_type(cloud, peers):
+    with peers as mock:
         mock.get(CLOUD + "/api/v1/connectors/42/commands", text="<html>oops</html>",
                  headers={"Content-Type": "text/html"})
         with pytest.raises(connector.HttpError, match="expected JSON, got text/html"):
             cloud.poll_commands(connector.JsonSplitter(cloud.config.state_dir))
 
 
-def test_cloud_401_is_credentials_rejected(cloud):
-    with rm.Mocker() as mock:
+def test_cloud_401_is_credentials_rejected(cloud, peers):
+    with peers as mock:
         mock.post(CLOUD + "/api/v1/connectors/42/heartbeat", status_code=401, json={"error": "Unauthorized"})
         with pytest.raises(connector.CredentialsRejected, match="credentials rejected"):
             cloud.heartbeat({})
 
 
-def test_completion_404_means_the_command_is_gone(cloud):
-    with rm.Mocker() as mock:
+def test_completion_404_means_the_command_is_gone(cloud, peers):
+    with peers as mock:
         mock.post(CLOUD + "/api/v1/commands/cmd%2F1/complete", status_code=404, json={"error": "gone"})
         assert cloud.complete("cmd/1", {"status": "succeeded"}) is False
 
 
-def test_cloud_error_message_is_surfaced(cloud):
-    with rm.Mocker() as mock:
+def test_cloud_error_message_is_surfaced(cloud, peers):
+    with peers as mock:
         mock.post(CLOUD + "/api/v1/snapshots/batch", status_code=422, json={"error": "bad batch"})
         with pytest.raises(connector.HttpError, match="cloud http 422: bad batch"):
             cloud.push_snapshots([])
 
 
 @pytest.mark.parametrize("status", [401, 422, 400])
-def test_register_rejection_is_pairing_rejected(config, log, status):
+def test_register_rejection_is_pairing_rejected(config, log, status, peers):
     config.connector_secret = None
-    with rm.Mocker() as mock:
+    with peers as mock:
         mock.post(CLOUD + "/api/v1/connectors/register", status_code=status,
                   json={"error": "Invalid or expired pairing token"})
         with pytest.raises(connector.PairingRejected, match="Invalid or expired pairing token"):
             connector.Cloud(config, log).register({}, "0" * 32)
 
 
-def test_register_sends_no_credentials(config, log):
+def test_register_sends_no_credentials(config, log, peers):
     config.connector_secret, config.connector_id = None, None
-    with rm.Mocker() as mock:
+    with peers as mock:
         mock.post(CLOUD + "/api/v1/connectors/register", json={})
         connector.Cloud(config, log).register({"pairing_token": "PAIR_x"}, "0" * 32)
         assert "Authorization" not in mock.request_history[0].headers
@@ -186,9 +189,9 @@ def test_architecture_uses_go_names(machine, arch):
 
 # -- Moonraker errors -----------------------------------------------------
 
-def test_moonraker_file_error_surfaces_the_traceback_reason(moonraker):
+def test_moonraker_file_error_surfaces_the_traceback_reason(moonraker, peers):
     exchange = fixture_exchange("delete_missing")
-    with rm.Mocker() as mock:
+    with peers as mock:
         mock.delete(MOON + "/server/files/gcodes/missing.gcode", status_code=exchange["status"],
                     json=exchange["body"])
         with pytest.raises(connector.HttpError) as error:
@@ -198,25 +201,25 @@ def test_moonraker_file_error_surfaces_the_traceback_reason(moonraker):
     assert "missing.gcode" in str(error.value)
 
 
-def test_moonraker_plain_error_message_is_kept(moonraker):
+def test_moonraker_plain_error_message_is_kept(moonraker, peers):
     exchange = fixture_exchange("pause_no_klippy")
-    with rm.Mocker() as mock:
+    with peers as mock:
         mock.post(MOON + "/printer/print/pause", status_code=exchange["status"], json=exchange["body"])
         with pytest.raises(connector.HttpError, match="moonraker http 503: Klippy Host not connected"):
             moonraker.call("POST", "/printer/print/pause")
 
 
-def test_status_query_without_a_status_object_is_an_error(moonraker):
-    with rm.Mocker() as mock:
+def test_status_query_without_a_status_object_is_an_error(moonraker, peers):
+    with peers as mock:
         mock.post(MOON + "/printer/objects/query", json={"result": ["wrong"]})
         with pytest.raises(connector.HttpError, match="no status object"):
             moonraker.query_status()
 
 
-def test_api_key_is_sent_when_configured(printer_config, log):
+def test_api_key_is_sent_when_configured(printer_config, log, peers):
     printer_config.api_key = "abc"
     client = connector.Moonraker(printer_config, log, "ua")
-    with rm.Mocker() as mock:
+    with peers as mock:
         mock.get(MOON + "/server/info", json={"result": {}})
         client.server_info()
         assert mock.request_history[0].headers["X-Api-Key"] == "abc"
@@ -251,41 +254,37 @@ def test_every_protocol_action_has_a_handler():
 @pytest.mark.parametrize("axes, script, result", [
     (None, "G28 X Y Z", "all"), ([], "G28 X Y Z", "all"), (["z", "x"], "G28 X Z", ["X", "Z"]),
     (["Y", "y"], "G28 Y", ["Y"])])
-def test_homing_sends_g28_for_the_axes(ctx, axes, script, result):
-    with rm.Mocker() as mock:
+def test_homing_sends_g28_for_the_axes(ctx, axes, script, result, peers):
+    with peers as mock:
         mock.post(MOON + "/printer/gcode/script", json={"result": "ok"})
         assert connector.ACTIONS["homing"](ctx, {"axes": axes}) == {"axes": result}
         assert mock.request_history[0].json() == {"script": script}
 
 
 @pytest.mark.parametrize("axes", ["XY", ["W"], [1]])
-def test_homing_refuses_bad_axes_without_calling_moonraker(ctx, axes):
-    with rm.Mocker() as mock:
+def test_homing_refuses_bad_axes_without_calling_moonraker(ctx, axes, peers):
+    with peers as mock:
         with pytest.raises(connector.CommandFailed, match="axes"):
             connector.ACTIONS["homing"](ctx, {"axes": axes})
         assert mock.call_count == 0
 
 
-def test_start_print_passes_the_file_name_as_a_query_parameter(ctx):
-    with rm.Mocker() as mock:
+def test_start_print_passes_the_file_name_as_a_query_parameter(ctx, peers):
+    with peers as mock:
         mock.post(MOON + "/printer/print/start", json={"result": "ok"})
         assert connector.ACTIONS["start_print"](ctx, {"filename": "my part&1.gcode"}) == \
             {"filename": "my part&1.gcode"}
         assert mock.request_history[0].qs == {"filename": ["my part&1.gcode"]}
 
 
-def test_upload_sends_multipart_with_root_and_folder(ctx):
-    sent = []
-
-    def answer(request, context):  # the body is a file, read as it is sent
-        sent.append(request.body.read())
-        assert len(sent[0]) == int(request.headers["Content-Length"])
-        return {"action": "create_file", "item": {}}
-    with rm.Mocker() as mock:
-        mock.post(MOON + "/server/files/upload", status_code=201, json=answer)
+def test_upload_sends_multipart_with_root_and_folder(ctx, peers):
+    with peers as mock:
+        mock.post(MOON + "/server/files/upload", status_code=201, json={"action": "create_file", "item": {}})
         content = base64.b64encode(b"G28\n").decode()
         result = connector.ACTIONS["upload_file"](ctx, {"filename": "sub/a.gcode", "content": content})
-    body = sent[0]
+        sent = mock.request_history[0]
+    body = sent.body  # a file, read as it is sent, of the length it announced
+    assert len(body) == int(sent.headers["Content-Length"])
     assert result == {"filename": "sub/a.gcode", "size": 4}
     assert b'name="root"\r\n\r\ngcodes' in body
     assert b'name="path"\r\n\r\nsub' in body
@@ -297,30 +296,30 @@ def test_upload_refuses_content_that_is_not_base64(ctx):
         connector.ACTIONS["upload_file"](ctx, {"filename": "a.gcode", "content": "%%%"})
 
 
-def test_delete_quotes_the_path(ctx):
-    with rm.Mocker() as mock:
+def test_delete_quotes_the_path(ctx, peers):
+    with peers as mock:
         mock.delete(MOON + "/server/files/gcodes/dir/a%20b.gcode", json={"result": {}})
         connector.ACTIONS["delete_file"](ctx, {"filename": "dir/a b.gcode"})
         assert mock.call_count == 1
 
 
-def test_sync_files_returns_the_list_and_count(ctx):
+def test_sync_files_returns_the_list_and_count(ctx, peers):
     files = [{"path": "a.gcode", "size": 1}, {"path": "b.gcode", "size": 2}]
-    with rm.Mocker() as mock:
+    with peers as mock:
         mock.get(MOON + "/server/files/list?root=gcodes", json={"result": files})
         assert connector.ACTIONS["sync_files"](ctx, {}) == {"files": files, "count": 2}
 
 
-def test_sync_files_refuses_a_wrongly_typed_answer(ctx):
-    with rm.Mocker() as mock:
+def test_sync_files_refuses_a_wrongly_typed_answer(ctx, peers):
+    with peers as mock:
         mock.get(MOON + "/server/files/list", json={"result": {"files": "no"}})
         with pytest.raises(connector.CommandFailed, match="expected a list"):
             connector.ACTIONS["sync_files"](ctx, {})
 
 
-def test_import_history_counts_jobs(ctx):
+def test_import_history_counts_jobs(ctx, peers):
     history = {"count": 9, "jobs": [{"job_id": "1"}, {"job_id": "2"}]}
-    with rm.Mocker() as mock:
+    with peers as mock:
         mock.get(MOON + "/server/history/list", json={"result": history})
         assert connector.ACTIONS["import_history"](ctx, {"limit": 2}) == {"history": history, "count": 2}
         assert mock.request_history[0].qs == {"limit": ["2"]}
@@ -343,8 +342,8 @@ def test_import_history_refuses_a_bad_limit(ctx, limit):
     ({"backup_id": "b1", "presigned_url": "https://s3.test/x", "include": {"config": True},
       "printer_data_root": "relative/path"}, "printer_data_root"),
 ])
-def test_create_backup_validates_params_first(ctx, params, message):
-    with rm.Mocker() as mock:
+def test_create_backup_validates_params_first(ctx, params, message, peers):
+    with peers as mock:
         with pytest.raises(connector.CommandFailed, match=message):
             connector.ACTIONS["create_backup"](ctx, params)
         assert mock.call_count == 0
