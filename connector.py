@@ -2430,6 +2430,16 @@ class Ledger:
             return {"id": command_id, "state": entry.state, "t": entry.t, "action": entry.action,
                     "printer_id": entry.printer_id, "completion": decode_json(kept) if kept else None}
 
+    def claim(self, command_id: str, action: Optional[str], printer_id: Optional[int]) -> Optional[Dict[str, Any]]:
+        """What the ledger knows of the id; or, when nothing, the id recorded
+        as running (OSError if it cannot be), in one step: two lanes handed
+        the same id cannot both run it."""
+        with self.lock:
+            known = self.get(command_id)
+            if known is None:
+                self.start(command_id, action, printer_id)
+            return known
+
     def start(self, command_id: str, action: Optional[str], printer_id: Optional[int]) -> None:
         """Recorded and fsynced, or OSError: only then may the command run."""
         with self.lock:
@@ -2510,6 +2520,8 @@ class Ledger:
 
     def unacked(self) -> List[Tuple[str, Dict[str, Any]]]:
         with self.lock:
+            if not self.pending_bytes:  # every poll asks: nothing to walk
+                return []
             return [(cid, decode_json(e.completion)) for cid, e in self.entries.items() if e.state == "done"]
 
     def interrupted(self) -> List[Dict[str, Any]]:
@@ -3505,13 +3517,9 @@ class CommandRunner:
             self.log.warn("skipping a command without a usable id (at most %d printable characters)"
                           % COMMAND_ID_MAX_CHARS, command=_short(json.dumps(raw, default=str)[:1000], 120))
             return
-        known = self.ledger.get(command_id)
-        if known is not None:
-            self._redelivered(cloud, command_id, known)
-            return
         action = action_name(raw.get("action"))  # what the ledger may hold; execute() refuses the rest
         try:
-            self.ledger.start(command_id, action, printer_id_of(raw.get("printer_id")))
+            known = self.ledger.claim(command_id, action, printer_id_of(raw.get("printer_id")))
         except OSError as exc:
             # Without the record there is no at-most-once guarantee: do not run it.
             self.log.error("cannot record the command in state_dir; failing it without running it",
@@ -3519,6 +3527,9 @@ class CommandRunner:
             cloud.complete(command_id, completion_body("failed", {"action": action},
                                                       "not run: the connector cannot write its state_dir (%s)"
                                                       % (exc.strerror or exc)))
+            return
+        if known is not None:
+            self._redelivered(cloud, command_id, known)
             return
         if self.agent.stop.is_set():
             completion = completion_body("failed", {"action": action}, "not run: the connector was stopping")

@@ -534,3 +534,43 @@ def test_a_snapshot_refused_with_429_is_kept_for_later(tmp_path, log):
         with pytest.raises(connector.HttpError):
             spill.drain(busy)
     assert spill.count() == 1 and spill.refused_total == 0
+
+
+# -- lanes: the ledger is shared by threads ------------------------------------------
+
+def test_of_lanes_handed_the_same_id_exactly_one_may_run_it(tmp_path, log):
+    ledger = connector.Ledger(str(tmp_path), log)
+    barrier = __import__("threading").Barrier(8)
+    claims = []
+
+    def claim():
+        barrier.wait()
+        claims.append(ledger.claim("same", "pause", 1))
+    threads = [__import__("threading").Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert claims.count(None) == 1
+
+
+def test_lanes_recording_at_once_leave_a_ledger_that_loads_the_same(tmp_path, log, monkeypatch):
+    monkeypatch.setattr(connector, "LEDGER_SLACK_BYTES", 2000)  # compactions happen while the lanes write
+    threading = __import__("threading")
+    ledger = connector.Ledger(str(tmp_path), log)
+
+    def lane(name):
+        for n in range(150):
+            command_id = "%s-%d" % (name, n)
+            assert ledger.claim(command_id, "pause", 1) is None
+            ledger.finish(command_id, {"status": "succeeded", "result": {"action": "pause", "n": n}})
+            ledger.acked(command_id)
+    threads = [threading.Thread(target=lane, args=(name,)) for name in "abcd"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert ledger.live_bytes == sum(len(e.line(cid)) for cid, e in ledger.entries.items())
+    again = connector.Ledger(str(tmp_path), log)
+    assert {cid: again.get(cid) for cid in again.entries} == {cid: ledger.get(cid) for cid in ledger.entries}
+    assert len(again.entries) == 600
