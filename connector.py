@@ -283,8 +283,9 @@ def json_deeper_than(value: Any, limit: int) -> bool:
 # C0 and C1 controls (CR, LF, ESC, VT, FF, NUL...), DEL, U+2028 and U+2029
 # (Unicode's Cc, Zl and Zp): each can end a line in some log viewer or
 # terminal. The bidirectional overrides and isolates reorder what a reader
-# sees (a line can be made to look like another), so they go too.
-_UNSAFE = "\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+# sees (a line can be made to look like another), so they go too, and so do
+# unpaired surrogates (JSON's "\ud800"), which no UTF-8 stream can write.
+_UNSAFE = "\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
 UNSAFE_CHARACTER = re.compile("[%s]" % _UNSAFE)
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
 
@@ -305,7 +306,7 @@ def credential_problem(value: str) -> Optional[str]:
     from a log line reliably."""
     found = UNSAFE_CHARACTER.search(value)
     if found:
-        return "contains a control or line-separator character (U+%04X)" % ord(found.group())
+        return "contains the character U+%04X (a control, line-separator or formatting one)" % ord(found.group())
     return None
 
 

@@ -155,16 +155,17 @@ def test_a_registration_answer_with_a_line_break_in_the_connector_id_is_refused(
 SECRETS = st.lists(st.text(min_size=connector.MIN_SECRET_LENGTH, max_size=40)
                    .filter(lambda s: connector.credential_problem(s) is None and not set(s) & set("[]")), max_size=3)
 KEYS = st.from_regex(r"[a-z_][a-z0-9_]{0,12}", fullmatch=True).filter(lambda k: k not in ("msg", "level", "self"))
-VALUES = st.one_of(st.text(), st.integers(), st.floats(allow_nan=False),
-                   st.lists(st.text(), max_size=3), st.dictionaries(st.text(max_size=8), st.text(), max_size=3))
+ANY_TEXT = st.text(st.characters(blacklist_categories=()))  # unpaired surrogates too, as JSON can carry them
+VALUES = st.one_of(ANY_TEXT, st.integers(), st.floats(allow_nan=False),
+                   st.lists(ANY_TEXT, max_size=3), st.dictionaries(st.text(max_size=8), ANY_TEXT, max_size=3))
 
 
 @settings(max_examples=400, deadline=None)
-@given(secrets=SECRETS, fields=st.dictionaries(KEYS, VALUES, max_size=6), msg=st.text(), data=st.data())
+@given(secrets=SECRETS, fields=st.dictionaries(KEYS, VALUES, max_size=6), msg=ANY_TEXT, data=st.data())
 def test_any_value_gives_one_logfmt_line_with_the_same_keys_and_no_secret(secrets, fields, msg, data):
     for key in list(fields)[:2]:  # plant the secrets where they are most likely to leak
         if secrets:
-            fields[key] = data.draw(st.text()) + data.draw(st.sampled_from(secrets)) + data.draw(st.text())
+            fields[key] = data.draw(ANY_TEXT) + data.draw(st.sampled_from(secrets)) + data.draw(ANY_TEXT)
     stream = io.StringIO()
     log = connector.Logger("debug", stream=stream)
     for secret in secrets:
@@ -172,6 +173,7 @@ def test_any_value_gives_one_logfmt_line_with_the_same_keys_and_no_secret(secret
     log.debug(msg, **fields)
     line = stream.getvalue()
     assert len(line[:-1].splitlines()) <= 1 and not connector.UNSAFE_CHARACTER.search(line[:-1])
+    line.encode("utf-8")  # writable to any UTF-8 stream: nothing unpaired is left
     pairs = parse_logfmt(line)
     assert [key for key, _ in pairs] == ["time", "level", "msg"] + [k for k, v in fields.items() if v is not None]
     for _, value in pairs:
@@ -216,3 +218,11 @@ def test_a_secret_beyond_the_cut_is_still_redacted_not_half_shown():
     cut = connector.MAX_LOG_VALUE_CHARS
     line = logged(secrets=[secret], error="x" * (cut - 10) + secret)
     assert "sk_live_01" not in line
+
+
+def test_an_unpaired_surrogate_from_a_peer_is_escaped_so_the_line_is_still_written():
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    log = connector.Logger("info", stream=stream)
+    log.info("Command started", action="pa\ud800use")
+    assert b'action="pa\\ud800use"' in raw.getvalue()
