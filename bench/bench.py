@@ -71,9 +71,11 @@ TARGETS = [
     ("state_latency_seconds", "state change to cloud, median (s)", 2.0, "<= 2", lambda v: "%.3f" % v),
     ("upload_content_peak_rss_bytes", "50 MB upload as content: peak RSS (MiB)", 80 * MIB, "<= 80",
      lambda v: "%.1f" % (v / MIB)),
+    ("upload_content_above_idle_bytes", "  same: above idle (MiB)", None, "a few", lambda v: "%.1f" % (v / MIB)),
     ("upload_content_seconds", "  same: wall time, poll to completion (s)", None, "", lambda v: "%.1f" % v),
     ("upload_url_peak_rss_bytes", "50 MB upload by url: peak RSS (MiB)", 40 * MIB, "<= 40",
      lambda v: "%.1f" % (v / MIB)),
+    ("upload_url_above_idle_bytes", "  same: above idle (MiB)", None, "a few", lambda v: "%.1f" % (v / MIB)),
     ("upload_url_seconds", "  same: wall time, poll to completion (s)", None, "", lambda v: "%.1f" % v),
 ]
 
@@ -337,8 +339,8 @@ UPLOAD_INTERVALS = {"poll_commands_seconds": 0.5}
 
 def measure_upload(subject, workdir, megabytes, form):
     """One upload_file of a generated file through `form` ("content" or
-    "url") in a fresh connector: peak RSS of its tree (VmHWM, so no sample
-    can miss it) and seconds from queueing to the completion."""
+    "url") in a fresh connector: peak RSS of its tree (procfs.transfer_peak_bytes)
+    and seconds from queueing to the completion."""
     from sim.cloud import Base64File
     rig = Rig(subject, workdir, intervals=UPLOAD_INTERVALS).start()
     try:
@@ -350,7 +352,7 @@ def measure_upload(subject, workdir, megabytes, form):
             for _ in range(int(megabytes * MB) // len(block)):
                 handle.write(block)
         size = os.path.getsize(path)
-        idle = procfs.sample_tree(rig.proc.pid)["hwm_bytes"]
+        idle = procfs.transfer_peak_bytes(rig.proc.pid)
         with open(rig.config_path) as handle:
             saved = json.load(handle)
         params = {"filename": "bench-%s.gcode" % form}
@@ -360,10 +362,11 @@ def measure_upload(subject, workdir, megabytes, form):
                                                "upload_file", params=params)
         done = rig.cloud.wait_for(lambda: rig.cloud.completions_for(command_id), 600)[-1]["body"]
         seconds = time.monotonic() - started
-        peak = procfs.sample_tree(rig.proc.pid)["hwm_bytes"]
+        peak = procfs.transfer_peak_bytes(rig.proc.pid)
         if done["status"] != "succeeded":
             raise RuntimeError("upload by %s failed: %s" % (form, done.get("error_message")))
         return {"upload_%s_peak_rss_bytes" % form: peak, "upload_%s_idle_peak_rss_bytes" % form: idle,
+                "upload_%s_above_idle_bytes" % form: peak - idle,
                 "upload_%s_seconds" % form: seconds, "upload_%s_bytes" % form: size,
                 "upload_%s_mb_per_second" % form: size / MB / seconds}
     finally:

@@ -145,3 +145,16 @@ def files_changed(before, after):
         what = "created" if name not in before else "removed" if name not in after else "modified"
         changes.append({"file": name, "change": what, "size_before": old[0], "size_after": new[0]})
     return changes
+
+
+def transfer_peak_bytes(root):
+    """Peak RSS of a tree whose work is done by one process: that process's
+    VmHWM (exact, no sample can miss it) plus the RSS of the others now (a
+    frozen binary's launchers, idle after start-up; their own VmHWM is from
+    unpacking at start, so a sum of every VmHWM would count that too)."""
+    processes = sample_tree(root)["processes"]
+    if not processes:
+        return 0
+    worker = max(processes, key=lambda p: p["hwm_bytes"])
+    return worker["hwm_bytes"] + sum(p["rss_bytes"] for p in processes if p is not worker)
+

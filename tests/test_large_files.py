@@ -53,8 +53,9 @@ def sha256_of(path):
 
 
 def peak_rss(connector):
-    """Peak RSS of the connector's whole process tree (a onefile binary has a child)."""
-    return procfs.sample_tree(connector.proc.pid)["hwm_bytes"]
+    """Peak RSS of the connector's whole process tree (a frozen binary has
+    launcher processes): see procfs.transfer_peak_bytes."""
+    return procfs.transfer_peak_bytes(connector.proc.pid)
 
 
 def completion(cloud, command_id, timeout=60):
