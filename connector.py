@@ -1274,6 +1274,23 @@ class DeadlineWatch:
         if expired:
             _shut_down(sock)
 
+    def extend(self, seconds: float) -> None:
+        """Gives the calling thread's exchange `seconds` from its start when
+        that is later than its deadline: a body read into a sink tells its
+        size (Content-Length) only once the answer has begun."""
+        watched = getattr(self._local, "current", None)
+        if watched is None:
+            return
+        with self._lock:
+            deadline = watched.deadline - watched.seconds + seconds
+            if watched.expired or deadline <= watched.deadline:
+                return
+            self._heap.remove(watched.entry)
+            heapq.heapify(self._heap)
+            watched.seconds, watched.deadline = seconds, deadline
+            watched.entry = (deadline, watched.entry[1], watched)
+            heapq.heappush(self._heap, watched.entry)
+
     def finish(self, watched: WatchedExchange) -> None:
         self._local.current = None
         with self._lock:
@@ -1425,6 +1442,9 @@ def read_body(read: Callable[[int], bytes], headers, status: int, max_bytes: int
         if len(content) > max_bytes:
             raise _too_large(status, max_bytes)
         return content, len(content)
+    declared = headers.get("Content-Length")
+    if declared and declared.isdigit():  # a large body gets the time its size needs at the minimum rate
+        DEADLINES.extend(transfer_deadline(int(declared)))
     size = 0
     while True:
         chunk = read(READ_CHUNK)
@@ -2047,7 +2067,8 @@ class Cloud:
 
     def poll_commands(self, splitter: JsonSplitter, progress: Optional[Callable[[int], None]] = None) -> List[Any]:
         """The queued commands, read through `splitter` (Large transfers): an
-        answer of any size costs a few chunks of memory."""
+        answer of any size costs a few chunks of memory, and its deadline
+        grows with its Content-Length (read_body)."""
         response = self.call("GET", self.connector_path("/commands?limit=%d" % COMMANDS_PER_POLL), "commands",
                              sink=splitter, max_bytes=MAX_COMMANDS_BODY, progress=progress)
         try:
@@ -3060,8 +3081,9 @@ def _download_file(ctx: ActionContext, params: Dict[str, Any], local: TransferFi
     progress = TransferProgress(ctx.log, "download", size, ctx.stop)
     downloader = HttpClient(url, {"User-Agent": user_agent()}, _storage_error_message, ctx.log, "url")
     try:
+        # Without a size, the download's Content-Length extends the deadline.
         downloader.request("GET", url, sink=writer, max_bytes=limit if size is None else size,
-                           deadline=transfer_deadline(limit if size is None else size), progress=progress)
+                           deadline=transfer_deadline(size or 0), progress=progress)
     except HttpError as exc:
         if exc.status is not None and 300 <= exc.status < 400:
             raise CommandFailed("download failed: the url answered %d (a redirect); redirects are not "

@@ -244,3 +244,22 @@ def test_a_trickling_download_fails_at_its_minimum_rate_deadline(cloud, printer,
     assert elapsed < connector.transfer_deadline(120000) + 5, failed.value
     assert os.listdir(str(state_dir)) == []
     moonraker.close()
+
+
+def test_a_body_read_into_a_sink_gets_the_time_its_content_length_needs(cloud, tmp_path, monkeypatch):
+    # A commands answer or a download of unknown size starts with the usual
+    # deadline (here 1 s) and gets, once its Content-Length is known, the
+    # time that size takes at the minimum rate (here 1 s + 120 kB at 50 KiB/s).
+    monkeypatch.setattr(connector, "EXCHANGE_DEADLINE", 1.0)
+    monkeypatch.setattr(connector, "TRANSFER_BASE_SECONDS", 1.0)
+    source = tmp_path / "answer.gcode"
+    source.write_bytes(b"G1 X1\n" * 20000)
+    url = cloud.add_download(str(source), mode="trickle:80000")  # 1.5 s
+    client = connector.HttpClient(url, {}, connector.generic_error_message, connector.Logger("error"), "url")
+    sink = tmp_path / "sink"
+    try:
+        with open(str(sink), "wb") as handle:
+            response = client.request("GET", url, sink=handle, max_bytes=10 ** 6, timeout=(0.5, 0.5))
+    finally:
+        client.close()
+    assert response.size == 120000 and sink.read_bytes() == source.read_bytes()
