@@ -552,7 +552,7 @@ def tighten_config_mode(path: str) -> bool:
 
 def fsync_dir(folder: str) -> None:
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return
     try:
@@ -2153,6 +2153,8 @@ def open_state_file(path: str, flags: int) -> int:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
+        if info.st_nlink > 1:  # a hard link planted to some other file, which O_NOFOLLOW cannot see
+            raise OSError(errno.EINVAL, "has other hard links", path)
         if info.st_mode & 0o077:
             try:
                 os.fchmod(fd, 0o600)

@@ -574,3 +574,13 @@ def test_lanes_recording_at_once_leave_a_ledger_that_loads_the_same(tmp_path, lo
     again = connector.Ledger(str(tmp_path), log)
     assert {cid: again.get(cid) for cid in again.entries} == {cid: ledger.get(cid) for cid in ledger.entries}
     assert len(again.entries) == 600
+
+
+def test_a_ledger_hard_linked_to_another_file_is_moved_aside_not_written(tmp_path, log):
+    other = tmp_path / "other"
+    other.write_bytes(pause_done("planted"))
+    os.link(str(other), str(ledger_path(tmp_path)))
+    ledger = connector.Ledger(str(tmp_path), log)
+    ledger.start("1", "pause", 1)
+    assert ledger.get("planted") is None and other.read_bytes() == pause_done("planted")
+    assert os.lstat(str(ledger_path(tmp_path))).st_nlink == 1
