@@ -64,6 +64,7 @@ DEFAULT_INTERVALS = {
 CAMERA_RECHECK_SECONDS = 300.0  # how often to look again for a camera that did not answer
 WEBCAM_REQUEST_MAX_AGE = 30.0
 WEBCAM_MAX_BYTES = 10 * 1024 * 1024
+WEBCAM_FETCH_DEADLINE = 10.0  # a camera on this host or LAN answers in well under a second
 MAX_JSON_BODY = 4 * 1024 * 1024
 # A commands answer is read whatever its size up to this (its long strings
 # go to disk while there is room, see Large transfers), so that every command
@@ -94,6 +95,7 @@ SHUTDOWN_GRACE = 4.0
 FALLBACK_STATUS_POLL_SECONDS = 1.0
 WEBSOCKET_FRESH_SECONDS = 3.0
 WEBSOCKET_RECEIVE_TIMEOUT = 60.0
+WEBSOCKET_HANDSHAKE_DEADLINE = 15.0
 FAILURE_SUMMARY_SECONDS = 300.0
 
 # The objects every snapshot carries; a printer without one simply omits it.
@@ -1510,7 +1512,12 @@ class Transport:
         headers (streamed). deadline: seconds for the whole exchange."""
         watched = DEADLINES.start(deadline)
         try:
-            return self._exchange(method, url, headers, body, timeout, watched, max_bytes, sink, progress)
+            response = self._exchange(method, url, headers, body, timeout, watched, max_bytes, sink, progress)
+            if watched.expired:
+                # Its socket was shut down: http.client takes headers cut
+                # short by the close for complete ones, so the answer is not.
+                raise http_error_of(socket.timeout(), watched)
+            return response
         except _LocalFailure as failure:
             raise failure.error from None
         except self.FAILURES as exc:
@@ -2106,7 +2113,7 @@ class Cloud:
     def upload_webcam(self, request_id: str, printer_id: int, image: bytes, content_type: str) -> None:
         self.call("PUT", "/api/v1/webcam_requests/%s/upload" % quote(request_id, safe=""), "webcam upload",
                   data=image, headers={"Content-Type": content_type, "X-Printer-Id": str(printer_id)},
-                  timeout=(CONNECT_TIMEOUT, 60.0))
+                  timeout=(CONNECT_TIMEOUT, 60.0), deadline=transfer_deadline(len(image)))
 
     @staticmethod
     def _array(response: HttpResponse, what: str) -> List[Any]:
@@ -3433,6 +3440,7 @@ def _upload_backup(ctx: ActionContext, url: str, archive: str, size: int) -> Non
     try:
         with open(archive, "rb") as body:
             uploader.request("PUT", url, data=body, timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT),
+                             deadline=transfer_deadline(size),
                              headers={"Content-Type": "application/gzip", "Content-Length": str(size)})
     except HttpError as exc:
         raise CommandFailed("backup upload failed: %s" % exc) from None
@@ -3713,6 +3721,7 @@ def webcam_candidates(moonraker: Moonraker) -> List[str]:
 
 def fetch_webcam_image(moonraker: Moonraker, url: str) -> Tuple[bytes, str]:
     response = moonraker.http.request("GET", url, timeout=(CONNECT_TIMEOUT, 10.0), max_bytes=WEBCAM_MAX_BYTES,
+                                      deadline=WEBCAM_FETCH_DEADLINE,
                                       headers={"Accept": "image/*"})
     ctype = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
     if not response.content:
@@ -3740,6 +3749,33 @@ def websocket_url(base_url: str) -> str:
     parts = urlsplit(base_url)
     scheme = "wss" if parts.scheme == "https" else "ws"
     return "%s://%s%s/websocket" % (scheme, parts.netloc, parts.path.rstrip("/"))
+
+
+def open_websocket(base_url: str, headers: List[str]) -> "websocket.WebSocket":
+    """websocket-client's connect and handshake under one deadline (its
+    timeout bounds each wait for a byte, not the handshake): the socket is
+    ours, watched by DEADLINES. Behind a proxy websocket-client connects."""
+    url = websocket_url(base_url)
+    parts = urlsplit(url)
+    watched = DEADLINES.start(WEBSOCKET_HANDSHAKE_DEADLINE)
+    try:
+        sock = None
+        if not environ_proxy(base_url):
+            address = (parts.hostname, parts.port or (443 if parts.scheme == "wss" else 80))
+            sock = _watched_create_connection(address, min(CONNECT_TIMEOUT, watched.remaining()))
+            if parts.scheme == "wss":
+                sock = tls_context().wrap_socket(sock, server_hostname=parts.hostname)
+            DEADLINES.attach(sock, connected=True)
+        return websocket.create_connection(url, timeout=CONNECT_TIMEOUT, header=headers, socket=sock,
+                                           enable_multithread=True,  # interrupt() sends
+                                           skip_utf8_validation=True)  # json.loads checks it anyway
+    except (websocket.WebSocketException, OSError):
+        if watched.expired:
+            raise ExchangeTimeout("websocket handshake: no complete answer within the %g s deadline"
+                                  % WEBSOCKET_HANDSHAKE_DEADLINE) from None
+        raise
+    finally:
+        DEADLINES.finish(watched)
 
 
 class StatusWatcher:
@@ -3782,9 +3818,7 @@ class StatusWatcher:
         headers = ["User-Agent: %s" % user_agent()]
         if self.printer.api_key:
             headers.append("X-Api-Key: %s" % self.printer.api_key)
-        ws = websocket.create_connection(websocket_url(self.printer.base_url), timeout=CONNECT_TIMEOUT,
-                                         header=headers, enable_multithread=True,  # interrupt() sends
-                                         skip_utf8_validation=True)  # json.loads checks it anyway
+        ws = open_websocket(self.printer.base_url, headers)
         try:
             identify = {"client_name": "printer-connector", "version": __version__, "type": "other",
                         "url": "https://github.com/printdock/printer-connector"}

@@ -32,7 +32,7 @@ HUGE_BODY_BYTES = 20 * 1024 * 1024
 FAULT_ENDPOINTS = ("register", "heartbeat", "commands", "complete", "snapshots",
                    "webcam_requests", "webcam_upload")
 FAULT_MODES = ("503", "500", "html", "object", "notjson", "nulls", "huge", "drop", "401",
-               "lost", "deep", "bad_printer_id")
+               "lost", "deep", "bad_printer_id", "trickle")
 # Faults that let the endpoint do its work (a register consumes its token)
 # and then spoil the answer: "lost" drops the connection unanswered,
 # "late:N" answers after N seconds, "deep" and "bad_printer_id" answer a
@@ -362,6 +362,19 @@ class _Handler(BaseHTTPRequestHandler):
             parts.append(self.rfile.read(size))
             self.rfile.readline()
 
+    def _trickle(self, body, interval=1.0):
+        """A whole answer one byte a second: no read timeout ever trips."""
+        answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                  % len(body)) + body
+        self.close_connection = True
+        for index in range(len(answer)):
+            try:
+                self.wfile.write(answer[index:index + 1])
+                self.wfile.flush()
+            except OSError:
+                return  # the client gave up
+            time.sleep(interval)
+
     def _send_bytes(self, status, body, content_type):
         self.send_response(status)
         if status != 204:
@@ -432,6 +445,9 @@ class _Handler(BaseHTTPRequestHandler):
         if mode.startswith("slow:"):
             time.sleep(float(mode.split(":", 1)[1]))
             return False
+        if mode == "trickle":
+            self._trickle(b"[]")
+            return True
         if mode == "drop":
             self.close_connection = True
             try:

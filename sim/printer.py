@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 import tornado.httpserver
 import tornado.ioloop
+import tornado.iostream
 import tornado.netutil
 import tornado.web
 import tornado.websocket
@@ -34,7 +35,7 @@ else:  # run as a script: python sim/printer.py
 
 VERBOSE = os.environ.get("SIM_VERBOSE") == "1"
 GCODES_DIR = "/home/pi/printer_data/gcodes"
-FAULT_MODES = ("html", "500", "notjson", "drop", "wrongtypes")
+FAULT_MODES = ("html", "500", "notjson", "drop", "wrongtypes", "trickle")
 AMBIENT = {"extruder": 24.0, "heater_bed": 23.0}
 PRINT_TARGETS = {"extruder": 210.0, "heater_bed": 60.0}
 MOONRAKER_VERSION = "0.11.0"
@@ -205,12 +206,28 @@ class _HttpHandler(tornado.web.RequestHandler):
                 return
             elif fault in ("html", "500", "notjson"):
                 return self._send_fault(fault)
+            elif fault == "trickle":
+                return await self._trickle()
         if self.port_name == "ui":
             return self._send_ui()
         status, body = sim._dispatch_api(self.request)
         if fault == "wrongtypes" and 200 <= status < 300:
             body = wrong_types(body)
         self._send(status, body)
+
+    async def _trickle(self, interval=1.0):
+        """An image one byte a second: no read timeout ever trips."""
+        image = b"\xff\xd8" + b"\x00" * 198
+        self.set_header("Content-Type", "image/jpeg")
+        self.set_header("Content-Length", str(len(image)))
+        for index in range(len(image)):
+            self.write(image[index:index + 1])
+            try:
+                await self.flush()
+            except tornado.iostream.StreamClosedError:
+                return  # the client gave up
+            await asyncio.sleep(interval)
+        self.finish()
 
     def _send(self, status, body):
         self.set_status(status)

@@ -454,3 +454,16 @@ def test_another_scheme_on_the_same_host_and_port_is_another_origin():
     assert connector.url_origin("http://h:80/a") == connector.url_origin("http://H/b")
     assert connector.url_origin("https://h:443/") != connector.url_origin("http://h:443/")
     assert connector.url_origin("http://h:x/")[0] == ""
+
+
+def test_a_body_cut_short_on_its_way_into_the_sink_is_a_transport_error(server, any_client):
+    peer = server(lambda exchange: (reply(body=b"x" * 10, length=100), RawServer.CLOSE))
+    with pytest.raises(connector.TransportError):
+        any_client(peer.url()).request("GET", "/f", sink=io.BytesIO())
+
+
+def test_headers_cut_off_by_the_deadline_are_not_taken_for_a_complete_answer(server, any_client):
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    peer = server(lambda exchange: Trickle(b"Content-Length: 2\r\n\r\n[]", interval=0.3, head=head))
+    with pytest.raises(connector.ExchangeTimeout):
+        any_client(peer.url()).request("GET", "/", sink=io.BytesIO(), deadline=1.0)

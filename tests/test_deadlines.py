@@ -1,0 +1,33 @@
+"""Every exchange has a wall-clock deadline, checked against a real connector
+process: a peer that trickles its answer a byte a second (so that no read
+timeout ever trips) holds a loop no longer than that deadline."""
+
+import time
+
+import connector as agent
+from harness import wait_until
+
+MARGIN = 10.0  # a poll interval, a backoff step and a loaded machine
+
+
+def test_a_cloud_trickling_the_commands_answer_holds_the_commands_loop_only_until_the_deadline(cloud, paired):
+    cloud.set_fault("trickle", endpoint="commands", count=1)
+    cloud.wait_for(lambda: any(h["mode"] == "trickle" for h in cloud.fault_hits), timeout=20)
+    trickle_started = time.monotonic()
+    command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "sync_files")
+    cloud.wait_for(lambda: cloud.completions_for(command_id), timeout=agent.EXCHANGE_DEADLINE + 2 * MARGIN)
+    assert time.monotonic() - trickle_started < agent.EXCHANGE_DEADLINE + MARGIN
+    paired.wait_log("no complete answer within the %g s deadline" % agent.EXCHANGE_DEADLINE)
+
+
+def test_a_trickling_camera_holds_the_webcam_loop_only_until_the_deadline(cloud, paired, printer):
+    before = len(printer.requests)
+    printer.set_fault("trickle", endpoint="/webcam/", count=1)
+    first = cloud.enqueue_webcam_request(paired.connector_id, paired.printer_id)
+    wait_until(lambda: any(r["port"] == "ui" and r["path"].startswith("/webcam/") for r in printer.requests[before:]),
+               timeout=20, message="the camera asked")
+    trickle_started = time.monotonic()
+    second = cloud.enqueue_webcam_request(paired.connector_id, paired.printer_id)
+    cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] in (first, second)],
+                   timeout=agent.WEBCAM_FETCH_DEADLINE + 2 * MARGIN)
+    assert time.monotonic() - trickle_started < agent.WEBCAM_FETCH_DEADLINE + MARGIN
