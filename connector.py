@@ -2781,17 +2781,24 @@ class SnapshotSpill:
         self.refusals = 0
         self.refused_total += 1
         kept = False
+        entry = {"refused_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "error": _short(str(exc)),
+                 "snapshot": record}
         try:
-            if not os.path.exists(self.refused_path) or os.lstat(self.refused_path).st_size < SNAPSHOT_REFUSED_MAX_BYTES:
-                append_line(self.refused_path, encode_line({"refused_at": now_rfc3339(), "error": _short(str(exc)),
-                                                            "snapshot": record}))
+            if self._refused_room():
+                append_line(self.refused_path, encode_line(entry))
                 kept = True
         except OSError:
-            pass
-        level = 30 if self.refused_total == 1 else 10
+            pass  # counted all the same
+        level = 30 if self.refused_total == 1 else 10  # logged once; the later ones are counted
         self.log.log(level, "the cloud refused a snapshot %d times; set it aside and went on with the others"
                      % SNAPSHOT_REFUSALS, error=_short(str(exc)), refused_total=self.refused_total,
                      kept_in=os.path.basename(self.refused_path) if kept else None)
+
+    def _refused_room(self) -> bool:
+        try:
+            return os.lstat(self.refused_path).st_size < SNAPSHOT_REFUSED_MAX_BYTES
+        except FileNotFoundError:
+            return True
 
     def _clear(self) -> None:
         for seq in list(self._segs()):
@@ -3678,7 +3685,8 @@ class CommandRunner:
         for entry in self.ledger.interrupted():
             self.log.warn("command was interrupted by a restart; reporting it failed, not re-running it",
                           id=entry["id"], action=entry.get("action"))
-            completion = completion_body("failed", {"action": entry.get("action")}, "interrupted by restart; not re-run")
+            completion = completion_body("failed", {"action": entry.get("action")},
+                                         "interrupted by restart; not re-run")
             try:
                 self.ledger.finish(entry["id"], completion)
             except OSError as exc:  # the disk still says "running": the next start says the same

@@ -156,8 +156,10 @@ class FakeMoonraker:
 
     def __init__(self, answer):
         self.answer = answer
+        self.calls = 0
 
     def call(self, method, path, **kwargs):
+        self.calls += 1
         return self.answer
 
     def query_status(self):
@@ -205,7 +207,12 @@ def test_any_command_list_is_handled_within_bounds_and_reloads(polled, answer):
         assert agent.ledger.unacked() == []
         again = connector.Ledger(state_dir, quiet())
         assert snapshot_of(again) == snapshot_of(agent.ledger)
-        for raw in polled:  # delivered again after a restart: nothing runs twice
+        for raw in polled:
             command_id = connector.usable_command_id(raw.get("id")) if isinstance(raw, dict) else None
             if command_id is not None:
                 assert again.get(command_id) is not None
+        restarted = FakeAgent(state_dir)
+        clients = FakeClients(answer)
+        for raw in polled:  # all delivered again after a restart: nothing runs twice
+            connector.CommandRunner(restarted).handle(clients.cloud, clients, raw)
+        assert clients.fake.calls == 0
