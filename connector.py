@@ -47,7 +47,7 @@ __version__ = "0.1.0"
 # exhausting the memory of a 200 MB printer.
 
 # The extensions this connector speaks (docs/PROTOCOL.md section 5).
-CAPABILITIES = ("upload_url",)
+CAPABILITIES = ("upload_url", "idempotent_register")
 
 DEFAULT_CLOUD_URL = "https://www.spoolr.io"
 DEFAULT_STATE_DIR = "/var/lib/printer-connector"
@@ -2082,11 +2082,11 @@ class Cloud:
             body = splitter.value()
         except BadJson as exc:
             ctype = response.headers.get("Content-Type", "?").split(";")[0]
-            raise HttpError("commands: expected JSON, got %s (%d bytes): %s" % (ctype, splitter.size, exc),
-                            response.status) from None
+            raise BadResponse("commands: expected JSON, got %s (%d bytes): %s" % (ctype, splitter.size, exc),
+                              response.status) from None
         if not isinstance(body, list):
-            raise HttpError("commands: expected a JSON array, got %s (%d bytes)"
-                            % (type(body).__name__, splitter.size))
+            raise BadResponse("commands: expected a JSON array, got %s (%d bytes)"
+                              % (type(body).__name__, splitter.size))
         return body
 
     def complete(self, command_id: str, body: Dict[str, Any]) -> bool:
