@@ -11,7 +11,8 @@ snapshots that cannot be delivered are kept on disk until the cloud takes
 them, and every command id is recorded before it runs, so a command is never
 run twice. The wire contract is docs/PROTOCOL.md (cloud API and Moonraker).
 
-Sections, in dependency order: constants, errors, bounded JSON, config, logging, HTTP,
+Sections, in dependency order: constants, errors, bounded JSON, config, logging,
+large transfers, HTTP,
 Moonraker client, cloud client, durable state, actions, status watcher,
 loops, agent, CLI.
 """
@@ -898,11 +899,14 @@ class TransferProgress:
         return int(self.done / 1024.0 / max(now - self.started, 0.001))
 
     def finished(self, done: int) -> None:
+        """The closing line: info after a long transfer, debug after a short
+        one that moved a file's worth, none after a small answer."""
         self.done = done
         now = time.monotonic()
-        level = 20 if now - self.started >= PROGRESS_QUIET_SECONDS else 10
-        self.log.log(level, "Transfer done", what=self.what, bytes=done, seconds=round(now - self.started, 1),
-                     kib_per_s=self.rate(now))
+        level = 20 if now - self.started >= PROGRESS_QUIET_SECONDS else 10 if done > LONG_STRING else 0
+        if level:
+            self.log.log(level, "Transfer done", what=self.what, bytes=done, seconds=round(now - self.started, 1),
+                         kib_per_s=self.rate(now))
 
 
 class SpooledString:

@@ -173,12 +173,20 @@ class Lines:
 def test_progress_says_nothing_for_a_short_transfer(monkeypatch):
     clock, log = Clock(), Lines()
     monkeypatch.setattr(connector.time, "monotonic", clock)
-    progress = connector.TransferProgress(log, "download", 1000)
-    for done in range(0, 1001, 10):
+    progress = connector.TransferProgress(log, "download", 100000)
+    for done in range(0, 100001, 1000):
         clock.now += 0.01
         progress(done)
-    progress.finished(1000)
+    progress.finished(100000)
     assert [msg for msg, _ in log.lines] == ["Transfer done"] and log.lines[0][1]["level"] == 10
+
+
+def test_progress_says_nothing_at_all_for_a_small_answer(monkeypatch):
+    log = Lines()
+    progress = connector.TransferProgress(log, "commands answer")
+    progress(2)
+    progress.finished(2)
+    assert log.lines == []
 
 
 def test_progress_logs_every_ten_percent_of_a_long_transfer_not_every_chunk(monkeypatch):
