@@ -2491,7 +2491,10 @@ class Ledger:
         with self.lock:
             entry = self.entries.get(command_id)
             action = entry.action if entry is not None else None
-            encoded = json.dumps(completion, separators=(",", ":")).encode("utf-8")
+            if json_deeper_than(completion, MAX_JSON_DEPTH - 2):  # its record could not be read back
+                completion = omitted_completion(completion, action, "nested deeper than %d levels"
+                                                % (MAX_JSON_DEPTH - 2))
+            encoded = json.dumps(completion, separators=(",", ":"), default=repr).encode("utf-8")
             pending = self.pending_bytes - (len(entry.completion) if entry is not None and entry.state == "done"
                                             else 0)
             if len(encoded) > COMPLETION_MAX_BYTES or pending + len(encoded) > LEDGER_PENDING_MAX_BYTES:

@@ -584,3 +584,36 @@ def test_a_ledger_hard_linked_to_another_file_is_moved_aside_not_written(tmp_pat
     ledger.start("1", "pause", 1)
     assert ledger.get("planted") is None and other.read_bytes() == pause_done("planted")
     assert os.lstat(str(ledger_path(tmp_path))).st_nlink == 1
+
+
+class AnsweringMoonraker:
+    def __init__(self, answer):
+        self.answer = answer
+
+    def call(self, method, path, **kwargs):
+        return self.answer
+
+    def query_status(self):
+        raise connector.HttpError("no status in this test")
+
+
+class AnsweringClients:
+    def __init__(self, answer):
+        self.cloud = FakeCloud()
+        self.answer = AnsweringMoonraker(answer)
+
+    def moonraker(self, printer):
+        return self.answer
+
+
+def test_a_result_nested_as_deep_as_moonraker_may_answer_is_recorded_so_it_loads_again(tmp_path, log):
+    deep = []
+    for _ in range(connector.MAX_JSON_DEPTH - 2):  # what decode_json lets through as an answer's result
+        deep = [deep]
+    clients = AnsweringClients([deep])
+    runner(tmp_path, log).handle(clients.cloud, clients, {"id": "deep", "action": "sync_files", "printer_id": 1})
+    sent = clients.cloud.completed[0][1]
+    assert sent["status"] == "succeeded"
+    again = connector.CommandRunner(FakeAgent(str(tmp_path), log))
+    again.recover_interrupted()
+    assert again.ledger.get("deep")["completion"] == sent  # not "interrupted by restart"
