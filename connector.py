@@ -3018,12 +3018,16 @@ def action_upload_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, 
     if params.get("url") is not None and params.get("content") is not None:
         raise CommandFailed("give either param 'content' or param 'url', not both", result)
     check_gcodes_path(ctx, filename)
-    with TransferFile(ctx.config.state_dir, "gcode") as local:
-        if params.get("url") is not None:
-            result.update(_download_file(ctx, params, local, result))
-        else:
-            result["size"] = _decode_content(ctx, params.get("content"), local, result)
-        _upload_to_moonraker(ctx, filename, local, result)
+    try:
+        with TransferFile(ctx.config.state_dir, "gcode") as local:
+            if params.get("url") is not None:
+                result.update(_download_file(ctx, params, local, result))
+            else:
+                result["size"] = _decode_content(ctx, params.get("content"), local, result)
+            _upload_to_moonraker(ctx, filename, local, result)
+    except OSError as exc:  # the disk filled up under us, state_dir went away
+        raise CommandFailed("cannot keep the file in %s: %s" % (ctx.config.state_dir, exc.strerror or exc),
+                            result) from None
     if start:
         _start_uploaded_file(ctx, result)
     return result
@@ -3038,7 +3042,7 @@ def _decode_content(ctx: ActionContext, content: Any, local: TransferFile, resul
                                 result)
         pieces, length = content.utf8_chunks(), content.length  # type: Iterable[bytes], int
     elif isinstance(content, str):
-        pieces, length = [content.encode("utf-8")], len(content)
+        pieces, length = [content.encode("utf-8", "surrogatepass")], len(content)
     else:
         raise CommandFailed("missing or invalid param 'content' (base64 text)", result)
     if length * 3 // 4 > transfer_budget(folder)[0]:

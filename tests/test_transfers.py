@@ -271,3 +271,14 @@ def test_a_body_read_into_a_sink_gets_the_time_its_content_length_needs(cloud, t
     finally:
         client.close()
     assert response.size == 120000 and sink.read_bytes() == source.read_bytes()
+
+
+def test_a_lone_surrogate_in_content_is_bad_base64_not_a_crash(tmp_path):
+    config = connector.Config(path=str(tmp_path / "c.json"), cloud_url="http://127.0.0.1:9",
+                              moonraker=[connector.PrinterConfig(base_url="http://printer.invalid", printer_id=1)],
+                              connector_id="1", connector_secret="sk_test_secret_value", state_dir=str(tmp_path))
+    ctx = connector.ActionContext(None, config.moonraker[0], config, connector.Logger("error"),
+                                  connector.threading.Event())
+    with pytest.raises(connector.CommandFailed, match="^invalid param 'content': not valid base64$"):
+        connector.ACTIONS["upload_file"](ctx, {"filename": "a.gcode", "content": "QUJD\ud800"})
+    assert os.listdir(str(tmp_path)) == []
