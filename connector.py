@@ -2837,17 +2837,19 @@ def check_state_dir(state_dir: str) -> None:
         raise StateDirError("state_dir %s is not writable: %s" % (state_dir, exc.strerror or exc)) from None
 
 
-def check_state_dir_owner(state_dir: str) -> None:
+def check_state_dir_owner(state_dir: str, me: Optional[int] = None) -> None:
     """state_dir, and a link to it, must belong to this user or to root, and
     not be writable by every user: whoever else could replace it or its
-    files could read the ledger or point our writes elsewhere."""
-    me = os.geteuid()
+    files could read the ledger or point our writes elsewhere. Root may use
+    a folder of another user (the installers give it to the service user,
+    and an owner runs --once with sudo), but never through their link."""
+    me = os.geteuid() if me is None else me
     link = os.lstat(state_dir)
     if stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, me):
         raise StateDirError("state_dir %s is a symbolic link owned by uid %d, not by this user (uid %d) or root; "
                             "refusing to follow it" % (state_dir, link.st_uid, me))
     info = os.stat(state_dir)
-    if info.st_uid not in (0, me):
+    if me != 0 and info.st_uid not in (0, me):
         raise StateDirError("state_dir %s belongs to uid %d, not to this user (uid %d) or root"
                             % (state_dir, info.st_uid, me))
     if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:

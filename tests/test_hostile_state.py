@@ -228,7 +228,13 @@ def test_a_state_dir_owned_by_another_user_is_refused(tmp_path):
     (tmp_path / "state").mkdir()
     os.chown(str(tmp_path / "state"), 4321, 4321)
     with pytest.raises(connector.StateDirError, match="belongs to uid 4321"):
-        connector.check_state_dir(str(tmp_path / "state"))
+        connector.check_state_dir_owner(str(tmp_path / "state"), me=1000)
+
+
+def test_root_may_use_the_state_dir_of_the_service_user(tmp_path):
+    (tmp_path / "state").mkdir()
+    os.chown(str(tmp_path / "state"), 4321, 4321)
+    connector.check_state_dir_owner(str(tmp_path / "state"), me=0)
 
 
 def test_a_world_writable_state_dir_is_refused(tmp_path):
