@@ -2231,10 +2231,6 @@ def iter_jsonl(path: str, log: Logger, accept: Optional[Callable[[Dict[str, Any]
         log.warn("skipping corrupt records in a state file", file=os.path.basename(path), skipped=skipped)
 
 
-def read_jsonl(path: str, log: Logger) -> List[Dict[str, Any]]:
-    return list(iter_jsonl(path, log))
-
-
 def encode_line(record: Dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode("utf-8") + b"\n"
 
