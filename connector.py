@@ -47,9 +47,6 @@ __version__ = "0.1.0"
 # Defaults come from docs/PROTOCOL.md; limits keep a misbehaving peer from
 # exhausting the memory of a 200 MB printer.
 
-# The extensions this connector speaks (docs/PROTOCOL.md section 5).
-CAPABILITIES = ("upload_url", "idempotent_register")
-
 DEFAULT_CLOUD_URL = "https://www.spoolr.io"
 DEFAULT_STATE_DIR = "/var/lib/printer-connector"
 DEFAULT_MOONRAKER_URL = "http://127.0.0.1:7125"
@@ -129,6 +126,40 @@ CONFIG_MAX_BYTES = 1024 * 1024
 # What a command from the cloud may be before it is refused at the door.
 COMMAND_ID_MAX_CHARS = 128
 ACTION_MAX_CHARS = 64
+
+# The protocol extensions this connector speaks (docs/PROTOCOL.md,
+# "Extensions"), sent as "capabilities" in register and every heartbeat so a
+# cloud knows what it may send. An extension a config switches off is left out.
+CAPABILITIES = (
+    "upload_url",           # upload_file takes url, size, sha256 and start
+    "idempotent_register",  # register sends an Idempotency-Key
+    "control_lane",         # print controls and emergency_stop do not wait behind long commands
+    "long_poll",            # ?wait=N on the commands and webcam polls, X-Poll-Wait in the answer
+    "gcode",                # action gcode {script}; left out when allow_gcode is false
+    "list_macros",          # action list_macros
+    "set_temperature",      # action set_temperature {heater, target}
+    "emergency_stop",       # action emergency_stop
+)
+
+# Long-poll (extension "long_poll"): the polls ask the cloud to hold an empty
+# answer this long; a cloud that does says so in X-Poll-Wait.
+LONG_POLL_WAIT_SECONDS = 25
+POLL_WAIT_HEADER = "X-Poll-Wait"
+
+# Without long-poll, polling relaxes to these intervals (within PROTOCOL.md's
+# 3-5 s for commands and well inside the cloud's ~30 s webcam request expiry)
+# while no printer prints and nothing was asked for idle_after_seconds.
+IDLE_AFTER_SECONDS = 300.0
+IDLE_POLL_SECONDS = {"poll_commands_seconds": 5.0, "poll_webcam_seconds": 5.0}
+BUSY_PRINT_STATES = frozenset({"printing", "paused"})
+
+# The gcode action: what a cloud may send, and what we keep of the console.
+GCODE_SCRIPT_MAX_BYTES = 16 * 1024
+CONSOLE_MAX_LINES = 200
+CONSOLE_MAX_BYTES = 32 * 1024
+CONSOLE_SETTLE_SECONDS = 1.0  # at most this long for the websocket to catch up with a script's answer
+GCODE_READ_TIMEOUT = 600.0  # a script may heat up (M109) or home
+MACROS_MAX = 1000
 
 BACKUP_FOLDERS = ("config", "database", "gcodes", "logs")
 # Moonraker's [secrets] file may have any name; these are the usual ones.
@@ -362,6 +393,8 @@ class Config:
     outbox_max_snapshots: int = SPILL_MAX_SNAPSHOTS
     outbox_max_bytes: int = SPILL_MAX_BYTES
     printer_data_root: Optional[str] = None
+    allow_gcode: bool = True
+    idle_after_seconds: float = IDLE_AFTER_SECONDS
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -380,6 +413,9 @@ class Config:
     def secrets(self) -> List[str]:
         keys = [p.api_key for p in self.moonraker]
         return [s for s in [self.connector_secret, self.pairing_token] + keys if s]
+
+    def capabilities(self) -> List[str]:
+        return [name for name in CAPABILITIES if name != "gcode" or self.allow_gcode]
 
 
 def _is_number(value) -> bool:
@@ -474,6 +510,9 @@ def parse_config(path: str, data: Any, environ=os.environ) -> Config:
                                "an integer >= 4096"),
         printer_data_root=f.get("printer_data_root", _is_plain_folder, None,
                                 "an absolute folder path without '.' or '..' segments"),
+        allow_gcode=f.get("allow_gcode", lambda v: isinstance(v, bool), True, "true or false"),
+        idle_after_seconds=float(f.get("idle_after_seconds", lambda v: _is_number(v) and v >= 0, IDLE_AFTER_SECONDS,
+                                       "a number of seconds >= 0 (0: never relax)")),
         raw=data,
         **intervals,
     )
@@ -1647,6 +1686,17 @@ class KeptConnections(Transport):
             conn.close()
         self.connections.clear()
 
+    def interrupt(self) -> None:
+        """Ends an exchange another thread has in progress (a held long-poll
+        at stop): its read fails at once."""
+        for conn in list(self.connections.values()):
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
 
 class _FileBody:
     """A file body for requests that reports progress; its length keeps
@@ -1914,6 +1964,12 @@ class HttpClient:
         self._routes.clear()
         self._direct = None
 
+    def interrupt(self) -> None:
+        """From another thread: ends the exchange in progress (direct routes)."""
+        for transport in list(self._routes.values()):
+            if hasattr(transport, "interrupt"):
+                transport.interrupt()
+
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "x-connector-id", "cookie"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -2001,8 +2057,9 @@ class Moonraker:
         return result
 
     def query_status(self, objects: Iterable[str] = STATUS_OBJECTS) -> Dict[str, Any]:
-        result = self.call("POST", "/printer/objects/query",
-                           json_body={"objects": {name: None for name in objects}})
+        """objects: names (every field), or a dict of name -> list of fields."""
+        wanted = objects if isinstance(objects, dict) else {name: None for name in objects}
+        result = self.call("POST", "/printer/objects/query", json_body={"objects": wanted})
         if not isinstance(result, dict) or not isinstance(result.get("status"), dict):
             raise BadResponse("moonraker objects/query: unexpected answer (no status object)")
         return result
@@ -2032,6 +2089,17 @@ def user_agent() -> str:
     return "printer-connector/%s" % __version__
 
 
+def poll_wait_of(response: HttpResponse, asked: int) -> Optional[float]:
+    """The hold a long-poll answer declares in X-Poll-Wait, at most what was
+    asked; None when absent or not a positive number (an old cloud)."""
+    text = response.headers.get(POLL_WAIT_HEADER)
+    try:
+        value = float(text) if text is not None and len(text) <= 16 else 0.0
+    except ValueError:
+        return None
+    return min(value, float(asked)) if value > 0 and value == value else None
+
+
 class Cloud:
     def __init__(self, config: Config, log: Logger):
         self.config = config
@@ -2041,6 +2109,7 @@ class Cloud:
             headers["X-Connector-Id"] = str(config.connector_id)
         self.http = HttpClient(config.cloud_url, headers, cloud_error_message, log, "cloud")
         self._paths = {}  # type: Dict[str, str]
+        self.held = None  # type: Optional[float]  # the hold the last poll's answer declared
 
     def call(self, method: str, path: str, what: str, **kwargs) -> HttpResponse:
         try:
@@ -2076,12 +2145,14 @@ class Cloud:
     def heartbeat(self, body: Dict[str, Any]) -> None:
         self.call("POST", self.connector_path("/heartbeat"), "heartbeat", json_body=body)
 
-    def poll_commands(self, splitter: JsonSplitter, progress: Optional[Callable[[int], None]] = None) -> List[Any]:
+    def poll_commands(self, splitter: JsonSplitter, progress: Optional[Callable[[int], None]] = None,
+                      wait: Optional[int] = None) -> List[Any]:
         """The queued commands, read through `splitter` (Large transfers): an
         answer of any size costs a few chunks of memory, and its deadline
-        grows with its Content-Length (read_body)."""
-        response = self.call("GET", self.connector_path("/commands?limit=%d" % COMMANDS_PER_POLL), "commands",
-                             sink=splitter, max_bytes=MAX_COMMANDS_BODY, progress=progress)
+        grows with its Content-Length (read_body). With `wait`, a long-poll
+        (_poll_response)."""
+        response = self._poll_response("/commands?limit=%d" % COMMANDS_PER_POLL, "commands", wait,
+                                       sink=splitter, max_bytes=MAX_COMMANDS_BODY, progress=progress)
         try:
             body = splitter.value()
         except BadJson as exc:
@@ -2109,10 +2180,24 @@ class Cloud:
     def push_snapshots(self, snapshots: List[Dict[str, Any]]) -> None:
         self.call("POST", "/api/v1/snapshots/batch", "snapshots", json_body={"snapshots": snapshots})
 
-    def poll_webcam_requests(self) -> List[Any]:
-        response = self.call("GET", self.connector_path("/webcam_requests?limit=%d" % WEBCAM_REQUESTS_PER_POLL),
-                             "webcam requests")
-        return self._array(response, "webcam requests")
+    def poll_webcam_requests(self, wait: Optional[int] = None) -> List[Any]:
+        what = "webcam requests"
+        return self._array(self._poll_response("/webcam_requests?limit=%d" % WEBCAM_REQUESTS_PER_POLL, what, wait),
+                           what)
+
+    def _poll_response(self, suffix: str, what: str, wait: Optional[int], **kwargs) -> HttpResponse:
+        """One poll; with `wait`, a long-poll (extension "long_poll"): a cloud
+        that holds the answer up to `wait` seconds says so in X-Poll-Wait, and
+        `held` is then what it said (None: an ordinary answer). The read
+        timeout and the deadline cover the hold."""
+        self.held = None
+        if wait is None:
+            return self.call("GET", self.connector_path(suffix), what, **kwargs)
+        response = self.call("GET", self.connector_path("%s&wait=%d" % (suffix, wait)), what,
+                             timeout=(CONNECT_TIMEOUT, wait + READ_TIMEOUT),
+                             deadline=max(EXCHANGE_DEADLINE, CONNECT_TIMEOUT + wait + READ_TIMEOUT), **kwargs)
+        self.held = poll_wait_of(response, wait)
+        return response
 
     def upload_webcam(self, request_id: str, printer_id: int, image: bytes, content_type: str) -> None:
         self.call("PUT", "/api/v1/webcam_requests/%s/upload" % quote(request_id, safe=""), "webcam upload",
@@ -2929,6 +3014,7 @@ class ActionContext:
     config: Config
     log: Logger
     stop: threading.Event
+    console: Optional["Console"] = None  # the printer's console, while its websocket is up
 
 
 def gcodes_folder(ctx: ActionContext, filename: str) -> Optional[str]:
@@ -3469,6 +3555,157 @@ def _storage_error_message(response: HttpResponse) -> str:
     return _short(response.content.decode("utf-8", "replace"), 160) or "no message"
 
 
+# -- owner control (extensions gcode, list_macros, set_temperature, emergency_stop)
+
+class Console:
+    """What Klipper prints on its console (Moonraker's notify_gcode_response)
+    while a gcode command runs, bounded. The printer's status watcher feeds it
+    from the websocket it already holds and, while connected, sets `sync`: a
+    round trip on that websocket, whose answer comes after every console line
+    Moonraker queued before it (one queue per client), so nothing the script
+    printed is missed."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lines = None  # type: Optional[List[str]]  # a list while capturing
+        self.size = 0
+        self.truncated = False
+        self.sync = None  # type: Optional[Callable[[float], bool]]
+
+    def begin(self) -> None:
+        with self.lock:
+            self.lines, self.size, self.truncated = [], 0, False
+
+    def feed(self, lines: Any) -> None:
+        with self.lock:
+            if self.lines is None or not isinstance(lines, list):
+                return
+            for line in lines:
+                if not isinstance(line, str):
+                    continue
+                if len(self.lines) >= CONSOLE_MAX_LINES or self.size + len(line) > CONSOLE_MAX_BYTES:
+                    self.truncated = True
+                    return
+                self.lines.append(line)
+                self.size += len(line)
+
+    def end(self) -> Dict[str, Any]:
+        """The result fields: `console` (the lines), and `console_truncated`
+        or `console_incomplete` (no websocket to read it from) when so."""
+        sync = self.sync
+        synced = sync is not None and sync(CONSOLE_SETTLE_SECONDS)
+        with self.lock:
+            lines, truncated, self.lines = self.lines or [], self.truncated, None
+        fields = {"console": lines}  # type: Dict[str, Any]
+        if truncated:
+            fields["console_truncated"] = True
+        if not synced:
+            fields["console_incomplete"] = "the printer's websocket is not connected"
+        return fields
+
+
+def _gcode_script(params: Dict[str, Any]) -> str:
+    script = params.get("script")
+    if not isinstance(script, str) or not script.strip():
+        raise CommandFailed("missing or invalid param 'script' (G-code lines or macro names)")
+    if "\x00" in script:
+        raise CommandFailed("invalid param 'script': contains a NUL byte")
+    size = len(script.encode("utf-8", "surrogatepass"))
+    if size > GCODE_SCRIPT_MAX_BYTES:
+        raise CommandFailed("invalid param 'script': %d bytes, at most %d" % (size, GCODE_SCRIPT_MAX_BYTES))
+    return script
+
+
+def run_gcode(ctx: ActionContext, script: str, result: Dict[str, Any]) -> Dict[str, Any]:
+    """Runs a script through Moonraker, with the console lines it caused in the
+    result, on failure as well."""
+    console = ctx.console or Console()
+    console.begin()
+    error = None
+    try:
+        ctx.moonraker.call("POST", "/printer/gcode/script", json_body={"script": script},
+                           timeout=(CONNECT_TIMEOUT, GCODE_READ_TIMEOUT))
+    except HttpError as exc:
+        error = str(exc)
+    finally:
+        result.update(console.end())
+    if error is not None:
+        raise CommandFailed(error, result)
+    return result
+
+
+def action_gcode(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    if not ctx.config.allow_gcode:
+        raise CommandFailed("remote G-code is turned off on this printer (allow_gcode is false in the "
+                            "connector's config)")
+    return run_gcode(ctx, _gcode_script(params), {})
+
+
+def _klipper_objects(ctx: ActionContext) -> List[str]:
+    listing = ctx.moonraker.call("GET", "/printer/objects/list")
+    names = listing.get("objects") if isinstance(listing, dict) else None
+    if not isinstance(names, list):
+        raise CommandFailed("moonraker objects/list: unexpected answer (no objects list)")
+    return [name for name in names if isinstance(name, str)]
+
+
+def _klipper_status(ctx: ActionContext, objects: Dict[str, Any]) -> Dict[str, Any]:
+    status = ctx.moonraker.query_status(objects).get("status")
+    return status if isinstance(status, dict) else {}
+
+
+def _config_settings(status: Dict[str, Any]) -> Dict[str, Any]:
+    """Klipper's parsed config (configfile.settings: lower-case section names)."""
+    settings = status.get("configfile", {}).get("settings") if isinstance(status.get("configfile"), dict) else None
+    return settings if isinstance(settings, dict) else {}
+
+
+def action_list_macros(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    prefix = "gcode_macro "
+    names = sorted({name[len(prefix):].strip().upper() for name in _klipper_objects(ctx)
+                    if name.startswith(prefix) and name[len(prefix):].strip()})
+    settings = _config_settings(_klipper_status(ctx, {"configfile": ["settings"]}))
+    macros = []
+    for name in names[:MACROS_MAX]:
+        section = settings.get(prefix + name.lower())
+        description = section.get("description") if isinstance(section, dict) else None
+        macros.append({"name": name, "description": _short(description, 300) if isinstance(description, str)
+                       else ""})
+    return {"macros": macros, "count": len(names)}
+
+
+def _heater_name(params: Dict[str, Any]) -> str:
+    heater = params.get("heater")
+    valid = (isinstance(heater, str) and 0 < len(heater) <= 64 and heater.isascii() and heater == heater.strip()
+             and "  " not in heater and all(c.isalnum() or c in "_ " for c in heater))
+    if not valid:
+        raise CommandFailed("missing or invalid param 'heater' (a heater's name, e.g. extruder or heater_bed)")
+    return heater
+
+
+def action_set_temperature(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    heater, target = _heater_name(params), params.get("target")
+    result = {"heater": heater}  # type: Dict[str, Any]
+    if not _is_number(target) or target != target or abs(target) == float("inf"):
+        raise CommandFailed("missing or invalid param 'target' (degrees Celsius; 0 turns the heater off)", result)
+    status = _klipper_status(ctx, {"heaters": ["available_heaters"], "configfile": ["settings"]})
+    heaters = status.get("heaters", {}).get("available_heaters") if isinstance(status.get("heaters"), dict) else None
+    if not isinstance(heaters, list) or heater not in heaters:
+        known = [h for h in heaters if isinstance(h, str)] if isinstance(heaters, list) else []
+        raise CommandFailed("unknown heater %s; this printer has: %s" % (json.dumps(heater),
+                            ", ".join(known[:20]) or "none"), result)
+    section = _config_settings(status).get(heater.lower())
+    low = section.get("min_temp") if isinstance(section, dict) else None
+    high = section.get("max_temp") if isinstance(section, dict) else None
+    if not (_is_number(low) and _is_number(high)):
+        raise CommandFailed("cannot read the configured min_temp/max_temp of heater %s" % heater, result)
+    if target != 0 and not low <= target <= high:
+        raise CommandFailed("target %g is outside heater %s's configured range %g to %g (0 turns it off)"
+                            % (target, heater, low, high), result)
+    result["target"] = target
+    return run_gcode(ctx, "SET_HEATER_TEMPERATURE HEATER=%s TARGET=%g" % (heater.split()[-1], target), result)
+
+
 ACTIONS = {
     "pause": _print_control("/printer/print/pause"),
     "resume": _print_control("/printer/print/resume"),
@@ -3480,6 +3717,10 @@ ACTIONS = {
     "sync_files": action_sync_files,
     "import_history": action_import_history,
     "create_backup": action_create_backup,
+    "gcode": action_gcode,
+    "list_macros": action_list_macros,
+    "set_temperature": action_set_temperature,
+    "emergency_stop": _print_control("/printer/emergency_stop"),
 }  # type: Dict[str, Callable[[ActionContext, Dict[str, Any]], Dict[str, Any]]]
 
 
@@ -3542,6 +3783,18 @@ class SnapshotOutbox:
 # At most once: the id goes into the ledger before the handler runs, the
 # completion goes into the ledger before it is sent, and a re-delivered id
 # only gets its stored completion sent again.
+#
+# Lanes (docs/PROTOCOL.md, "Command lanes"): a poll answer's commands are
+# recorded in order on the polling thread, then handed to a lane, so an
+# owner's pause or cancel never waits behind a backup or an upload and the
+# polling goes on while they run. Within a lane commands run one at a time,
+# in the order polled; a print control also waits for a start_print polled
+# before it for the same printer (it is meant for that print). An emergency
+# stop waits for nothing: it runs on the polling thread the moment the answer
+# holds it.
+
+LANES = {"emergency_stop": "urgent", "pause": "control", "resume": "control", "cancel": "control"}
+DEFAULT_LANE = "main"  # every other action, as one queue: upload_file then start_print stays in order
 
 
 def completion_body(status: str, result: Dict[str, Any], error: Optional[str] = None) -> Dict[str, Any]:
@@ -3551,12 +3804,137 @@ def completion_body(status: str, result: Dict[str, Any], error: Optional[str] = 
     return body
 
 
+@dataclass
+class Job:
+    """A recorded command on its way through a lane."""
+    id: str
+    raw: Dict[str, Any]
+    lane: str
+    done: threading.Event = field(default_factory=threading.Event)  # set once run and reported
+    after: List[threading.Event] = field(default_factory=list)  # what must be done before it runs
+    files: Optional["AnswerFiles"] = None  # the spooled strings of its poll answer
+
+    @property
+    def action(self) -> Optional[str]:
+        return action_name(self.raw.get("action"))
+
+    @property
+    def printer_id(self) -> Optional[int]:
+        return printer_id_of(self.raw.get("printer_id"))
+
+
+class AnswerFiles:
+    """The spooled strings of one poll answer (JsonSplitter): removed once
+    the poll and the last of its commands, which may run on a lane after
+    the poll returned, are done with them."""
+
+    def __init__(self, splitter: JsonSplitter):
+        self.splitter, self.users, self.lock = splitter, 1, threading.Lock()
+
+    def hold(self) -> None:
+        with self.lock:
+            self.users += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            last = self.users == 0
+        if last:
+            self.splitter.close()
+
+
+class Lane:
+    """A thread that runs its jobs one at a time, in the order given, with
+    HTTP clients of its own. Not started (--once): jobs run where they are
+    dispatched."""
+
+    def __init__(self, runner: "CommandRunner", name: str):
+        self.runner, self.name = runner, name
+        self.cond = threading.Condition()
+        self.queue = []  # type: List[Job]
+        self.current = None  # type: Optional[Job]
+        self.thread = threading.Thread(target=self.run, name="lane-%s" % name, daemon=True)
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            self.queue.append(job)
+            self.cond.notify()
+
+    def pending(self) -> List[Job]:
+        with self.cond:
+            return ([self.current] if self.current else []) + list(self.queue)
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def _next(self) -> Optional[Job]:
+        """The next job; None once stopping with nothing left. Jobs still
+        queued at a stop are taken too: each is reported not run."""
+        stop = self.runner.agent.stop
+        with self.cond:
+            while not self.queue and not stop.is_set():
+                self.cond.wait()
+            self.current = self.queue.pop(0) if self.queue else None
+            return self.current
+
+    def run(self) -> None:
+        clients = PrinterClients(self.runner.config, self.runner.log)
+        try:
+            while True:
+                job = self._next()
+                if job is None:
+                    return
+                self.runner.run(clients, job)
+        finally:
+            clients.close()
+
+
 class CommandRunner:
     def __init__(self, agent: "Agent"):
         self.agent = agent
         self.config, self.log, self.ledger = agent.config, agent.log, agent.ledger
+        self.lanes = {name: Lane(self, name) for name in ("control", DEFAULT_LANE)}
+        self.started = False
+        self.lock = threading.Lock()
+        self.in_flight = set()  # type: set  # ids recorded and not yet reported: flush() leaves them to their lane
+        self.flushing = threading.Lock()
 
-    def handle(self, cloud: Cloud, clients: "PrinterClients", raw: Any) -> None:
+    def start(self) -> None:
+        for lane in self.lanes.values():
+            lane.thread.start()
+        self.started = True
+
+    def wake(self) -> None:
+        for lane in self.lanes.values():
+            lane.wake()
+
+    def threads(self) -> List[threading.Thread]:
+        return [lane.thread for lane in self.lanes.values()] if self.started else []
+
+    def dispatch(self, clients: "PrinterClients", raw: Any, files: Optional["AnswerFiles"] = None) -> bool:
+        """Records a polled command and hands it to its lane; True if it is new.
+        `files`: the poll answer's spooled strings, kept until the job is done."""
+        job = self.admit(clients.cloud, raw)
+        if job is None:
+            return False
+        if files is not None:
+            files.hold()
+            job.files = files
+        lane = self.lanes.get(job.lane)
+        if lane is None or not self.started:
+            self.run(clients, job)  # the urgent lane, and every lane under --once
+            return True
+        if job.lane == "control":
+            job.after = [earlier.done for earlier in self.lanes[DEFAULT_LANE].pending()
+                         if earlier.action == "start_print" and earlier.printer_id == job.printer_id]
+        lane.submit(job)
+        return True
+
+    def admit(self, cloud: Cloud, raw: Any) -> Optional[Job]:
+        """The ledger's record of a new command, made before it can run; None
+        for a command that is not to run (no usable id, seen before, or not
+        recordable)."""
         if isinstance(raw, dict):
             for key in ("id", "action", "printer_id"):  # a long string there goes to the ledger as its length
                 if isinstance(raw.get(key), SpooledString):
@@ -3565,7 +3943,7 @@ class CommandRunner:
         if command_id is None:
             self.log.warn("skipping a command without a usable id (at most %d printable characters)"
                           % COMMAND_ID_MAX_CHARS, command=_short(json.dumps(raw, default=str)[:1000], 120))
-            return
+            return None
         action = action_name(raw.get("action"))  # what the ledger may hold; execute() refuses the rest
         try:
             known = self.ledger.claim(command_id, action, printer_id_of(raw.get("printer_id")))
@@ -3576,17 +3954,36 @@ class CommandRunner:
             cloud.complete(command_id, completion_body("failed", {"action": action},
                                                       "not run: the connector cannot write its state_dir (%s)"
                                                       % (exc.strerror or exc)))
-            return
+            return None
         if known is not None:
             self._redelivered(cloud, command_id, known)
-            return
-        if self.agent.stop.is_set():
-            completion = completion_body("failed", {"action": action}, "not run: the connector was stopping")
-        else:
-            completion = self.execute(clients, command_id, raw)
-        recorded = self.record(command_id, action, completion)
-        if recorded is not None:
-            self.deliver(cloud, command_id, recorded)
+            return None
+        with self.lock:
+            self.in_flight.add(command_id)
+        return Job(command_id, raw, LANES.get(action, DEFAULT_LANE) if action else DEFAULT_LANE)
+
+    def run(self, clients: "PrinterClients", job: Job) -> None:
+        """Runs a recorded job, records its completion and reports it. A
+        completion the cloud did not take stays in the ledger for flush()."""
+        try:
+            for earlier in job.after:
+                earlier.wait()
+            if self.agent.stop.is_set():
+                completion = completion_body("failed", {"action": job.action}, "not run: the connector was stopping")
+            else:
+                completion = self.execute(clients, job.id, job.raw)
+            recorded = self.record(job.id, job.action, completion)
+            if recorded is not None:
+                try:
+                    self.deliver(clients.cloud, job.id, recorded)
+                except (HttpError, CredentialsRejected) as exc:
+                    self.log.debug("completion kept for a later poll", id=job.id, error=str(exc))
+        finally:
+            with self.lock:
+                self.in_flight.discard(job.id)
+            if job.files is not None:
+                job.files.release()
+            job.done.set()
 
     def record(self, command_id: str, action: Optional[str], completion: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """The completion as the ledger now holds it, or None.
@@ -3634,7 +4031,8 @@ class CommandRunner:
         try:
             handler, printer, params = self._resolve(action, raw.get("printer_id"), params)
             moonraker = clients.moonraker(printer)
-            ctx = ActionContext(moonraker, printer, self.config, self.log, self.agent.stop)
+            ctx = ActionContext(moonraker, printer, self.config, self.log, self.agent.stop,
+                                self.agent.console(printer))
             result.update(handler(ctx, params))
             result.update(self._post_snapshot(clients, moonraker))
             completion = completion_body("succeeded", result)
@@ -3685,10 +4083,19 @@ class CommandRunner:
         self.ledger.acked(command_id)
 
     def flush(self, cloud: Cloud) -> None:
-        """Deliver every completion the cloud has not acknowledged yet."""
-        self.ledger.record_held()
-        for command_id, completion in self.ledger.unacked():
-            self.deliver(cloud, command_id, completion)
+        """Deliver every completion the cloud has not acknowledged yet (from
+        the commands and heartbeat loops: one at a time, the other skips)."""
+        if not self.flushing.acquire(blocking=False):
+            return
+        try:
+            self.ledger.record_held()
+            for command_id, completion in self.ledger.unacked():
+                with self.lock:
+                    running = command_id in self.in_flight
+                if not running:
+                    self.deliver(cloud, command_id, completion)
+        finally:
+            self.flushing.release()
 
     def recover_interrupted(self) -> None:
         for entry in self.ledger.interrupted():
@@ -3805,6 +4212,9 @@ class StatusWatcher:
         self.last_message = 0.0
         self.failures = FailureTracker(self.log, "status websocket (printer %s)" % (printer.name or printer.base_url))
         self.ws = None  # type: Optional[websocket.WebSocket]  # while connected, for interrupt()
+        self.console = Console()
+        self.send_lock = threading.Lock()  # sync() sends from a command's thread
+        self.syncs = {}  # type: Dict[int, threading.Event]  # sync() round trips awaiting their answer
 
     def run(self) -> None:
         attempt = 0
@@ -3824,9 +4234,30 @@ class StatusWatcher:
             moonraker.close()
 
     def _send(self, ws, method: str, params: Dict[str, Any]) -> int:
-        self.next_id += 1
-        ws.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": self.next_id}))
-        return self.next_id
+        with self.send_lock:
+            self.next_id += 1
+            rpc_id = self.next_id
+        ws.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": rpc_id}))
+        return rpc_id
+
+    def sync(self, timeout: float) -> bool:
+        """True once Moonraker has answered a call sent now: every console line
+        it queued for us before has arrived by then (Console)."""
+        ws = self.ws
+        if ws is None or not self.identified:
+            return False
+        done = threading.Event()
+        with self.send_lock:
+            self.next_id += 1
+            rpc_id = self.next_id
+            self.syncs[rpc_id] = done
+        try:
+            ws.send(json.dumps({"jsonrpc": "2.0", "method": "server.info", "params": {}, "id": rpc_id}))
+            return done.wait(timeout)
+        except (OSError, websocket.WebSocketException):
+            return False
+        finally:
+            self.syncs.pop(rpc_id, None)
 
     def _subscribe(self, ws) -> None:
         self._send(ws, "printer.objects.subscribe", {"objects": {"print_stats": ["state"]}})
@@ -3847,6 +4278,7 @@ class StatusWatcher:
             # stop flag would cost CPU all day; interrupt() ends the wait.
             ws.settimeout(WEBSOCKET_RECEIVE_TIMEOUT)
             self.ws = ws
+            self.console.sync = self.sync
             while not self.agent.stop.is_set():
                 try:
                     message = ws.recv()
@@ -3856,6 +4288,7 @@ class StatusWatcher:
                     raise websocket.WebSocketConnectionClosedException("websocket closed by Moonraker")
                 self._on_message(ws, message)
         finally:
+            self.console.sync = None
             self.ws = None
             self.identified = False
             ws.close()
@@ -3880,8 +4313,13 @@ class StatusWatcher:
             return
         if not isinstance(data, dict):
             return
-        method = data.get("method")
-        if method == "notify_status_update":
+        method, rpc_id = data.get("method"), data.get("id")
+        waiter = self.syncs.get(rpc_id) if isinstance(rpc_id, int) else None
+        if waiter is not None:
+            waiter.set()
+        elif method == "notify_gcode_response":
+            self.console.feed(data.get("params"))
+        elif method == "notify_status_update":
             params = data.get("params")
             if isinstance(params, list) and params and isinstance(params[0], dict):
                 self._on_status(params[0])
@@ -3889,7 +4327,7 @@ class StatusWatcher:
             self._subscribe(ws)  # Moonraker drops subscriptions when Klippy restarts
         elif method in ("notify_klippy_disconnected", "notify_klippy_shutdown"):
             self._changed(None)
-        elif data.get("id") == self.identify_id:
+        elif rpc_id == self.identify_id:
             self._on_identified(data)
         elif isinstance(data.get("result"), dict):
             self._on_status(data["result"].get("status"))
@@ -3969,27 +4407,38 @@ class PrinterClients:
 
 
 class Loop:
-    """A named step run every `interval()` seconds, or sooner when woken."""
+    """A named step run every `interval()` seconds, or sooner when woken. A
+    step may return the delay before its next run instead (a long-poll the
+    cloud held asks again at once); failures back off all the same."""
 
-    def __init__(self, agent: "Agent", name: str, step: Callable[[PrinterClients], None],
+    def __init__(self, agent: "Agent", name: str, step: Callable[[PrinterClients], Optional[float]],
                  interval: Callable[[], float], backoff: bool = True):
         self.agent, self.name, self.step, self.interval = agent, name, step, interval
         self.backoff = backoff  # False: the step paces its own retries
         self.wake = threading.Event()
         self.failures = FailureTracker(agent.log, name)
         self.rejected = False  # the last failure was a 401: retry slowly
+        self.pace = None  # type: Optional[float]  # the delay the last step asked for (a held long-poll: 0)
+        self.clients = None  # type: Optional[PrinterClients]  # while running, for interrupt()
         self.thread = threading.Thread(target=self.run, name=name, daemon=True)
 
+    def interrupt(self) -> None:
+        """At stop: a poll the cloud holds must not hold up the exit."""
+        clients = self.clients
+        if clients is not None:
+            clients.cloud.http.interrupt()
+
     def run_once(self, clients: PrinterClients) -> bool:
-        self.rejected = False
+        self.rejected, self.pace = False, None
         try:
-            self.step(clients)
+            self.pace = self.step(clients)
         except CredentialsRejected as exc:
             self.rejected = True
             self.failures.failed("credentials rejected: %s" % exc, level=40)
             return False
         except (HttpError, StateDirError) as exc:
-            self.failures.failed(str(exc))
+            if not self.agent.stop.is_set():  # at stop, interrupt() ends held polls on purpose
+                self.failures.failed(str(exc))
             return False
         except OSError as exc:
             self.failures.failed("state_dir trouble: %s" % exc, level=40)
@@ -4001,12 +4450,12 @@ class Loop:
         return True
 
     def run(self) -> None:
-        clients = PrinterClients(self.agent.config, self.agent.log)
+        clients = self.clients = PrinterClients(self.agent.config, self.agent.log)
         failures = 0
         try:
             while not self.agent.stop.is_set():
                 if self.run_once(clients) or not self.backoff:
-                    failures, delay = 0, self.interval()
+                    failures, delay = 0, self.interval() if self.pace is None else self.pace
                 else:
                     failures += 1
                     delay = CREDENTIALS_RETRY_SECONDS if self.rejected else backoff_delay(failures, self.interval())
@@ -4065,7 +4514,7 @@ class Agent:
         self.commands = CommandRunner(self)
         self.loops = [
             Loop(self, "heartbeat", self.heartbeat, lambda: config.heartbeat_seconds),
-            Loop(self, "commands", self.poll_commands, lambda: config.poll_commands_seconds),
+            Loop(self, "commands", self.poll_commands, lambda: self.relaxed("poll_commands_seconds")),
             Loop(self, "snapshots", self.push_snapshots, lambda: config.push_snapshots_seconds, backoff=False),
             Loop(self, "webcam", self.serve_webcam, self.webcam_interval),
         ]
@@ -4074,6 +4523,10 @@ class Agent:
         self.cameras = {}  # type: Dict[str, bool]  # whether a printer's camera answered last time it was asked
         self.cameras_checked = -CAMERA_RECHECK_SECONDS
         self.watchers = {}  # type: Dict[int, StatusWatcher]
+        self.last_asked = time.monotonic()  # when a command or webcam request last came
+        self.idle = False  # polling relaxed (relaxed())
+        self.answer = None  # type: Optional[TransferProgress]  # of the commands poll in progress
+        self.poll_wait = LONG_POLL_WAIT_SECONDS  # type: Optional[int]  # None under --once: one round, at once
 
     # -- loop steps -------------------------------------------------------
 
@@ -4081,8 +4534,12 @@ class Agent:
         printers = [{"printer_id": p.printer_id, "reachable": self._reachable(clients, p)}
                     for p in self.config.active_printers()]
         body = {"status": {"uptime_seconds": int(time.monotonic() - self.started), "version": __version__},
-                "printers": printers}
+                "printers": printers, "capabilities": self.config.capabilities()}
         clients.cloud.heartbeat(body)
+        try:  # a completion a lane could not deliver need not wait for a held poll to end
+            self.commands.flush(clients.cloud)
+        except (HttpError, CredentialsRejected) as exc:
+            self.log.debug("completions kept for later", error=str(exc))
         self._noted("Heartbeat sent", "heartbeat", printers=len(printers),
                     reachable=sum(1 for p in printers if p["reachable"]))
 
@@ -4096,19 +4553,53 @@ class Agent:
         except HttpError:
             return False
 
-    def poll_commands(self, clients: PrinterClients) -> None:
+    def poll_commands(self, clients: PrinterClients) -> Optional[float]:
         self.commands.flush(clients.cloud)
         splitter = JsonSplitter(self.config.state_dir)
+        files = AnswerFiles(splitter)
         try:
-            # Not stopped by a SIGTERM: the cloud has marked these commands
-            # running, and only a whole answer names them all.
-            progress = TransferProgress(self.log, "commands answer")
-            commands = clients.cloud.poll_commands(splitter, progress)
+            # Not stopped by a SIGTERM once it arrives (request_stop): the
+            # cloud has marked these commands running, and only a whole answer
+            # names them all.
+            progress = self.answer = TransferProgress(self.log, "commands answer")
+            asked = time.monotonic()
+            commands = clients.cloud.poll_commands(splitter, progress, self.poll_wait)
             progress.finished(splitter.size)
-            for raw in commands:
-                self.commands.handle(clients.cloud, clients, raw)
+            fresh = sum(1 for raw in commands if self.commands.dispatch(clients, raw, files))
         finally:
-            splitter.close()
+            files.release()  # the commands that use them hold them till they are done
+        return self._paced(clients.cloud.held, asked, len(commands), fresh)
+
+    def _paced(self, held: Optional[float], asked: float, answered: int, fresh: int) -> Optional[float]:
+        """After a poll: 0 (ask again at once) when the cloud held it, or when
+        a held poll was woken by something new; None (the loop's interval)
+        for an old cloud, or a cloud that says it holds but does not."""
+        now = time.monotonic()
+        if answered:
+            self.last_asked = now
+        if held is None:
+            return None
+        if fresh or now - asked >= held / 2:
+            return 0.0
+        return None
+
+    def relaxed(self, key: str) -> float:
+        """The configured interval, or the idle one while no printer prints and
+        nothing was asked for idle_after_seconds (an old cloud only: a held
+        long-poll does not use intervals)."""
+        configured = getattr(self.config, key)
+        after = self.config.idle_after_seconds
+        idle = (after > 0 and time.monotonic() - self.last_asked >= after and bool(self.watchers)
+                and all(w.state is not None and w.state not in BUSY_PRINT_STATES for w in self.watchers.values()))
+        if idle != self.idle:
+            self.idle = idle
+            self.log.debug("polling relaxed: no print and nothing asked lately" if idle else "polling at the "
+                           "configured pace again")
+        return max(configured, IDLE_POLL_SECONDS[key]) if idle else configured
+
+    def console(self, printer: PrinterConfig) -> Optional[Console]:
+        watcher = self.watchers.get(printer.printer_id)
+        return watcher.console if watcher is not None else None
 
     def push_snapshots(self, clients: PrinterClients) -> None:
         fresh, errors = [], []
@@ -4123,19 +4614,26 @@ class Agent:
         if errors and not fresh:
             raise HttpError("no printer status to push: %s" % "; ".join(errors))
 
-    def serve_webcam(self, clients: PrinterClients) -> None:
+    def serve_webcam(self, clients: PrinterClients) -> Optional[float]:
         if time.monotonic() - self.cameras_checked >= CAMERA_RECHECK_SECONDS:
             self._look_for_cameras(clients)
-        for raw in clients.cloud.poll_webcam_requests():
+        # Long-poll only while a camera may answer: without one, the slow pace is cheaper.
+        asked = time.monotonic()
+        answer = clients.cloud.poll_webcam_requests(self.poll_wait if self._camera_may_answer() else None)
+        for raw in answer:
             self._serve_webcam_request(clients, raw)
+        return self._paced(clients.cloud.held, asked, len(answer), len(answer))
 
     def webcam_interval(self) -> float:
         """Webcam requests are polled at the cloud's pace while some printer
         may have a camera, and slowly while none answers."""
-        printers = self.config.active_printers()
-        if any(self.cameras.get(p.base_url, True) for p in printers) or not printers:
-            return self.config.poll_webcam_seconds
+        if self._camera_may_answer():
+            return self.relaxed("poll_webcam_seconds")
         return self.config.poll_webcam_no_camera_seconds
+
+    def _camera_may_answer(self) -> bool:
+        printers = self.config.active_printers()
+        return not printers or any(self.cameras.get(p.base_url, True) for p in printers)
 
     def _look_for_cameras(self, clients: PrinterClients) -> None:
         """Asks each printer whose camera did not answer (or was never asked)."""
@@ -4216,9 +4714,10 @@ class Agent:
         if self.stop.is_set():  # SIGTERM while pairing is a clean stop too
             self.log.info("Connector stopped")
             return EXIT_OK
+        self.watchers = {p.printer_id: StatusWatcher(self, p) for p in self.config.active_printers()}
+        self.commands.start()
         for loop in self.loops:
             loop.thread.start()
-        self.watchers = {p.printer_id: StatusWatcher(self, p) for p in self.config.active_printers()}
         watchers = [threading.Thread(target=w.run, name="watch-%d" % pid, daemon=True)
                     for pid, w in self.watchers.items()]
         for watcher in watchers:
@@ -4229,11 +4728,13 @@ class Agent:
         deadline = time.monotonic() + SHUTDOWN_GRACE
         for loop in self.loops:
             loop.wake.set()
+        self.commands.wake()
         for watcher in self.watchers.values():
             watcher.interrupt()
         # A thread still busy at the deadline (a Moonraker that ignores the
-        # close frame) is a daemon: it ends with the process.
-        for thread in [loop.thread for loop in self.loops] + watchers:
+        # close frame, an upload in progress) is a daemon: it ends with the
+        # process, and its command is reported interrupted at the next start.
+        for thread in [loop.thread for loop in self.loops] + watchers + self.commands.threads():
             thread.join(max(0.0, deadline - time.monotonic()))
         sweep_temp_files(self.config.state_dir)  # a transfer still going at the deadline ends with the process
         self.log.info("Connector stopped")
@@ -4241,6 +4742,7 @@ class Agent:
 
     def run_once(self) -> int:
         self.prepare(once=True)
+        self.poll_wait = None
         clients = PrinterClients(self.config, self.log)
         try:
             results = {loop.name: loop.run_once(clients) for loop in self.loops}
@@ -4255,8 +4757,12 @@ class Agent:
 
     def request_stop(self, *_args) -> None:
         self.stop.set()
+        arriving = self.answer is not None and self.answer.done > 0  # a commands answer is being read
         for loop in self.loops:
             loop.wake.set()
+            if not (loop.step == self.poll_commands and arriving):
+                loop.interrupt()
+        self.commands.wake()
 
 
 # --------------------------------------------------------------------------
@@ -4272,7 +4778,7 @@ def registration_body(config: Config) -> Dict[str, Any]:
     device = {"hostname": socket.gethostname(), "arch": go_arch(), "os": os.uname().sysname.lower() or "linux",
               "version": __version__, "ip": local_ip(config.cloud_url), "ui_port": config.moonraker[0].ui_port}
     body = {"pairing_token": config.pairing_token, "device": {k: v for k, v in device.items() if v},
-            "printers": printers}  # type: Dict[str, Any]
+            "printers": printers, "capabilities": config.capabilities()}  # type: Dict[str, Any]
     if config.site_name:
         body["site_name"] = config.site_name
     return body

@@ -10,7 +10,12 @@ per hour and peak RSS of the whole process tree, bytes written to storage per
 hour, `--version` start-up time, artifact size, and the time from a print
 state change in the simulator to a snapshot with that state in the cloud,
 and the peak RSS and wall time of a G-code upload (--upload-mb, 50 MB) each
-way: as base64 `content` in the commands answer, and by presigned `url`.
+way: as base64 `content` in the commands answer, and by presigned `url`; the
+time from the cloud queuing a command to Moonraker receiving it, and from the cloud
+queuing an emergency stop to Moonraker receiving it while a backup upload is
+in progress. The reference cloud speaks the protocol extensions (long-poll);
+the `oldcloud` subject runs against today's cloud (no long-poll, the idle
+pace of PROTOCOL.md 1.3).
 Per-hour figures are extrapolated from a steady-state window (--duration);
 CPU is also given as the median of one-minute windows. Results go to
 bench/results/ as JSON and Markdown.
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -77,7 +83,15 @@ TARGETS = [
      lambda v: "%.1f" % (v / MIB)),
     ("upload_url_above_idle_bytes", "  same: above idle (MiB)", None, "a few", lambda v: "%.1f" % (v / MIB)),
     ("upload_url_seconds", "  same: wall time, poll to completion (s)", None, "", lambda v: "%.1f" % v),
+    ("command_latency_seconds", "command queued to Moonraker, median (s)", 0.1, "<= 0.1 (long-poll)",
+     lambda v: "%.3f" % v),
+    ("estop_during_backup_seconds", "emergency stop during a backup upload (s)", 1.0, "<= 1", lambda v: "%.3f" % v),
 ]
+# A presigned server that takes a backup's upload and answers only when the
+# run ends: a backup that lasts as long as the measurement (5 minutes of real
+# data would only add waiting). The emergency stop is queued once the upload
+# is in progress.
+BACKUP_BYTES = 2 * 1000 * 1000
 
 
 def log(message):
@@ -90,9 +104,11 @@ def log(message):
 # --------------------------------------------------------------------------
 
 class Subject:
-    def __init__(self, key, label, command, artifact, python=None, camera=True):
+    def __init__(self, key, label, command, artifact, python=None, camera=True, extensions=True, config=None):
         self.key, self.label, self.command, self.artifact, self.python = key, label, command, artifact, python
         self.camera = camera  # False: the printer has no camera (no listed webcam, snapshot URL 404)
+        self.extensions = extensions  # False: today's cloud (no long-poll)
+        self.config = config or {}
 
     def missing(self):
         """Why this subject cannot run, or None."""
@@ -115,6 +131,10 @@ def all_subjects(python, connector=None):
         "pyz": Subject("pyz", "zipapp (py3.8)", [PYTHON38, pyz], pyz, PYTHON38),
         "nocam": Subject("nocam", "%s, no camera" % os.path.basename(connector), [python, connector], connector,
                          python, camera=False),
+        # Today's cloud, idle: the relaxed pace from 10 s of quiet (300 s by
+        # default; only the onset differs, the window is all idle).
+        "oldcloud": Subject("oldcloud", "%s, today's cloud" % os.path.basename(connector), [python, connector],
+                            connector, python, extensions=False, config={"idle_after_seconds": 10}),
     }
 
 
@@ -129,7 +149,7 @@ class Rig:
         self.subject = subject
         self.workdir = workdir
         self.command = command or subject.command
-        self.cloud = ReferenceCloud().start()
+        self.cloud = ReferenceCloud(extensions=subject.extensions).start()
         self.printer = PrinterSimulator(print_seconds=360000.0).start()
         if not subject.camera:
             self.printer.set_webcams([])
@@ -138,11 +158,16 @@ class Rig:
         self.config_path = os.path.join(workdir, "config.json")
         token = "PAIR_bench_%s_%d" % (subject.key, os.getpid())
         self.cloud.add_pairing_token(token)
+        self.printer_data = os.path.join(workdir, "printer_data")
+        os.makedirs(os.path.join(self.printer_data, "config"), exist_ok=True)
+        with open(os.path.join(self.printer_data, "config", "printer.cfg"), "wb") as handle:
+            handle.write(os.urandom(BACKUP_BYTES))
         config = {"cloud_url": self.cloud.url, "pairing_token": token, "site_name": "Bench",
-                  "state_dir": self.state_dir,
+                  "state_dir": self.state_dir, "printer_data_root": self.printer_data,
                   "moonraker": [{"printer_id": 0, "name": "Sim", "base_url": self.printer.url,
                                  "ui_port": self.printer.ui_port}]}
         config.update(intervals or {})  # none: the connector's defaults
+        config.update(subject.config)
         os.makedirs(workdir, exist_ok=True)
         with open(self.config_path, "w") as handle:
             json.dump(config, handle, indent=2)
@@ -264,6 +289,70 @@ class Rig:
         return snap["received_at"] - started
 
 
+    def command_latency(self, action="resume"):
+        """Seconds from the cloud queuing a command to Moonraker receiving its call."""
+        path = "/printer/print/%s" % action
+        with self.printer._lock:
+            seen = len(self.printer._requests)
+        queued = time.time()
+        self.cloud.enqueue_command(self.cloud.connectors[0]["id"], self.cloud.connectors[0]["printers"][0]["id"],
+                                   action)
+
+        def arrived():
+            return next((r["time"] for r in self.printer.requests[seen:] if r["path"].startswith(path)), None)
+        try:
+            return self.printer.wait_for(arrived, timeout=20.0) - queued
+        except AssertionError:
+            return None
+
+    def estop_during_backup(self):
+        """Seconds from queuing emergency_stop to Moonraker receiving it while a backup upload is held."""
+        storage = ThreadingHTTPServer(("127.0.0.1", 0), HeldUpload)
+        storage.daemon_threads = True
+        storage.receiving, storage.release = threading.Event(), threading.Event()
+        threading.Thread(target=storage.serve_forever, daemon=True).start()
+        connector = self.cloud.connectors[0]
+        printer_id = connector["printers"][0]["id"]
+        try:
+            url = "http://127.0.0.1:%d/bucket/bench.tar.gz?X-Amz-Signature=x" % storage.server_address[1]
+            self.cloud.enqueue_command(connector["id"], printer_id, "create_backup", {
+                "backup_id": "bench", "presigned_url": url, "include": {"config": True},
+                "printer_data_root": self.printer_data})
+            if not storage.receiving.wait(60):
+                return None
+            with self.printer._lock:
+                seen = len(self.printer._requests)
+            queued = time.time()
+            self.cloud.enqueue_command(connector["id"], printer_id, "emergency_stop")
+
+            def arrived():
+                return next((r["time"] for r in self.printer.requests[seen:]
+                             if r["path"].startswith("/printer/emergency_stop")), None)
+            try:
+                return self.printer.wait_for(arrived, timeout=20.0) - queued
+            except AssertionError:
+                return None
+        finally:
+            storage.release.set()
+            storage.shutdown()
+            storage.server_close()
+
+
+class HeldUpload(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_PUT(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.receiving.set()
+        self.server.release.wait(600)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
 def rates(first, last):
     """Per-hour figures between two readings."""
     hours = (last["time"] - first["time"]) / 3600.0
@@ -326,6 +415,16 @@ def measure_run(subject, workdir, duration, warmup, latency_samples, window=60.0
         found = [v for v in latencies if v is not None]
         result["state_latencies_seconds"] = [None if v is None else round(v, 4) for v in latencies]
         result["state_latency_seconds"] = statistics.median(found) if found else None
+        rig.printer.set_state("standby")
+        commands = []
+        for index in range(latency_samples):
+            # Each one from the idle pace, when the subject relaxes: past its quiet time.
+            time.sleep(subject.config.get("idle_after_seconds", 0.5) + 1.0 + 0.37 * (index % 3))
+            commands.append(rig.command_latency())
+        found = [v for v in commands if v is not None]
+        result["command_latencies_seconds"] = [None if v is None else round(v, 4) for v in commands]
+        result["command_latency_seconds"] = statistics.median(found) if found else None
+        result["estop_during_backup_seconds"] = rig.estop_during_backup()
         result["peak_rss_bytes"] = rig.peak_rss
     finally:
         result_code = rig.stop()
@@ -669,8 +768,9 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=1, help="repeated runs per subject; medians are reported")
     parser.add_argument("--latency-samples", type=int, default=7, help="state changes timed per run (default 7)")
     parser.add_argument("--version-runs", type=int, default=9, help="--version start-ups timed (default 9)")
-    parser.add_argument("--targets", default="py,binary,pyz,nocam",
-                        help="comma list of py, binary, pyz, nocam (connector.py with a printer without camera)")
+    parser.add_argument("--targets", default="py,binary,pyz,nocam,oldcloud",
+                        help="comma list of py, binary, pyz, nocam (connector.py with a printer without camera), "
+                             "oldcloud (connector.py against today's cloud: no long-poll)")
     parser.add_argument("--sequential", action="store_true", help="one subject at a time (default: side by side)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for connector.py")
     parser.add_argument("--connector", help="measure this copy of connector.py instead (a proposed change)")

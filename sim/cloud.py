@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import select
 import socket
 import sys
 import threading
@@ -39,6 +40,11 @@ FAULT_MODES = ("503", "500", "html", "object", "notjson", "nulls", "huge", "drop
 # body the connector cannot use (JSON 1000 levels deep; a printer id "²").
 AFTER_WORK_FAULTS = ("lost", "deep", "bad_printer_id")
 VERBOSE = os.environ.get("SIM_VERBOSE") == "1"
+# Extensions (docs/PROTOCOL.md): the action each capability unlocks. A command
+# whose action needs a capability its connector did not announce stays queued.
+ACTION_CAPABILITIES = {"gcode": "gcode", "list_macros": "list_macros", "set_temperature": "set_temperature",
+                       "emergency_stop": "emergency_stop"}
+LONG_POLL_MAX_SECONDS = 25
 
 
 DOWNLOAD_MODES = ("truncate", "redirect")  # and "trickle:BYTES_PER_SECOND"
@@ -312,9 +318,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": "Not found"})
             return
         query = {k: v[-1] for k, v in parse_qs(split.query).items()}
-        request = {"params": params, "query": query, "body": body, "headers": self.headers}
+        request = {"params": params, "query": query, "body": body, "headers": self.headers,
+                   "gone": self._client_gone}
+        headers = {}
         try:
-            status, payload = getattr(cloud, handler_name)(request)
+            answer = getattr(cloud, handler_name)(request)
+            status, payload = answer[0], answer[1]
+            headers = answer[2] if len(answer) > 2 else {}
         except _Response as answer:
             status, payload = answer.status, answer.body
         except Exception as exc:  # a bug here must show as a 500, not a hang
@@ -324,7 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
         if after_work:
             self._spoil_answer(fault, status, payload)
             return
-        self._send_json(status, payload)
+        self._send_json(status, payload, headers)
 
     def _spoil_answer(self, mode, status, payload):
         if mode.startswith("late:"):
@@ -338,6 +348,14 @@ class _Handler(BaseHTTPRequestHandler):
         elif mode == "bad_printer_id" and isinstance(payload, dict):
             payload = dict(payload, printers=[dict(p, id="\u00b2") for p in payload.get("printers") or [{}]])
         self._send_json(status, payload)
+
+    def _client_gone(self):
+        """True once the client closed its end (a held poll whose connector stopped or died)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _read_body(self, endpoint):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -375,8 +393,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return  # the client gave up
             time.sleep(interval)
 
-    def _send_bytes(self, status, body, content_type):
+    def _send_bytes(self, status, body, content_type, headers=None):
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if status != 204:
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -385,12 +405,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         self._account()
 
-    def _send_json(self, status, payload):
+    def _send_json(self, status, payload, headers=None):
         if status == 204:
-            self._send_bytes(status, b"", "application/json; charset=utf-8")
+            self._send_bytes(status, b"", "application/json; charset=utf-8", headers)
             return
         length, chunks = streamed_json(payload)
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(length))
         self.end_headers()
@@ -458,6 +480,12 @@ class _Handler(BaseHTTPRequestHandler):
         status, body, ctype = fault_response(mode, endpoint)
         self._send_bytes(status, body, ctype)
         return True
+
+
+def capabilities_of(body):
+    """The extension names a register or heartbeat body announces (strings only)."""
+    names = body.get("capabilities") if isinstance(body, dict) else None
+    return sorted({n for n in names if isinstance(n, str)}) if isinstance(names, list) else []
 
 
 def fault_response(mode, endpoint):
@@ -529,9 +557,12 @@ class ReferenceCloud(Recorder):
         with self._lock:
             return self._refused_batches
 
-    def __init__(self, host="127.0.0.1", port=0):
+    def __init__(self, host="127.0.0.1", port=0, extensions=True):
+        """extensions False: today's cloud, which knows none of the protocol
+        extensions (no long-poll, capabilities ignored)."""
         self.host = host
         self.port = port
+        self.extensions = extensions
         super().__init__()
         self._server = None
         self._thread = None
@@ -551,6 +582,7 @@ class ReferenceCloud(Recorder):
         self._refused_print_state = None
         self._refused_batches = 0
         self.downloads = Downloads()
+        self._faults_set = 0
         self._registrations = []
         self._requests = []
         self._heartbeats = []
@@ -719,6 +751,9 @@ class ReferenceCloud(Recorder):
         if endpoint is not None and endpoint not in FAULT_ENDPOINTS:
             raise ValueError("unknown endpoint %r" % endpoint)
         self._faults.set(mode, endpoint, count)
+        with self._lock:  # a held poll is answered now, so that the next one meets the fault
+            self._faults_set += 1
+            self._notify()
 
     def clear_faults(self):
         self._faults.clear()
@@ -813,7 +848,8 @@ class ReferenceCloud(Recorder):
         secret = "sk_live_" + secrets.token_hex(24)
         self._connectors[str(connector_id)] = {
             "id": connector_id, "secret": secret, "site_name": body.get("site_name"),
-            "device": body.get("device"), "printers": printers}
+            "device": body.get("device"), "printers": printers,
+            "capabilities": capabilities_of(body)}
         response = {"connector": {"id": connector_id}, "credentials": {"secret": secret},
                     "printers": printers}
         if polling:
@@ -824,6 +860,8 @@ class ReferenceCloud(Recorder):
         with self._lock:
             self._authenticate(request, request["params"]["cid"])
             body = self._json_body(request)
+            if "capabilities" in body:
+                self._connectors[str(request["params"]["cid"])]["capabilities"] = capabilities_of(body)
             self._heartbeats.append({"connector_id": request["params"]["cid"], "body": body,
                                     "time": time.time()})
             self._notify()
@@ -832,18 +870,50 @@ class ReferenceCloud(Recorder):
     def _ep_commands(self, request):
         with self._lock:
             cid = request["params"]["cid"]
-            self._authenticate(request, cid)
+            connector = self._authenticate(request, cid)
             limit = self._limit(request, 20)
-            queued = [c for c in self._commands.values()
-                      if c["connector_id"] == cid and c["status"] == "queued" and not c["deleted"]]
-            delivered = []
-            for command in queued[:limit]:
-                command["status"] = "running"
-                command["deliveries"] += 1
-                delivered.append({"id": command["id"], "printer_id": command["printer_id"],
-                                  "action": command["action"], "params": command["params"]})
+
+            def take():
+                queued = [c for c in self._commands.values()
+                          if c["connector_id"] == cid and c["status"] == "queued" and not c["deleted"]
+                          and self._may_send(connector, c["action"])]
+                delivered = []
+                for command in queued[:limit]:
+                    command["status"] = "running"
+                    command["deliveries"] += 1
+                    delivered.append({"id": command["id"], "printer_id": command["printer_id"],
+                                      "action": command["action"], "params": command["params"]})
+                return delivered
+            delivered, headers = self._hold(request, connector, take)
             self._notify()
-            return 200, delivered
+            return 200, delivered, headers
+
+    def _may_send(self, connector, action):
+        needed = ACTION_CAPABILITIES.get(action) if isinstance(action, str) else None
+        return not self.extensions or needed is None or needed in connector["capabilities"]
+
+    def _hold(self, request, connector, take):
+        """Long-poll (extension long_poll): with ?wait=N from a connector that
+        announced it, an empty answer is held until take() finds something
+        (woken by every recorded event) or N seconds (at most 25) pass; the
+        X-Poll-Wait header says so. Call with the lock held."""
+        try:
+            wait = min(LONG_POLL_MAX_SECONDS, int(request["query"].get("wait", "0")))
+        except ValueError:
+            wait = 0
+        if not (self.extensions and wait > 0 and "long_poll" in connector["capabilities"]):
+            return take(), {}
+        deadline, faults = time.monotonic() + wait, self._faults_set
+        items = take()
+        while not items and self._server is not None and faults == self._faults_set:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+            if request["gone"]():
+                break  # nothing is handed to a connector that is no longer there
+            items = take()
+        return items, {"X-Poll-Wait": str(wait)}
 
     def _ep_complete(self, request):
         with self._lock:
@@ -884,15 +954,19 @@ class ReferenceCloud(Recorder):
     def _ep_webcam_requests(self, request):
         with self._lock:
             cid = request["params"]["cid"]
-            self._authenticate(request, cid)
+            connector = self._authenticate(request, cid)
             limit = self._limit(request, 10)
-            pending = [r for r in self._webcam_requests.values()
-                       if r["connector_id"] == cid and r["status"] == "pending"][:limit]
-            for item in pending:
-                item["status"] = "taken"
+
+            def take():
+                pending = [r for r in self._webcam_requests.values()
+                           if r["connector_id"] == cid and r["status"] == "pending"][:limit]
+                for item in pending:
+                    item["status"] = "taken"
+                return pending
+            pending, headers = self._hold(request, connector, take)
             self._notify()
             return 200, [{"id": r["id"], "printer_id": r["printer_id"],
-                          "created_at": r["created_at"]} for r in pending]
+                          "created_at": r["created_at"]} for r in pending], headers
 
     def _ep_webcam_upload(self, request):
         with self._lock:
@@ -974,8 +1048,10 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--pairing-token", action="append", default=[],
                         help="accept this pairing token (repeatable)")
+    parser.add_argument("--no-extensions", action="store_true",
+                        help="behave as today's cloud: no long-poll, capabilities ignored")
     args = parser.parse_args(argv)
-    cloud = ReferenceCloud(args.host, args.port)
+    cloud = ReferenceCloud(args.host, args.port, extensions=not args.no_extensions)
     for token in args.pairing_token:
         cloud.add_pairing_token(token)
     return serve_until_signalled(cloud, lambda: "reference cloud listening on %s" % cloud.url)

@@ -38,6 +38,17 @@ GCODES_DIR = "/home/pi/printer_data/gcodes"
 FAULT_MODES = ("html", "500", "notjson", "drop", "wrongtypes", "trickle")
 AMBIENT = {"extruder": 24.0, "heater_bed": 23.0}
 PRINT_TARGETS = {"extruder": 210.0, "heater_bed": 60.0}
+HEATER_RANGES = {"extruder": (0.0, 250.0), "heater_bed": (0.0, 120.0)}
+# name -> (description, G-code lines it runs), as [gcode_macro NAME] sections
+DEFAULT_MACROS = {
+    "START_PRINT": ("Heat up, home and purge", ["G28", "RESPOND MSG=\"Ready to print\""]),
+    "PARK": ("Move the head to the back", ["G1 X0 Y200 F6000"]),
+    "_HELPER": ("G-Code macro", []),
+}
+# G-code the simulated Klipper knows besides its macros; the rest is "Unknown command".
+KNOWN_GCODE = ("G0", "G1", "G4", "G28", "G90", "G91", "G92", "M82", "M83", "M84", "M104", "M105", "M106", "M107",
+               "M109", "M112", "M114", "M117", "M118", "M140", "M190", "M400", "RESPOND",
+               "SET_HEATER_TEMPERATURE", "TURN_OFF_HEATERS")
 MOONRAKER_VERSION = "0.11.0"
 
 
@@ -112,7 +123,19 @@ def initial_status():
                      "print_time": 0.0, "estimated_print_time": 0.0, "extruder": "extruder",
                      "max_velocity": 300.0, "max_accel": 3000.0},
         "pause_resume": {"is_paused": False},
+        "heaters": {"available_heaters": sorted(HEATER_RANGES), "available_sensors": sorted(HEATER_RANGES)},
+        "configfile": {"settings": config_settings(DEFAULT_MACROS), "save_config_pending": False},
+        **{"gcode_macro %s" % name: {} for name in DEFAULT_MACROS},
     }
+
+
+def config_settings(macros):
+    """configfile.settings as Klipper gives it: parsed, section names in lower case."""
+    settings = {name: {"min_temp": low, "max_temp": high, "control": "pid"}
+                for name, (low, high) in HEATER_RANGES.items()}
+    for name, (description, lines) in macros.items():
+        settings["gcode_macro %s" % name.lower()] = {"description": description, "gcode": "\n".join(lines)}
+    return settings
 
 
 def default_webcam():
@@ -164,6 +187,8 @@ API_ROUTES = [
     ("POST", r"/printer/print/cancel", "_print_cancel", "print"),
     ("POST", r"/printer/print/start", "_print_start", "print"),
     ("POST", r"/printer/gcode/script", "_gcode_script", "route"),
+    ("POST", r"/printer/emergency_stop", "_emergency_stop", "route"),
+    ("POST", r"/printer/firmware_restart", "_firmware_restart", "route"),
     ("POST", r"/server/files/upload", "_files_upload", None),
     ("DELETE", r"/server/files/gcodes/(?P<path>.+)", "_files_delete", None),
     ("GET", r"/server/files/list", "_files_list", None),
@@ -360,6 +385,8 @@ class PrinterSimulator(Recorder):
         self._history = []          # newest last
         self._job = None            # {"filename", "start_time"} while a print is on
         self._webcams = [default_webcam()]
+        self._macros = dict(DEFAULT_MACROS)
+        self._console_replies = []  # console lines of the script running now
         self._image = (make_jpeg(), "image/jpeg")
         self._faults = FaultTable(self._lock, FAULT_MODES)
         self._ws = set()
@@ -546,7 +573,8 @@ class PrinterSimulator(Recorder):
 
     def set_klippy(self, connected):
         with self._lock:
-            if self._klippy == bool(connected):
+            shut_down = self._status["webhooks"]["state"] == "shutdown"
+            if self._klippy == bool(connected) and not (connected and shut_down):
                 return
             self._klippy = bool(connected)
             webhooks = ({"state": "ready", "state_message": "Printer is ready"} if connected
@@ -847,26 +875,108 @@ class PrinterSimulator(Recorder):
         script = self._json_args(request).get("script")
         if not isinstance(script, str):
             raise MoonrakerError(400, "No data for argument: script")
-        with self._lock:
-            self._gcode_scripts.append(script)
-            self._notify()
-            for line in script.splitlines():
-                self._run_gcode_line(line.strip())
+        replies = []
+        try:
+            with self._lock:
+                self._gcode_scripts.append(script)
+                self._notify()
+                for line in script.splitlines():
+                    self._run_gcode_line(line.strip(), replies)
+        finally:
+            self._console(replies)
         return 200, {"result": "ok"}
 
-    def _run_gcode_line(self, line):
-        words = line.split(";", 1)[0].upper().split()
+    def _console(self, lines):
+        """What Klipper printed, to every websocket client, a line a message (as Moonraker does)."""
+        for line in lines:
+            self._broadcast({"jsonrpc": "2.0", "method": "notify_gcode_response", "params": [line]})
+
+    def _run_gcode_line(self, line, replies, depth=0):
+        words = line.split(";", 1)[0].split()
         if not words:
             return
-        if words[0] == "G28":
-            axes = {w[0].lower() for w in words[1:] if w[:1] in ("X", "Y", "Z")} or set("xyz")
-            homed = set(self._status["toolhead"]["homed_axes"]) | axes
-            self._apply({"toolhead": {"homed_axes": "".join(a for a in "xyz" if a in homed)}})
-        elif words[0] in ("M104", "M109", "M140", "M190"):
-            heater = "extruder" if words[0] in ("M104", "M109") else "heater_bed"
-            for word in words[1:]:
-                if word.startswith("S"):
-                    self._apply({heater: {"target": float(word[1:])}})
+        command = words[0].upper()
+        params = {w.split("=", 1)[0].upper(): w.split("=", 1)[1] for w in words[1:] if "=" in w}
+        macro = next((m for m in self._macros if m.upper() == command), None)
+        if macro is not None and depth < 8:
+            for inner in self._macros[macro][1]:
+                self._run_gcode_line(inner, replies, depth + 1)
+            return
+        if command not in KNOWN_GCODE:
+            replies.append('!! Unknown command:"%s"' % command)
+            raise MoonrakerError(400, 'Unknown command:"%s"' % command)
+        handler = GCODE_HANDLERS.get(command)
+        if handler is not None:
+            handler(self, line, [w.upper() for w in words[1:]], params, replies)
+
+    def _gcode_home(self, line, words, params, replies):
+        axes = {w[0].lower() for w in words if w[:1] in ("X", "Y", "Z")} or set("xyz")
+        homed = set(self._status["toolhead"]["homed_axes"]) | axes
+        self._apply({"toolhead": {"homed_axes": "".join(a for a in "xyz" if a in homed)}})
+
+    def _gcode_m_temperature(self, line, words, params, replies):
+        heater = "extruder" if line.split()[0].upper() in ("M104", "M109") else "heater_bed"
+        for word in words:
+            if word.startswith("S"):
+                self._apply({heater: {"target": float(word[1:])}})
+
+    def _gcode_report_temperatures(self, line, words, params, replies):
+        ext, bed = self._status.get("extruder", {}), self._status.get("heater_bed", {})
+        replies.append("T:%.1f /%.1f B:%.1f /%.1f" % (ext.get("temperature", 0), ext.get("target", 0),
+                                                     bed.get("temperature", 0), bed.get("target", 0)))
+
+    def _gcode_report_position(self, line, words, params, replies):
+        replies.append("X:%.3f Y:%.3f Z:%.3f E:%.3f" % tuple(self._status["toolhead"]["position"]))
+
+    def _gcode_echo(self, line, words, params, replies):
+        if line.split()[0].upper() == "M118":
+            text = line.split(None, 1)[1] if len(line.split()) > 1 else ""
+        else:
+            text = line[line.upper().index("MSG=") + 4:] if "MSG=" in line.upper() else ""
+        replies.append("echo: %s" % text.strip().strip('"'))
+
+    def _gcode_set_heater(self, line, words, params, replies):
+        name = params.get("HEATER", "")
+        heater = next((h for h in HEATER_RANGES if h.split()[-1] == name), None)
+        if heater is None:
+            replies.append('!! Unknown heater "%s"' % name)
+            raise MoonrakerError(400, 'Unknown heater "%s"' % name)
+        target = float(params.get("TARGET", "0"))
+        low, high = HEATER_RANGES[heater]
+        if target and not low <= target <= high:
+            message = "Requested temperature (%.1f) out of range (%.1f:%.1f)" % (target, low, high)
+            replies.append("!! " + message)
+            raise MoonrakerError(400, message)
+        self._apply({heater: {"target": target}})
+
+    def _gcode_heaters_off(self, line, words, params, replies):
+        self._apply({heater: {"target": 0.0} for heater in HEATER_RANGES})
+
+    def _gcode_emergency_stop(self, line, words, params, replies):
+        self._shut_down("Shutdown due to M112 command")
+
+    def _emergency_stop(self, request):
+        with self._lock:
+            self._shut_down("Shutdown due to webhooks request")
+        return 200, {"result": "ok"}
+
+    def _firmware_restart(self, request):
+        with self._lock:
+            self._status["webhooks"].update({"state": "ready", "state_message": "Printer is ready"})
+            if self._status["print_stats"]["state"] == "error":
+                self._set_standby()
+            self._notify()
+        self._broadcast({"jsonrpc": "2.0", "method": "notify_klippy_ready"})
+        return 200, {"result": "ok"}
+
+    def _shut_down(self, message):
+        """Klipper's shutdown (an emergency stop): heaters off, the print ends in error."""
+        if self._job is not None:
+            self._finish_job("error")
+        self._apply({heater: {"target": 0.0} for heater in HEATER_RANGES})
+        self._status["webhooks"].update({"state": "shutdown", "state_message": message})
+        self._notify()
+        self._broadcast({"jsonrpc": "2.0", "method": "notify_klippy_shutdown"})
 
     def _files_upload(self, request):
         uploads = request.files.get("file")
@@ -976,6 +1086,17 @@ STATE_SETTERS = {
     "error": lambda sim: sim._finish_job("error"),
 }
 HISTORY_STATUS = {"complete": "completed", "cancelled": "cancelled", "error": "error"}
+GCODE_HANDLERS = {
+    "G28": PrinterSimulator._gcode_home,
+    "M104": PrinterSimulator._gcode_m_temperature, "M109": PrinterSimulator._gcode_m_temperature,
+    "M140": PrinterSimulator._gcode_m_temperature, "M190": PrinterSimulator._gcode_m_temperature,
+    "M105": PrinterSimulator._gcode_report_temperatures,
+    "M114": PrinterSimulator._gcode_report_position,
+    "M118": PrinterSimulator._gcode_echo, "RESPOND": PrinterSimulator._gcode_echo,
+    "SET_HEATER_TEMPERATURE": PrinterSimulator._gcode_set_heater,
+    "TURN_OFF_HEATERS": PrinterSimulator._gcode_heaters_off,
+    "M112": PrinterSimulator._gcode_emergency_stop,
+}
 
 
 def valid_relative_path(name):

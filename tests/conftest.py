@@ -24,6 +24,19 @@ def cloud_server():
 
 
 @pytest.fixture(scope="session")
+def old_cloud_server():
+    """Today's cloud: none of the protocol extensions (no long-poll)."""
+    with ReferenceCloud(extensions=False) as server:
+        yield server
+
+
+@pytest.fixture
+def old_cloud(old_cloud_server):
+    yield old_cloud_server
+    old_cloud_server.clear_faults()
+
+
+@pytest.fixture(scope="session")
 def printer_server():
     with PrinterSimulator(print_seconds=3600.0) as server:
         yield server

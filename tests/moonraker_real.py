@@ -262,6 +262,8 @@ class FakeKlippy:
         self.socket_path, self.gcodes = socket_path, gcodes
         self.lock = threading.Lock()
         self.scripts = []
+        self.emergency_stops = []  # time.time() of each emergency_stop call
+        self.output_templates = {}  # id(entry) -> gcode/subscribe_output's response_template
         self.connections = []  # (socket, send lock, subscribed)
         self.status = {
             "webhooks": {"state": "ready", "state_message": "Printer is ready"},
@@ -370,7 +372,15 @@ class FakeKlippy:
                 with self.lock:
                     entry[2][:] = [template] if template else []
             return {"eventtime": time.monotonic(), "status": self._select(params.get("objects"))}
-        if method in ("gcode/subscribe_output", "register_remote_method", "emergency_stop"):
+        if method == "gcode/subscribe_output":
+            with self.lock:
+                self.output_templates[id(entry)] = (entry, params.get("response_template") or {})
+            return {}
+        if method == "emergency_stop":
+            with self.lock:
+                self.emergency_stops.append(time.time())
+            return {}
+        if method == "register_remote_method":
             return {}
         if method == "gcode/help":
             return {"G28": "Home"}
@@ -398,7 +408,16 @@ class FakeKlippy:
         elif words and words[0].upper() == "G28":
             axes = "".join(w.lower() for w in words[1:]) or "xyz"
             self._update({"toolhead": {"homed_axes": "".join(a for a in "xyz" if a in axes)}})
+        elif words and words[0].upper() == "RESPOND" and "MSG=" in script:
+            self._respond("echo: " + script.split("MSG=", 1)[1].strip().strip('"'))
         return {}
+
+    def _respond(self, text):
+        """Console output, as Klipper sends it before the script's own answer."""
+        with self.lock:
+            templates = list(self.output_templates.values())
+        for entry, template in templates:
+            self._send(entry, dict(template, params={"response": text}))
 
     def _transition(self, allowed, new_state):
         if self.print_state() in allowed:

@@ -222,7 +222,8 @@ def test_without_a_camera_webcam_requests_are_polled_slowly(cloud, own_printer, 
     assert webcam_polls(cloud, connector) - polls <= 1
 
 
-def test_a_camera_that_appears_is_used_and_restores_the_pace(cloud, own_printer, make_connector):
+def test_a_camera_that_appears_is_used_and_restores_the_pace(old_cloud, own_printer, make_connector):
+    cloud = old_cloud  # the pace of intervals: a long-poll cloud holds the polls instead
     without_camera(own_printer)
     connector = make_connector(unpaired_config(cloud, own_printer, poll_webcam_seconds=0.1,
                                                poll_webcam_no_camera_seconds=1)).start()

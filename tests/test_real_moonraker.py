@@ -745,3 +745,30 @@ def test_after_a_klipper_restart_the_watcher_subscribes_again_and_changes_arrive
                  if s["payload"]["status"].get("print_stats", {}).get("state") == "printing"],
         timeout=COMMAND_TIMEOUT, message="a snapshot with state printing")[0]
     assert snapshot["received_at"] - changed_at < 2.0, "took %.2fs" % (snapshot["received_at"] - changed_at)
+
+
+# --------------------------------------------------------------------------
+# Owner control through the real Moonraker (issue 19)
+# --------------------------------------------------------------------------
+
+def test_with_klippy_gcode_returns_the_console_lines_moonraker_forwards(cloud, make_connector, klippy_moonraker, klippy):
+    moonraker, _ = klippy_moonraker
+    connector = start_connector(cloud, make_connector, moonraker)
+    connector.wait_log("status websocket connected")
+
+    body = run_command(cloud, connector, "gcode", {"script": 'RESPOND MSG="hello from the cloud"'})
+
+    assert body["status"] == "succeeded", body
+    assert body["result"]["console"] == ["echo: hello from the cloud"]
+    assert klippy.scripts[-1] == 'RESPOND MSG="hello from the cloud"'
+
+
+def test_with_klippy_emergency_stop_reaches_klipper(cloud, make_connector, klippy_moonraker, klippy):
+    moonraker, _ = klippy_moonraker
+    connector = start_connector(cloud, make_connector, moonraker)
+    queued = time.time()
+
+    body = run_command(cloud, connector, "emergency_stop")
+
+    assert body["status"] == "succeeded", body
+    assert klippy.emergency_stops and klippy.emergency_stops[-1] >= queued

@@ -248,7 +248,8 @@ def test_non_string_file_name_is_refused():
 
 def test_every_protocol_action_has_a_handler():
     assert set(connector.ACTIONS) == {"pause", "resume", "cancel", "start_print", "homing", "upload_file",
-                                      "delete_file", "sync_files", "import_history", "create_backup"}
+                                      "delete_file", "sync_files", "import_history", "create_backup",
+                                      "gcode", "list_macros", "set_temperature", "emergency_stop"}
 
 
 @pytest.mark.parametrize("axes, script, result", [
