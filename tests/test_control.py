@@ -300,7 +300,8 @@ def test_sigterm_ends_a_held_poll_at_once(cloud, paired):
     cloud.wait_for(lambda: len(polls(cloud, paired)) >= 1)
     started = time.monotonic()
     assert paired.stop(timeout=5) == 0
-    assert time.monotonic() - started < 2
+    # Well inside the 4 s grace that a thread still busy at the stop would cost.
+    assert time.monotonic() - started < 3.5
     assert "commands failed" not in paired.run_log
 
 
