@@ -4284,7 +4284,7 @@ class StatusWatcher:
                     message = ws.recv()
                 except websocket.WebSocketTimeoutException:
                     continue
-                if not message:
+                if message == "":  # what recv() gives for a close frame
                     raise websocket.WebSocketConnectionClosedException("websocket closed by Moonraker")
                 self._on_message(ws, message)
         finally:
@@ -4305,6 +4305,8 @@ class StatusWatcher:
 
     def _on_message(self, ws, message) -> None:
         self.last_message = time.monotonic()
+        if not isinstance(message, str):
+            return  # a binary frame (recv() gives bytes): Moonraker's JSON-RPC is text, so it is no call of ours
         if "notify_proc_stat_update" in message[:64]:
             return  # Moonraker sends it every second to every client; parsing it is wasted CPU
         try:

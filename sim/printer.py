@@ -349,8 +349,12 @@ class _WebSocketHandler(tornado.websocket.WebSocketHandler):
         self.send(message)
 
     def send(self, message):
+        """message: a JSON-RPC object (sent as a text frame), or bytes (a binary frame)."""
         try:
-            self.write_message(json.dumps(message))
+            if isinstance(message, bytes):
+                self.write_message(message, binary=True)
+            else:
+                self.write_message(json.dumps(message))
         except tornado.websocket.WebSocketClosedError:
             pass
 
@@ -583,6 +587,11 @@ class PrinterSimulator(Recorder):
             self._notify()
         method = "notify_klippy_ready" if connected else "notify_klippy_disconnected"
         self._broadcast({"jsonrpc": "2.0", "method": method})
+
+    def send_binary_frame(self, data):
+        """A binary websocket frame to every client: the real Moonraker sends
+        only text, but a proxy or another program on its port may not."""
+        self._broadcast(bytes(data))
 
     def set_webcams(self, webcams):
         with self._lock:

@@ -322,3 +322,19 @@ def test_the_websocket_reconnects_after_moonraker_restarts(cloud, own_printer, m
     own_printer.set_state("printing", filename="again.gcode")
     cloud.wait_for(lambda: [s for s in snapshots_of(cloud, connector)[before:]
                             if s["payload"]["status"]["print_stats"]["state"] == "printing"], 5)
+
+
+@pytest.mark.parametrize("frame", [b"\x00\xff binary", b""])
+def test_a_binary_websocket_frame_is_ignored_and_later_state_changes_still_arrive(cloud, own_printer,
+                                                                                  make_connector, frame):
+    own_printer.add_file("bin.gcode")
+    connector = start(make_connector, cloud, own_printer, push_snapshots_seconds=60)
+    connector.wait_log("status websocket connected")
+    cloud.wait_for(lambda: snapshots_of(cloud, connector))
+    before = len(snapshots_of(cloud, connector))
+    own_printer.send_binary_frame(frame)  # the same connection, so it arrives before the change below
+    own_printer.set_state("printing", filename="bin.gcode")
+    cloud.wait_for(lambda: [s for s in snapshots_of(cloud, connector)[before:]
+                            if s["payload"]["status"]["print_stats"]["state"] == "printing"], 5)
+    assert connector.run_log.count("status websocket connected") == 1  # not taken for a close
+    assert "Traceback" not in connector.run_log and "TypeError" not in connector.run_log
