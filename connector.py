@@ -1813,8 +1813,12 @@ def environ_proxy(url: str, environ=os.environ) -> Optional[str]:
 
 def _multipart_head(boundary: str, fields: Dict[str, str], name: str, filename: str) -> bytes:
     """Everything of a multipart/form-data body before its file's bytes."""
-    def quoted(value: str) -> str:  # as browsers escape form-data names (HTML spec)
-        return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+    def quoted(value: str) -> str:
+        # A quoted-string with backslash escapes (RFC 7578 via RFC 2045), as
+        # Moonraker's parser (Python's email) reads it: a browser's %22 would
+        # be stored as "%22", another file's name. CR and LF cannot be quoted.
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return escaped.replace("\r", "%0D").replace("\n", "%0A")
 
     chunks = []
     for field_name, value in fields.items():

@@ -86,12 +86,12 @@ def test_a_file_body_streams_with_the_given_length_not_chunked(server, client, t
     assert "transfer-encoding" not in sent.headers
 
 
-def test_multipart_form_names_are_escaped(server, client):
+def test_multipart_file_names_are_quoted_with_backslashes_and_line_breaks_escaped(server, client):
     peer = server()
     client(peer.url()).request("POST", "/server/files/upload", data={"root": "gcodes"},
-                               files={"file": ('a"b\r\n.gcode', b"G28\n")})
+                               files={"file": ('a"b\\c\r\n.gcode', b"G28\n")})
     body = peer.exchanges[0].body
-    assert b'filename="a%22b%0D%0A.gcode"' in body and b"G28\n" in body
+    assert b'filename="a\\"b\\\\c%0D%0A.gcode"' in body and b"G28\n" in body
     assert peer.exchanges[0].headers["content-type"].startswith("multipart/form-data; boundary=")
 
 

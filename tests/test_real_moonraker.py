@@ -227,6 +227,17 @@ def test_a_name_with_spaces_unicode_and_url_characters_uploads_and_deletes(cloud
     assert not os.path.exists(path)
 
 
+def test_a_name_with_a_double_quote_is_stored_under_that_exact_name_and_deletes(cloud, connector, moonraker):
+    name = 'quoted/say "hi" %22.gcode'
+    uploaded = run_command(cloud, connector, "upload_file", {"filename": name, "content": "RzI4Cg=="})
+    assert uploaded["status"] == "succeeded", uploaded
+    folder = os.path.join(moonraker.gcodes, "quoted")
+    assert [n for n in os.listdir(folder) if not n.startswith(".")] == ['say "hi" %22.gcode']  # not .thumbs
+    deleted = run_command(cloud, connector, "delete_file", {"filename": name})
+    assert deleted["status"] == "succeeded", deleted
+    assert [n for n in os.listdir(folder) if not n.startswith(".")] == []
+
+
 def test_delete_of_a_missing_file_reports_moonrakers_real_reason(cloud, connector, moonraker):
     assert not os.path.exists(os.path.join(moonraker.gcodes, "never_there.gcode"))
 
