@@ -576,6 +576,7 @@ class ReferenceCloud(Recorder):
         self._next_printer = 1
         self._commands = {}         # str(id) -> command dict (insertion ordered)
         self._next_command = 1
+        self._raw_commands = {}     # connector id str -> elements the next commands poll answers first, as they are
         self._webcam_requests = {}  # int id -> dict
         self._next_webcam = 1
         self._faults = FaultTable(self._lock, FAULT_MODES)
@@ -702,6 +703,13 @@ class ReferenceCloud(Recorder):
                 "status": "queued", "deliveries": 0, "deleted": False}
             self._notify()
             return command_id
+
+    def enqueue_raw_commands(self, connector_id, elements):
+        """The next commands poll of this connector answers these JSON values
+        first, exactly as given (any shape: a hostile or broken cloud), once."""
+        with self._lock:
+            self._raw_commands.setdefault(str(connector_id), []).extend(elements)
+            self._notify()
 
     def redeliver(self, command_id):
         with self._lock:
@@ -877,7 +885,7 @@ class ReferenceCloud(Recorder):
                 queued = [c for c in self._commands.values()
                           if c["connector_id"] == cid and c["status"] == "queued" and not c["deleted"]
                           and self._may_send(connector, c["action"])]
-                delivered = []
+                delivered = self._raw_commands.pop(cid, [])
                 for command in queued[:limit]:
                     command["status"] = "running"
                     command["deliveries"] += 1

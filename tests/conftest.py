@@ -6,6 +6,15 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis profiles: "ci" (the default) draws the same examples on every
+# run, so a failure on one machine is the same failure on another, and keeps
+# no example database in the tree; "dev" draws new ones each run and keeps
+# the database, for looking further. HYPOTHESIS_PROFILE=dev selects it.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
