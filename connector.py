@@ -59,6 +59,11 @@ DEFAULT_INTERVALS = {
     # answered anyway: polling for them every 2 s would only cost bytes.
     "poll_webcam_no_camera_seconds": 30.0,
 }
+# The range a polling interval from the register answer must be in, or the
+# configured one is kept: faster would be a busy loop, slower than a day is
+# no polling (and a wait of 1e300 s overflows).
+MIN_POLL_SECONDS = 0.1
+MAX_POLL_SECONDS = 24 * 3600.0
 CAMERA_RECHECK_SECONDS = 300.0  # how often to look again for a camera that did not answer
 WEBCAM_REQUEST_MAX_AGE = 30.0
 WEBCAM_MAX_BYTES = 10 * 1024 * 1024
@@ -259,9 +264,19 @@ class StateDirError(ConnectorError):
 # the ledger it would break every later start. No real answer nests deeper
 # than a dozen levels, so anything past MAX_JSON_DEPTH is refused at the door,
 # as are NaN and Infinity, which are not JSON and which the cloud cannot read
-# back.
+# back (nor the next start, from the ledger), and numbers like 1e400 that
+# decode to them. Memory is bounded the same way: 4 MB of `[{},{},...]`
+# decodes into 1.4 million objects, some 170 MB, where a real answer of that
+# size costs 10; so a text holding more than MAX_JSON_CONTAINERS objects and
+# arrays (counted as brackets, before decoding) is refused too. A real 4 MB
+# files list holds some 40 000; 100 000 small objects cost about 14 MB.
 
 MAX_JSON_DEPTH = 64
+# A peer's answer is stored wrapped in a few levels (a ledger record holds
+# the completion, its result, then the answer), so it gets fewer: what we
+# write must be what the next start can read.
+PEER_JSON_DEPTH = MAX_JSON_DEPTH - 8
+MAX_JSON_CONTAINERS = 100000
 
 
 class BadJson(ValueError):
@@ -272,7 +287,15 @@ def _refuse_constant(name: str):
     raise BadJson("%s is not a JSON value" % name)
 
 
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # one: json.loads(**kw) builds one per call
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400 decodes to inf, which json.dumps writes as Infinity
+        raise BadJson("%s is too large for a JSON number" % text[:20])
+    return value
+
+
+# One decoder: json.loads(**kw) builds one per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def decode_json(data, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -280,6 +303,8 @@ def decode_json(data, max_depth: int = MAX_JSON_DEPTH) -> Any:
     try:
         if isinstance(data, (bytes, bytearray)):
             data = data.decode(json.detect_encoding(data), "surrogatepass")
+        if data.count("{") + data.count("[") > MAX_JSON_CONTAINERS:  # brackets in strings count too: a bound
+            raise BadJson("JSON of more than %d objects and arrays" % MAX_JSON_CONTAINERS)
         value = _DECODER.decode(data)
     except RecursionError:
         raise BadJson("JSON nested too deeply") from None
@@ -425,8 +450,11 @@ def _is_number(value) -> bool:
 def _is_http_url(value) -> bool:
     if not isinstance(value, str):
         return False
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # "http://[x": not a URL
+        return False
 
 
 def _is_int(value) -> bool:
@@ -1231,7 +1259,7 @@ class HttpResponse:
         if not self.content:
             return None
         try:
-            return decode_json(self.content)
+            return decode_json(self.content, PEER_JSON_DEPTH)
         except BadJson as exc:
             ctype = self.headers.get("Content-Type", "?").split(";")[0]
             raise BadResponse("%s: expected JSON, got %s (%d bytes: %s)"
@@ -4123,12 +4151,19 @@ class CommandRunner:
 # worked is remembered until it stops working.
 
 WEBCAM_FALLBACKS = ("/webcam/?action=snapshot", "/webcam/snapshot", "/server/webcam/snapshot")
+# Each camera tried may take its whole deadline: a list of thousands would
+# hold the webcam loop for hours. A printer has one or two.
+WEBCAM_MAX_CANDIDATES = 8
 
 
-def resolve_snapshot_url(printer: PrinterConfig, url: str) -> str:
-    if _is_http_url(url):
-        return url
-    return urljoin("http://%s:%d/" % (printer.host, printer.ui_port), url)
+def resolve_snapshot_url(printer: PrinterConfig, url: str) -> Optional[str]:
+    """The absolute http(s) URL of a (possibly relative) snapshot URL, or
+    None: a javascript:, file: or unparseable one names no camera."""
+    try:
+        absolute = url if _is_http_url(url) else urljoin("http://%s:%d/" % (printer.host, printer.ui_port), url)
+        return absolute if _is_http_url(absolute) else None
+    except ValueError:  # "http://[x": an IPv6 address that does not parse
+        return None
 
 
 def webcam_candidates(moonraker: Moonraker) -> List[str]:
@@ -4140,7 +4175,11 @@ def webcam_candidates(moonraker: Moonraker) -> List[str]:
         for cam in cams if isinstance(cams, list) else []:
             if isinstance(cam, dict) and cam.get("enabled", True) and isinstance(cam.get("snapshot_url"), str) \
                     and cam["snapshot_url"].strip():
-                found.append(resolve_snapshot_url(printer, cam["snapshot_url"].strip()))
+                url = resolve_snapshot_url(printer, cam["snapshot_url"].strip())
+                if url is not None and url not in found:
+                    found.append(url)
+            if len(found) >= WEBCAM_MAX_CANDIDATES:
+                break
     except HttpError:
         pass  # older Moonraker or none configured: the fallbacks follow
     fallbacks = [resolve_snapshot_url(printer, path) for path in WEBCAM_FALLBACKS]
@@ -4831,7 +4870,7 @@ def read_registration(answer: Any) -> Registration:
     intervals = {}
     for key, attr in POLLING_FIELDS:
         value = polling.get(key) if isinstance(polling, dict) else None
-        if _is_number(value) and 0 < value < 86400:
+        if _is_number(value) and MIN_POLL_SECONDS <= value < MAX_POLL_SECONDS:  # 1e-300 would be a busy loop
             intervals[attr] = float(value)
     return Registration(connector_id, secret, printer_ids, intervals)
 
