@@ -23,6 +23,7 @@ import subprocess
 import threading
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import requests
 import requests_mock
 import urllib3
@@ -190,3 +191,17 @@ def certificate_for(folder, *names):
                     "-addext", "subjectAltName=" + ",".join("DNS:%s" % name for name in names)],
                    check=True, capture_output=True)
     return cert, key
+
+
+@pytest.fixture(scope="module")
+def peer_certificate(tmp_path_factory):
+    return certificate_for(tmp_path_factory.mktemp("tls"), "cloud.test", "moonraker.test", "s3.test")
+
+
+@pytest.fixture(params=["requests", "kept_connections"])
+def peers(request, monkeypatch, peer_certificate):
+    """The peers, on one transport and then the other (import this fixture
+    into a test module to use it)."""
+    made = MockedPeers(monkeypatch) if request.param == "requests" else LoopbackPeers(monkeypatch, peer_certificate)
+    yield made
+    made.close()

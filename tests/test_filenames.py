@@ -1,8 +1,8 @@
 """File names from the cloud: what validate_filename accepts can never leave
 the gcodes folder, lexically or after Moonraker's own normalisation, and
 where the folder is on this host no link inside it leads out either.
-Moonraker is stood in for by requests-mock (test_real_moonraker.py has the
-same against the real one)."""
+Moonraker is stood in for by the `peers` fixture, on both transports
+(tests/peers.py; test_real_moonraker.py has the same against the real one)."""
 
 import io
 import os
@@ -10,11 +10,11 @@ import posixpath
 import threading
 
 import pytest
-import requests_mock as rm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import connector
+from peers import peer_certificate, peers  # noqa: F401  (fixtures)
 
 LOCAL = "http://127.0.0.1:7125"
 
@@ -83,11 +83,6 @@ def test_every_value_that_is_not_a_name_is_a_command_failure_with_a_message(valu
 
 # -- links inside a local gcodes folder ---------------------------------------
 
-@pytest.fixture(autouse=True)
-def through_requests(monkeypatch):
-    monkeypatch.setattr(connector, "direct_transport", lambda: connector.RequestsTransport(None))
-
-
 @pytest.fixture
 def layout(tmp_path):
     gcodes = tmp_path / "printer_data" / "gcodes"
@@ -121,63 +116,63 @@ def roots(mock, gcodes, base_url=LOCAL):
     ("delete_file", {"filename": "victim.gcode"}),
     ("start_print", {"filename": "escape/victim.cfg"}),
 ])
-def test_a_file_action_through_a_link_out_of_a_local_gcodes_is_refused_before_moonraker(tmp_path, layout, action,
+def test_a_file_action_through_a_link_out_of_a_local_gcodes_is_refused_before_moonraker(peers, tmp_path, layout, action,
                                                                                          params):
     ctx = make_ctx(tmp_path)
-    with rm.Mocker() as mock:
+    with peers as mock:
         roots(mock, layout)
         with pytest.raises(connector.CommandFailed, match="leads out of the gcodes folder"):
             connector.ACTIONS[action](ctx, params)
         assert [r.path for r in mock.request_history] == ["/server/files/roots"]
 
 
-def test_a_link_that_stays_inside_gcodes_is_allowed(tmp_path, layout):
+def test_a_link_that_stays_inside_gcodes_is_allowed(peers, tmp_path, layout):
     ctx = make_ctx(tmp_path)
-    with rm.Mocker() as mock:
+    with peers as mock:
         roots(mock, layout)
         mock.delete(LOCAL + "/server/files/gcodes/inside/a.gcode", json={"result": {}})
         assert connector.ACTIONS["delete_file"](ctx, {"filename": "inside/a.gcode"}) == {"filename": "inside/a.gcode"}
 
 
-def test_a_gcodes_folder_that_is_itself_a_link_is_checked_where_it_leads(tmp_path, layout):
+def test_a_gcodes_folder_that_is_itself_a_link_is_checked_where_it_leads(peers, tmp_path, layout):
     usb = tmp_path / "usb"
     (usb / "jobs").mkdir(parents=True)
     linked = tmp_path / "printer_data" / "gcodes-on-usb"
     linked.symlink_to(usb)
     ctx = make_ctx(tmp_path)
-    with rm.Mocker() as mock:
+    with peers as mock:
         roots(mock, linked)
         mock.post(LOCAL + "/printer/print/start", json={"result": "ok"})
         assert connector.ACTIONS["start_print"](ctx, {"filename": "jobs/a.gcode"}) == {"filename": "jobs/a.gcode"}
 
 
-def test_a_remote_moonraker_is_not_asked_for_its_roots(tmp_path, layout):
+def test_a_remote_moonraker_is_not_asked_for_its_roots(peers, tmp_path, layout):
     ctx = make_ctx(tmp_path, base_url="http://printer.lan:7125")
-    with rm.Mocker() as mock:
+    with peers as mock:
         mock.delete("http://printer.lan:7125/server/files/gcodes/escape/victim.cfg", json={"result": {}})
         connector.ACTIONS["delete_file"](ctx, {"filename": "escape/victim.cfg"})
         assert [r.path for r in mock.request_history] == ["/server/files/gcodes/escape/victim.cfg"]
 
 
-def test_a_moonraker_without_the_roots_endpoint_gets_the_lexical_checks_only(tmp_path, layout):
+def test_a_moonraker_without_the_roots_endpoint_gets_the_lexical_checks_only(peers, tmp_path, layout):
     ctx = make_ctx(tmp_path)
-    with rm.Mocker() as mock:
+    with peers as mock:
         mock.get(LOCAL + "/server/files/roots", status_code=404, json={"error": {"code": 404, "message": "Not Found"}})
         mock.delete(LOCAL + "/server/files/gcodes/a.gcode", json={"result": {}})
         assert connector.ACTIONS["delete_file"](ctx, {"filename": "a.gcode"}) == {"filename": "a.gcode"}
 
 
-def test_a_roots_answer_naming_a_folder_not_on_this_host_is_not_checked(tmp_path, layout):
+def test_a_roots_answer_naming_a_folder_not_on_this_host_is_not_checked(peers, tmp_path, layout):
     ctx = make_ctx(tmp_path)
-    with rm.Mocker() as mock:
+    with peers as mock:
         roots(mock, tmp_path / "elsewhere" / "gcodes")
         mock.delete(LOCAL + "/server/files/gcodes/escape/victim.cfg", json={"result": {}})
         connector.ACTIONS["delete_file"](ctx, {"filename": "escape/victim.cfg"})
 
 
-def test_a_failing_roots_call_fails_the_command_and_touches_nothing(tmp_path, layout):
+def test_a_failing_roots_call_fails_the_command_and_touches_nothing(peers, tmp_path, layout):
     ctx = make_ctx(tmp_path)
-    with rm.Mocker() as mock:
+    with peers as mock:
         mock.get(LOCAL + "/server/files/roots", status_code=503, json={"error": {"code": 503, "message": "busy"}})
         with pytest.raises(connector.CommandFailed, match="cannot check the gcodes folder"):
             connector.ACTIONS["delete_file"](ctx, {"filename": "a.gcode"})

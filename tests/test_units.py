@@ -10,7 +10,7 @@ import os
 import threading
 
 import pytest
-from peers import LoopbackPeers, MockedPeers, certificate_for
+from peers import peer_certificate, peers  # noqa: F401  (fixtures)
 
 import connector
 
@@ -23,19 +23,6 @@ def fixture_exchange(name):
     with open(FIXTURE) as handle:
         exchanges = json.load(handle)["exchanges"]
     return next(e for e in exchanges if e["name"] == name)
-
-
-@pytest.fixture(scope="module")
-def peer_certificate(tmp_path_factory):
-    return certificate_for(tmp_path_factory.mktemp("tls"), "cloud.test", "moonraker.test", "s3.test")
-
-
-@pytest.fixture(params=["requests", "kept_connections"])
-def peers(request, monkeypatch, peer_certificate):
-    """The peers, on one transport and then the other."""
-    made = MockedPeers(monkeypatch) if request.param == "requests" else LoopbackPeers(monkeypatch, peer_certificate)
-    yield made
-    made.close()
 
 
 @pytest.fixture
