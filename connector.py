@@ -2467,8 +2467,8 @@ class Ledger:
         self.undated = set()  # type: set
         for _ in iter_jsonl(self.path, log, accept=self._load):
             pass
-        try:
-            self.file_bytes = os.lstat(self.path).st_size
+        try:  # a file we could not read is never compacted away (its ids would run again)
+            self.file_bytes = os.lstat(self.path).st_size if os.access(self.path, os.R_OK) else 0
         except OSError:
             self.file_bytes = 0
         self._account_loaded()

@@ -5,7 +5,13 @@ ledger and outbox bounded in bytes (issue 14 items 1, 2, 6, 7, 10)."""
 import io
 import json
 import os
+import pwd
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import tracemalloc
 
@@ -373,7 +379,7 @@ class FakeAgent:
             connector.PrinterConfig(base_url="http://127.0.0.1:9", printer_id=1)], state_dir=state_dir)
         self.log = log
         self.ledger = connector.Ledger(state_dir, log)
-        self.stop = __import__("threading").Event()
+        self.stop = threading.Event()
         self.snapshots = None
 
 
@@ -546,13 +552,13 @@ def test_a_snapshot_refused_with_429_is_kept_for_later(tmp_path, log):
 
 def test_of_lanes_handed_the_same_id_exactly_one_may_run_it(tmp_path, log):
     ledger = connector.Ledger(str(tmp_path), log)
-    barrier = __import__("threading").Barrier(8)
+    barrier = threading.Barrier(8)
     claims = []
 
     def claim():
         barrier.wait()
         claims.append(ledger.claim("same", "pause", 1))
-    threads = [__import__("threading").Thread(target=claim) for _ in range(8)]
+    threads = [threading.Thread(target=claim) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -562,7 +568,6 @@ def test_of_lanes_handed_the_same_id_exactly_one_may_run_it(tmp_path, log):
 
 def test_lanes_recording_at_once_leave_a_ledger_that_loads_the_same(tmp_path, log, monkeypatch):
     monkeypatch.setattr(connector, "LEDGER_SLACK_BYTES", 2000)  # compactions happen while the lanes write
-    threading = __import__("threading")
     ledger = connector.Ledger(str(tmp_path), log)
 
     def lane(name):
@@ -623,3 +628,27 @@ def test_a_result_nested_as_deep_as_moonraker_may_answer_is_recorded_so_it_loads
     again = connector.CommandRunner(FakeAgent(str(tmp_path), log))
     again.recover_interrupted()
     assert again.ledger.get("deep")["completion"] == sent  # not "interrupted by restart"
+
+
+def test_a_ledger_this_user_cannot_read_is_left_as_it_is():
+    nobody = pwd.getpwnam("nobody")
+    state = tempfile.mkdtemp(prefix="state-unreadable-")
+    try:
+        os.chown(state, nobody.pw_uid, nobody.pw_gid)
+        ledger = os.path.join(state, "commands.jsonl")
+        with open(ledger, "wb") as handle:  # left by a run as root: root's, 0600
+            for n in range(5000):
+                handle.write(pause_done(str(n)))
+        os.chmod(ledger, 0o600)
+        before = open(ledger, "rb").read()
+        code = ("import io, sys; sys.path.insert(0, %r); import connector; "
+                "connector.Ledger(%r, connector.Logger('info', stream=io.StringIO()))"
+                % (os.path.dirname(connector.__file__), state))
+        # The system Python: the test's own may sit where nobody can reach.
+        site_packages = [p for p in sys.path if p.endswith("site-packages")]
+        subprocess.run(["/usr/bin/python3", "-c", code], check=True, timeout=60,
+                       env={"PYTHONPATH": ":".join(site_packages), "PATH": "/usr/bin:/bin"},
+                       preexec_fn=lambda: (os.setgid(nobody.pw_gid), os.setuid(nobody.pw_uid)))
+        assert open(ledger, "rb").read() == before
+    finally:
+        shutil.rmtree(state)
