@@ -1931,6 +1931,7 @@ class HttpClient:
                                 if name.lower() not in CREDENTIAL_HEADERS}
         self.error_message = error_message
         self.log, self.peer = log, peer
+        self.interrupted = False  # interrupt() was called: the connector is stopping
         self._routes = {}  # type: Dict[Tuple[str, str], Any]  # (scheme, host:port) -> transport
         self._direct = None  # type: Optional[Any]
 
@@ -1947,6 +1948,8 @@ class HttpClient:
         content. progress(bytes_so_far): called per chunk of a file sent or
         a body received into the sink. A status other than 2xx raises
         HttpStatusError, unless any_status."""
+        if self.interrupted:
+            raise TransportError("%s %s: not sent, the connector is stopping" % (self.peer, method))
         url = self.url(path)
         if params:
             url += ("&" if "?" in url else "?") + urlencode(params)
@@ -1997,7 +2000,10 @@ class HttpClient:
         self._direct = None
 
     def interrupt(self) -> None:
-        """From another thread: ends the exchange in progress (direct routes)."""
+        """From another thread, at stop: ends the exchange in progress (direct
+        routes), and every later one fails at once (none is started to be
+        held by the cloud after the stop)."""
+        self.interrupted = True
         for transport in list(self._routes.values()):
             if hasattr(transport, "interrupt"):
                 transport.interrupt()
