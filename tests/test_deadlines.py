@@ -2,10 +2,15 @@
 process: a peer that trickles its answer a byte a second (so that no read
 timeout ever trips) holds a loop no longer than that deadline."""
 
+import io
+import threading
 import time
+
+import pytest
 
 import connector as agent
 from harness import wait_until
+from rawserver import RawServer, Trickle, reply
 
 MARGIN = 10.0  # a poll interval, a backoff step and a loaded machine
 
@@ -31,3 +36,23 @@ def test_a_trickling_camera_holds_the_webcam_loop_only_until_the_deadline(cloud,
     cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] in (first, second)],
                    timeout=agent.WEBCAM_FETCH_DEADLINE + 2 * MARGIN)
     assert time.monotonic() - trickle_started < agent.WEBCAM_FETCH_DEADLINE + MARGIN
+
+
+def test_a_backup_upload_to_a_trickling_presigned_url_ends_at_its_size_deadline(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent, "TRANSFER_BASE_SECONDS", 1.0)  # the deadline is read per upload
+    storage = RawServer(lambda exchange: Trickle(reply(200, b""), interval=0.2))
+    archive = tmp_path / "backup.tar.gz"
+    archive.write_bytes(b"x" * 1000)
+    printer = agent.PrinterConfig(base_url="http://127.0.0.1:1", printer_id=1)
+    log = agent.Logger("debug", stream=io.StringIO())
+    config = agent.Config(path=str(tmp_path / "c.json"), cloud_url="http://127.0.0.1:1", moonraker=[printer],
+                          state_dir=str(tmp_path))
+    ctx = agent.ActionContext(agent.Moonraker(printer, log, "ua"), printer, config, log, threading.Event())
+    started = time.monotonic()
+    try:
+        with pytest.raises(agent.CommandFailed, match="backup upload failed: .*deadline"):
+            agent._upload_backup(ctx, storage.url("/bucket/b.tar.gz?X-Amz-Signature=x"), str(archive), 1000)
+    finally:
+        storage.stop()
+    assert time.monotonic() - started < agent.transfer_deadline(1000) + 2.0
+    assert len(storage.exchanges) == 1 and storage.exchanges[0].body == b"x" * 1000
