@@ -56,3 +56,17 @@ def test_a_backup_upload_to_a_trickling_presigned_url_ends_at_its_size_deadline(
         storage.stop()
     assert time.monotonic() - started < agent.transfer_deadline(1000) + 2.0
     assert len(storage.exchanges) == 1 and storage.exchanges[0].body == b"x" * 1000
+
+
+def test_a_websocket_handshake_trickled_a_byte_at_a_time_ends_at_its_deadline(monkeypatch):
+    monkeypatch.setattr(agent, "WEBSOCKET_HANDSHAKE_DEADLINE", 1.0)
+    handshake = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    moonraker = RawServer(lambda exchange: Trickle(handshake, interval=0.2))
+    started = time.monotonic()
+    try:
+        with pytest.raises(agent.ExchangeTimeout, match="websocket handshake: .*1 s deadline"):
+            agent.open_websocket(moonraker.url("").rstrip("/"), ["User-Agent: test"])
+    finally:
+        moonraker.stop()
+    assert time.monotonic() - started < 3.0
+    assert moonraker.exchanges[0].request_line == "GET /websocket HTTP/1.1"
