@@ -219,6 +219,11 @@ class TlsError(TransportError):
     """The peer's TLS certificate or handshake failed."""
 
 
+class DestinationRefused(HttpError):
+    """A URL from the cloud that leads where this connector must not send or
+    fetch (a printer's own Moonraker or web UI); nothing was sent."""
+
+
 class BadResponse(HttpError):
     """An answer we refuse: not JSON, or not the shape the protocol says."""
 
@@ -1575,6 +1580,7 @@ class Transport:
     map of their failures. `_exchange` may raise whatever its library raises."""
 
     FAILURES = (OSError, ValueError, OverflowError, http.client.HTTPException)  # type: Tuple[type, ...]
+    guard = None  # type: Optional[AddressGuard]  # set by HttpClient: the destinations refused
 
     def exchange(self, method: str, url: str, headers: Dict[str, str], body, timeout: Tuple[float, float],
                  deadline: float, max_bytes: int, sink=None,
@@ -1607,6 +1613,71 @@ def _watched_create_connection(address, timeout=None, source_address=None):
     sock = socket.create_connection(address, timeout, source_address)
     DEADLINES.attach(sock, connected=False)  # a TLS handshake follows
     return sock
+
+
+def canonical_ip(address: str) -> str:
+    """An address as getaddrinfo gives it, without an IPv6 scope, and an
+    IPv4-mapped IPv6 address (::ffff:127.0.0.1) as the IPv4 one."""
+    address = address.split("%", 1)[0].lower()
+    return address[7:] if address.startswith("::ffff:") and "." in address else address
+
+
+def is_local_address(address: str) -> bool:
+    """Whether a connection to this address stays on this host: only a local
+    address can be bound (127.0.0.0/8, ::1, 0.0.0.0, ::, each interface's)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+class AddressGuard:
+    """Destinations a client must not connect to, judged on the addresses the
+    connection really uses: every spelling of an address (localhost,
+    127.0.0.2, [::1], 2130706433, 0x7f000001) and a name that resolves there,
+    now or only at the connect, are refused alike. refused: (address, port)
+    -> what is there; local_ports: port -> what is there, for every address
+    of this host; names: (host name, port) -> what is there."""
+
+    def __init__(self, refused: Dict[Tuple[str, int], str], local_ports: Dict[int, str],
+                 names: Dict[Tuple[str, int], str]):
+        self.refused, self.local_ports, self.names = refused, local_ports, names
+
+    def _reason(self, address: str, port: int) -> Optional[str]:
+        address = canonical_ip(address)
+        found = self.refused.get((address, port))
+        if found is None and port in self.local_ports and is_local_address(address):
+            found = self.local_ports[port]
+        return found
+
+    def addresses(self, host: str, port: int) -> List[Tuple[Any, ...]]:
+        """getaddrinfo's answer for host:port; DestinationRefused when any
+        address in it is refused."""
+        found = self.names.get((host.lower().rstrip("."), port))
+        infos = [] if found else socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        for info in infos:
+            found = found or self._reason(info[4][0], port)
+        if found:
+            raise DestinationRefused("refused: %s port %d leads to %s" % (_short(host, 80), port, found))
+        return infos
+
+    def create_connection(self, address, timeout=None, source_address=None):
+        """socket.create_connection to the addresses checked, no others."""
+        error = None  # type: Optional[OSError]
+        for family, kind, proto, _, sockaddr in self.addresses(address[0], address[1]):
+            sock = socket.socket(family, kind, proto)
+            try:
+                DEADLINES.attach(sock, connected=False)
+                sock.settimeout(timeout)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error or OSError("no address for %s" % address[0])
 
 
 class KeptConnections(Transport):
@@ -1668,7 +1739,8 @@ class KeptConnections(Transport):
                                                context=tls_context())  # type: http.client.HTTPConnection
         else:
             conn = http.client.HTTPConnection(netloc, timeout=connect_timeout)
-        conn._create_connection = _watched_create_connection  # type: ignore  # http.client's own hook
+        connect = _watched_create_connection if self.guard is None else self.guard.create_connection
+        conn._create_connection = connect  # type: ignore  # http.client's own hook
         self.connections[key] = conn
         try:
             conn.connect()
@@ -1803,6 +1875,13 @@ class RequestsTransport(Transport):
         self.session.headers["Accept-Encoding"] = urllib3.util.SKIP_HEADER
 
     def _exchange(self, method, url, headers, body, timeout, watched, max_bytes, sink, progress) -> HttpResponse:
+        if self.guard is not None:
+            # Checked here, before urllib3 (or the proxy) resolves the name again.
+            origin = url_origin(url)
+            try:
+                self.guard.addresses(origin[1], origin[2] or 0)
+            except socket.gaierror:
+                pass  # a name only the proxy can resolve: no address of ours to compare
         if progress is not None and body is not None and not isinstance(body, bytes):
             body = _FileBody(body, int(headers.get("Content-Length", "0")), progress)
         response = self.session.request(method, url, data=body, headers=headers,
@@ -1920,17 +1999,17 @@ class HttpClient:
     """The connections to one peer, with its headers and error format. Not
     shared between threads. Credential headers go only to the peer's own
     origin (scheme, host, port of base_url): a webcam URL that names another
-    host gets none of them."""
+    host gets none of them. guard: destinations it must never connect to."""
 
     def __init__(self, base_url: str, headers: Dict[str, str], error_message: Callable[[HttpResponse], str],
-                 log: Logger, peer: str):
+                 log: Logger, peer: str, guard: Optional[AddressGuard] = None):
         self.base_url = base_url.rstrip("/")
         self.origin = url_origin(self.base_url)
         self.headers = dict(headers)
         self.foreign_headers = {name: value for name, value in headers.items()
                                 if name.lower() not in CREDENTIAL_HEADERS}
         self.error_message = error_message
-        self.log, self.peer = log, peer
+        self.log, self.peer, self.guard = log, peer, guard
         self.interrupted = False  # interrupt() was called: the connector is stopping
         self._routes = {}  # type: Dict[Tuple[str, str], Any]  # (scheme, host:port) -> transport
         self._direct = None  # type: Optional[Any]
@@ -1990,6 +2069,7 @@ class HttpClient:
                 route = RequestsTransport(proxy)
             else:
                 route = self._direct = self._direct or direct_transport()
+            route.guard = self.guard
             self._routes[(parts.scheme, parts.netloc)] = route
         return route
 
@@ -3055,6 +3135,35 @@ class ActionContext:
     console: Optional["Console"] = None  # the printer's console, while its websocket is up
 
 
+# A transfer URL (upload_file's `url`, create_backup's `presigned_url`) is the
+# cloud's to choose, so it must not lead to a printer's own Moonraker or web
+# UI: a GET of http://127.0.0.1:7125/server/files/config/moonraker.conf
+# would put the printer's config in gcodes, where the next backup carries it
+# to the cloud, and Moonraker trusts this host without an API key. The
+# comparison is on resolved addresses (AddressGuard); a printer on this host
+# is refused on every local address, since Moonraker often listens on all.
+
+def transfer_guard(config: Config) -> AddressGuard:
+    refused = {}  # type: Dict[Tuple[str, int], str]
+    local_ports = {}  # type: Dict[int, str]
+    names = {}  # type: Dict[Tuple[str, int], str]
+    for printer in config.moonraker:
+        label = "printer %s" % _short(printer.name or printer.base_url, 60)
+        for what, port in (("Moonraker", url_origin(printer.base_url)[2] or 0), ("web UI", printer.ui_port)):
+            found = "%s's %s" % (label, what)
+            names[(printer.host.lower().rstrip("."), port)] = found
+            try:
+                addresses = {canonical_ip(info[4][0]) for info in socket.getaddrinfo(printer.host, port, 0,
+                                                                                   socket.SOCK_STREAM)}
+            except OSError:
+                addresses = set()  # its name, at least, is refused
+            for address in addresses:
+                refused[(address, port)] = found
+            if any(is_local_address(address) for address in addresses):
+                local_ports[port] = found
+    return AddressGuard(refused, local_ports, names)
+
+
 def gcodes_folder(ctx: ActionContext, filename: str) -> Optional[str]:
     """Moonraker's gcodes folder when it is on this host; None when that
     cannot be known (a remote Moonraker, or one without /server/files/roots)."""
@@ -3228,7 +3337,8 @@ def _download_file(ctx: ActionContext, params: Dict[str, Any], local: TransferFi
         raise CommandFailed(too_large_message("file", size, folder), result)
     writer = _HashingWriter(local.file)
     progress = TransferProgress(ctx.log, "download", size, ctx.stop)
-    downloader = HttpClient(url, {"User-Agent": user_agent()}, _storage_error_message, ctx.log, "url")
+    downloader = HttpClient(url, {"User-Agent": user_agent()}, _storage_error_message, ctx.log, "url",
+                            transfer_guard(ctx.config))
     try:
         # Without a size, the download's Content-Length extends the deadline.
         downloader.request("GET", url, sink=writer, max_bytes=limit if size is None else size,
@@ -3576,7 +3686,8 @@ def _is_real_folder(parent_fd: int, name: str) -> bool:
 def _upload_backup(ctx: ActionContext, url: str, archive: str, size: int) -> None:
     # A file body with an explicit Content-Length goes out as it is read,
     # without chunked encoding, which S3 and its clones refuse.
-    uploader = HttpClient(url, {"User-Agent": user_agent()}, _storage_error_message, ctx.log, "presigned_url")
+    uploader = HttpClient(url, {"User-Agent": user_agent()}, _storage_error_message, ctx.log, "presigned_url",
+                          transfer_guard(ctx.config))
     try:
         with open(archive, "rb") as body:
             uploader.request("PUT", url, data=body, timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT),
@@ -3588,9 +3699,15 @@ def _upload_backup(ctx: ActionContext, url: str, archive: str, size: int) -> Non
         uploader.close()
 
 
+S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9._-]{1,64})</Code>")
+
+
 def _storage_error_message(response: HttpResponse) -> str:
-    # S3 and its clones explain themselves in XML (<Code>SignatureDoesNotMatch</Code>).
-    return _short(response.content.decode("utf-8", "replace"), 160) or "no message"
+    # Only the S3-style error code (<Code>SignatureDoesNotMatch</Code>): the
+    # message goes to the cloud, and the body of whatever the URL named
+    # (a service on the LAN) must not.
+    found = S3_ERROR_CODE.search(response.content)
+    return found.group(1).decode("ascii") if found else "no S3 error code"
 
 
 # -- owner control (extensions gcode, list_macros, set_temperature, emergency_stop)

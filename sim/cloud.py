@@ -181,19 +181,19 @@ class Downloads:
         return hmac.new(self.key, ("%s\n%d" % (name, expires)).encode(), hashlib.sha256).hexdigest()
 
     def check(self, name, query):
-        """The file entry, or (status, message) when the URL is not valid now."""
+        """The file entry, or (status, code, message) when the URL is not valid now (as S3 says it)."""
         try:
             expires = int(query.get("expires", ""))
         except ValueError:
-            return None, (403, "missing expiry")
+            return None, (403, "AuthorizationQueryParametersError", "missing expiry")
         if not hmac.compare_digest(self.sign(name, expires), query.get("signature", "")):
-            return None, (403, "SignatureDoesNotMatch")
+            return None, (403, "SignatureDoesNotMatch", "The request signature does not match")
         if time.time() > expires:
-            return None, (403, "Request has expired")
+            return None, (403, "AccessDenied", "Request has expired")
         with self.lock:
             entry = self.files.get(name)
             if entry is None:
-                return None, (404, "NoSuchKey")
+                return None, (404, "NoSuchKey", "The specified key does not exist.")
             entry["hits"] += 1
             return dict(entry), None
 
@@ -427,8 +427,8 @@ class _Handler(BaseHTTPRequestHandler):
         entry, refused = cloud.downloads.check(name, query)
         cloud._record_request(self, "download", None, 0)
         if refused is not None:
-            status, message = refused
-            body = ("<Error><Code>%s</Code></Error>" % message).encode()
+            status, code, message = refused
+            body = ("<Error><Code>%s</Code><Message>%s</Message></Error>" % (code, message)).encode()
             self._send_bytes(status, body, "application/xml")
             return
         mode = entry["mode"] or ""

@@ -236,7 +236,7 @@ def test_an_expired_url_fails_with_the_storage_message(cloud, paired, tmp_path):
     url = cloud.add_download(gcode_file(tmp_path, 1000), expires_in=-1)
     body = upload(cloud, paired, {"filename": "late.gcode", "url": url})
     assert body["status"] == "failed"
-    assert body["error_message"] == "download failed: url http 403: <Error><Code>Request has expired</Code></Error>"
+    assert body["error_message"] == "download failed: url http 403: AccessDenied"
 
 
 def test_the_url_is_not_logged(cloud, paired, tmp_path):
