@@ -1792,10 +1792,7 @@ class KeptConnections(Transport):
         for conn in list(self.connections.values()):
             sock = conn.sock
             if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                _shut_down(sock)  # not SSLSocket.shutdown: it drops the TLS state the reading thread uses
 
 
 class _FileBody:

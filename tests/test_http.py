@@ -467,3 +467,26 @@ def test_headers_cut_off_by_the_deadline_are_not_taken_for_a_complete_answer(ser
     peer = server(lambda exchange: Trickle(b"Content-Length: 2\r\n\r\n[]", interval=0.3, head=head))
     with pytest.raises(connector.ExchangeTimeout):
         any_client(peer.url()).request("GET", "/", sink=io.BytesIO(), deadline=1.0)
+
+
+def test_an_interrupt_from_another_thread_ends_a_tls_read_as_a_transport_error(tls_server, client, localhost_cert,
+                                                                               monkeypatch):
+    import threading
+    monkeypatch.setattr(connector, "_TLS_CONTEXT", [ssl.create_default_context(cafile=localhost_cert[0])])
+    tls_server.respond = lambda exchange: RawServer.HANG
+    http = client(tls_server.url(scheme="https", host="localhost"))
+    raised = []
+
+    def poll():
+        try:
+            http.request("GET", "/held", timeout=(2.0, 20.0))
+        except Exception as exc:  # what escapes is the point of this test
+            raised.append(exc)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    wait_until(lambda: tls_server.exchanges, timeout=5, message="the request arrived")
+    http.interrupt()
+    thread.join(5)
+    assert not thread.is_alive() and len(raised) == 1
+    assert isinstance(raised[0], connector.TransportError), repr(raised[0])
