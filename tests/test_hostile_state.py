@@ -375,6 +375,13 @@ class FakeCloud:
         pass
 
 
+class CloudOnly:
+    """The clients of a lane whose commands never reach a printer."""
+
+    def __init__(self, cloud):
+        self.cloud = cloud
+
+
 class FakeAgent:
     def __init__(self, state_dir, log):
         self.config = connector.Config(path="x", cloud_url="http://127.0.0.1:9", moonraker=[
@@ -384,6 +391,9 @@ class FakeAgent:
         self.stop = threading.Event()
         self.snapshots = None
 
+    def console(self, printer):
+        return None
+
 
 def runner(tmp_path, log):
     return connector.CommandRunner(FakeAgent(str(tmp_path), log))
@@ -392,7 +402,7 @@ def runner(tmp_path, log):
 @pytest.mark.parametrize("command_id", ["9" * 129, "a\rb", "a\u2028b", "a\x1b[2Jb", 1e200])
 def test_a_command_without_a_usable_id_is_skipped_in_one_line(tmp_path, log, stream, command_id):
     cloud = FakeCloud()
-    runner(tmp_path, log).handle(cloud, None, {"id": command_id, "action": "pause", "printer_id": 1})
+    runner(tmp_path, log).dispatch(CloudOnly(cloud), {"id": command_id, "action": "pause", "printer_id": 1})
     assert cloud.completed == [] and not ledger_path(tmp_path).exists()
     assert len([line for line in stream.getvalue().splitlines() if "without a usable id" in line]) == 1
 
@@ -400,7 +410,7 @@ def test_a_command_without_a_usable_id_is_skipped_in_one_line(tmp_path, log, str
 @pytest.mark.parametrize("action", ["x" * 65, [[[[["pause"]]]]], "pa\nuse", {"a": "b" * 100000}])
 def test_an_implausible_action_fails_the_command_and_stays_out_of_the_ledger(tmp_path, log, action):
     cloud = FakeCloud()
-    runner(tmp_path, log).handle(cloud, None, {"id": "c1", "action": action, "printer_id": "9" * 100000})
+    runner(tmp_path, log).dispatch(CloudOnly(cloud), {"id": "c1", "action": action, "printer_id": "9" * 100000})
     assert [(cid, body["status"]) for cid, body in cloud.completed] == [("c1", "failed")]
     assert cloud.completed[0][1]["result"]["action"] is None
     assert len(cloud.completed[0][1]["error_message"]) < 200
@@ -427,7 +437,7 @@ def test_a_result_that_cannot_be_recorded_is_neither_sent_nor_lost(tmp_path, log
     cloud = FakeCloud()
     commands = runner(tmp_path, log)
     failing_appends(monkeypatch, after=1)  # "running" is recorded, nothing after it
-    commands.handle(cloud, None, {"id": "c1", "action": "no_such_action", "printer_id": 1})
+    commands.dispatch(CloudOnly(cloud), {"id": "c1", "action": "no_such_action", "printer_id": 1})
     assert cloud.completed == []
     monkeypatch.undo()
     commands.flush(cloud)
@@ -439,7 +449,7 @@ def test_a_result_that_cannot_be_recorded_is_neither_sent_nor_lost(tmp_path, log
 def test_a_result_that_cannot_be_recorded_is_reported_interrupted_after_a_restart_only(tmp_path, log, monkeypatch):
     cloud = FakeCloud()
     failing_appends(monkeypatch, after=1)
-    runner(tmp_path, log).handle(cloud, None, {"id": "c1", "action": "no_such_action", "printer_id": 1})
+    runner(tmp_path, log).dispatch(CloudOnly(cloud), {"id": "c1", "action": "no_such_action", "printer_id": 1})
     monkeypatch.undo()
     restarted = runner(tmp_path, log)
     restarted.recover_interrupted()
@@ -624,7 +634,7 @@ def test_a_result_nested_as_deep_as_moonraker_may_answer_is_recorded_so_it_loads
     for _ in range(connector.MAX_JSON_DEPTH - 2):  # what decode_json lets through as an answer's result
         deep = [deep]
     clients = AnsweringClients([deep])
-    runner(tmp_path, log).handle(clients.cloud, clients, {"id": "deep", "action": "sync_files", "printer_id": 1})
+    runner(tmp_path, log).dispatch(clients, {"id": "deep", "action": "sync_files", "printer_id": 1})
     sent = clients.cloud.completed[0][1]
     assert sent["status"] == "succeeded"
     again = connector.CommandRunner(FakeAgent(str(tmp_path), log))

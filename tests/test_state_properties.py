@@ -185,6 +185,9 @@ class FakeAgent:
         self.stop = threading.Event()
         self.snapshots = None
 
+    def console(self, printer):
+        return None
+
 
 commands = st.lists(st.one_of(json_values, st.fixed_dictionaries({"id": ids}, optional={
     "action": st.one_of(st.sampled_from(sorted(connector.ACTIONS)), json_values),
@@ -201,7 +204,7 @@ def test_any_command_list_is_handled_within_bounds_and_reloads(polled, answer):
         runner = connector.CommandRunner(agent)
         clients = FakeClients(answer)
         for raw in polled:
-            runner.handle(clients.cloud, clients, raw)
+            runner.dispatch(clients, raw)
         runner.flush(clients.cloud)
         assert_within_bounds(agent.ledger)
         assert agent.ledger.unacked() == []
@@ -214,5 +217,5 @@ def test_any_command_list_is_handled_within_bounds_and_reloads(polled, answer):
         restarted = FakeAgent(state_dir)
         clients = FakeClients(answer)
         for raw in polled:  # all delivered again after a restart: nothing runs twice
-            connector.CommandRunner(restarted).handle(clients.cloud, clients, raw)
+            connector.CommandRunner(restarted).dispatch(clients, raw)
         assert clients.fake.calls == 0
