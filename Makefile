@@ -10,7 +10,7 @@ MR_VENV     := .venv-moonraker
 BUILD_VENV  := .venv-build
 DEB_PACKAGES := busybox shellcheck dash gcc libc6-dev
 
-.PHONY: all demo test test-fast fixtures lint binary pyz binary-all binary-mipsle bench soak clean venv deb-deps
+.PHONY: all demo test test-fast fuzz fixtures lint binary pyz binary-all binary-mipsle bench soak clean venv deb-deps
 
 all: test
 
@@ -42,6 +42,17 @@ test: venv $(MR_VENV)/.stamp deb-deps pyz binary
 # The tests without the artifacts (quick loop while editing connector.py).
 test-fast: venv $(MR_VENV)/.stamp deb-deps
 	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q tests -m "not artifacts"
+
+# Coverage-guided fuzzing of the readers of peer answers (tests/fuzz/, atheris):
+# FUZZ_RUNS inputs per target from a fixed seed; a failing input is written
+# to build/work/fuzz-crash-*. The property-based tests run in `make test`.
+FUZZ_RUNS ?= 100000
+fuzz: venv
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements/fuzz.txt
+	mkdir -p build/work
+	for target in tests/fuzz/fuzz_*.py; do \
+		$(PY) "$$target" -runs=$(FUZZ_RUNS) -seed=1 -max_len=4096 -artifact_prefix=build/work/fuzz- || exit 1; \
+	done
 
 # Records again what the real Moonraker answers (tests/fixtures/), for the
 # tests that hold the simulator and the Moonraker client to it.

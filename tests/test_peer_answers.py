@@ -551,6 +551,9 @@ def connected(cloud_server, printer_server, tmp_path_factory):
 
 
 
+# The reference cloud's server threads use `random` while hypothesis draws,
+# which it takes for a strategy that does.
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 @FEW
 @given(polled=st.lists(st.one_of(commands, st.integers(min_value=60, max_value=63).map(nested)), min_size=1,
                        max_size=4))
