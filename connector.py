@@ -5271,7 +5271,7 @@ class Doctor:
         import email.utils
         try:
             server_time = email.utils.parsedate_to_datetime(date_header).timestamp() if date_header else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # a year of 99999999999 overflows
             server_time = None
         if server_time is None:
             self.note("warn", "clock", "the cloud sent no Date header to compare the clock with")

@@ -368,6 +368,29 @@ def test_traceback_reason_of_any_text_is_none_or_short_text(trace):
     assert reason is None or (isinstance(reason, str) and len(reason) <= 200)
 
 
+# -- cloud: the Date header the doctor compares the clock with ------------
+
+date_headers = st.one_of(text, st.builds("{}, {:02d} {} {} {:02d}:{:02d}:{:02d} {}".format,
+                                         st.sampled_from(["Mon", "Xyz", ""]), st.integers(-1, 99),
+                                         st.sampled_from(["Jan", "Feb", "Foo"]), st.integers(-1, 10 ** 12),
+                                         st.integers(-1, 99), st.integers(-1, 99), st.integers(-1, 99),
+                                         st.sampled_from(["GMT", "+2359", "-9999", "+0000", "UT", ""])))
+
+
+@SOME
+@given(header=date_headers)
+def test_the_doctor_reads_any_date_header_as_a_time_or_none(header):
+    doctor = connector.Doctor("config.json", "printer-connector", quiet())
+    doctor.check_clock(header)
+    assert [f.check for f in doctor.findings] == ["clock"]
+
+
+def test_a_date_header_of_year_99999999999_is_no_time_to_compare_with():
+    doctor = connector.Doctor("config.json", "printer-connector", quiet())
+    doctor.check_clock("Mon, 01 Jan 99999999999 00:00:00 GMT")
+    assert doctor.findings[0].status == "warn"
+
+
 # -- Moonraker: the status websocket ---------------------------------------
 
 
