@@ -4728,12 +4728,21 @@ class Agent:
             # names them all.
             progress = self.answer = TransferProgress(self.log, "commands answer")
             asked = time.monotonic()
-            commands = clients.cloud.poll_commands(splitter, progress, self.poll_wait)
+            commands = clients.cloud.poll_commands(splitter, lambda done: self._answer_arriving(progress, done),
+                                                   self.poll_wait)
             progress.finished(splitter.size)
             fresh = sum(1 for raw in commands if self.commands.dispatch(clients, raw, files))
         finally:
             files.release()  # the commands that use them hold them till they are done
         return self._paced(clients.cloud.held, asked, len(commands), fresh)
+
+    @staticmethod
+    def _answer_arriving(progress: TransferProgress, done: int) -> None:
+        """A held poll's transfer starts with its first byte, not with the
+        hold: no progress line for 25 s of waiting."""
+        if progress.done == 0:
+            progress.started = progress.last = time.monotonic()
+        progress(done)
 
     def _paced(self, held: Optional[float], asked: float, answered: int, fresh: int) -> Optional[float]:
         """After a poll: 0 (ask again at once) when the cloud held it, or when

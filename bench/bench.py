@@ -135,6 +135,10 @@ def all_subjects(python, connector=None):
         # default; only the onset differs, the window is all idle).
         "oldcloud": Subject("oldcloud", "%s, today's cloud" % os.path.basename(connector), [python, connector],
                             connector, python, extensions=False, config={"idle_after_seconds": 10}),
+        # A long-poll cloud sees the connector online through its held poll,
+        # so it may ask for heartbeats every 30 s (register's polling).
+        "lp30": Subject("lp30", "%s, long-poll, 30 s heartbeats" % os.path.basename(connector),
+                        [python, connector], connector, python, config={"heartbeat_seconds": 30}),
     }
 
 
@@ -770,7 +774,8 @@ def main(argv=None):
     parser.add_argument("--version-runs", type=int, default=9, help="--version start-ups timed (default 9)")
     parser.add_argument("--targets", default="py,binary,pyz,nocam,oldcloud",
                         help="comma list of py, binary, pyz, nocam (connector.py with a printer without camera), "
-                             "oldcloud (connector.py against today's cloud: no long-poll)")
+                             "oldcloud (connector.py against today's cloud: no long-poll), lp30 (long-poll cloud "
+                             "asking for 30 s heartbeats)")
     parser.add_argument("--sequential", action="store_true", help="one subject at a time (default: side by side)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for connector.py")
     parser.add_argument("--connector", help="measure this copy of connector.py instead (a proposed change)")

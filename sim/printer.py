@@ -950,7 +950,10 @@ class PrinterSimulator(Recorder):
         if heater is None:
             replies.append('!! Unknown heater "%s"' % name)
             raise MoonrakerError(400, 'Unknown heater "%s"' % name)
-        target = float(params.get("TARGET", "0"))
+        try:
+            target = float(params.get("TARGET", "0"))
+        except ValueError:
+            raise MoonrakerError(400, "Error on 'SET_HEATER_TEMPERATURE': unable to parse TARGET")
         low, high = HEATER_RANGES[heater]
         if target and not low <= target <= high:
             message = "Requested temperature (%.1f) out of range (%.1f:%.1f)" % (target, low, high)

@@ -9,8 +9,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 
-from harness import unpaired_config, wait_until
+from harness import new_token, unpaired_config, wait_until
 
 
 def start(make_connector, cloud, printer, **overrides):
@@ -329,3 +330,48 @@ def test_a_printing_printer_keeps_the_configured_pace(old_cloud, printer, make_c
     connector.wait_log("status websocket connected")
     seen = len(polls(old_cloud, connector))
     old_cloud.wait_for(lambda: len(polls(old_cloud, connector)) >= seen + 8, 6)
+
+
+# -- the reference cloud's side of long-poll ----------------------------------
+
+def register(cloud, capabilities):
+    token = new_token(cloud)
+    answer = requests.post(cloud.url + "/api/v1/connectors/register", timeout=5,
+                           json={"pairing_token": token, "printers": [{"name": "P"}], "capabilities": capabilities})
+    body = answer.json()
+    return body["connector"]["id"], body["printers"][0]["id"], {"Authorization": "Bearer " + body["credentials"]["secret"]}
+
+
+def test_the_reference_cloud_answers_a_held_poll_as_soon_as_a_command_is_queued(cloud):
+    connector_id, printer_id, auth = register(cloud, ["long_poll"])
+    timer = threading.Timer(0.5, cloud.enqueue_command, (connector_id, printer_id, "pause"))
+    started = time.monotonic()
+    timer.start()
+    answer = requests.get("%s/api/v1/connectors/%s/commands?limit=20&wait=25" % (cloud.url, connector_id),
+                          headers=auth, timeout=30)
+    assert 0.4 < time.monotonic() - started < 5
+    assert answer.headers["X-Poll-Wait"] == "25" and [c["action"] for c in answer.json()] == ["pause"]
+
+
+def test_the_reference_cloud_does_not_hold_a_connector_that_did_not_announce_long_poll(cloud):
+    connector_id, _, auth = register(cloud, [])
+    started = time.monotonic()
+    answer = requests.get("%s/api/v1/connectors/%s/commands?limit=20&wait=25" % (cloud.url, connector_id),
+                          headers=auth, timeout=30)
+    assert time.monotonic() - started < 2 and answer.json() == [] and "X-Poll-Wait" not in answer.headers
+
+
+def test_the_reference_cloud_sends_an_extension_action_only_to_a_connector_that_announced_it(cloud):
+    connector_id, printer_id, auth = register(cloud, [])
+    held = cloud.enqueue_command(connector_id, printer_id, "emergency_stop")
+    sent = cloud.enqueue_command(connector_id, printer_id, "pause")
+    answer = requests.get("%s/api/v1/connectors/%s/commands?limit=20" % (cloud.url, connector_id), headers=auth,
+                          timeout=5)
+    assert [c["id"] for c in answer.json()] == [sent]
+    assert cloud.command(held)["status"] == "queued"
+
+
+def test_a_held_poll_logs_no_transfer_lines(cloud, printer, make_connector):
+    connector = start(make_connector, cloud, printer)
+    cloud.wait_for(lambda: len(polls(cloud, connector)) >= 2, 40)  # one hold of 25 s ended
+    assert "Transfer" not in connector.run_log
