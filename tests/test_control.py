@@ -232,7 +232,7 @@ def test_a_cancel_polled_after_a_start_print_cancels_that_print(cloud, paired, p
     assert printer.state == "cancelled"
 
 
-def test_commands_behind_a_running_one_at_stop_are_reported_interrupted_never_run(cloud, printer, make_connector):
+def test_commands_behind_a_running_one_at_stop_are_reported_failed_never_run(cloud, printer, make_connector):
     connector = start(make_connector, cloud, printer)
     printer.set_fault("slow:15", "/server/files/upload")
     upload = enqueue(cloud, connector, "upload_file", {"filename": "big.gcode", "content": "RzI4Cg=="})
@@ -250,9 +250,13 @@ def test_commands_behind_a_running_one_at_stop_are_reported_interrupted_never_ru
     printer.clear_faults()
     connector.start()
     connector.wait_log("Connector running")
+    # Reported at the stop if the lane got to it, else at the restart; either way once, failed, never re-run.
+    told = {"upload to moonraker interrupted: the connector is stopping", "not run: the connector was stopping",
+            "interrupted by restart; not re-run"}
     for command_id in [upload] + queued:
         body = completion(cloud, command_id)
-        assert body == {"status": "failed", "result": body["result"], "error_message": "interrupted by restart; not re-run"}
+        assert body["status"] == "failed" and body["error_message"] in told, body
+        assert len(cloud.completions_for(command_id)) == 1
     assert not [r for r in printer.requests if r["method"] == "DELETE" and "/x0.gcode" in r["path"]]
 
 
