@@ -4023,7 +4023,7 @@ class Lane:
     def _next(self) -> Optional[Job]:
         """The next job; None once stopping with nothing left. Jobs still
         queued at a stop are taken too: each is reported not run."""
-        stop = self.runner.agent.stop
+        stop = self.runner.stop
         with self.cond:
             while not self.queue and not stop.is_set():
                 self.cond.wait()
@@ -4043,9 +4043,13 @@ class Lane:
 
 
 class CommandRunner:
-    def __init__(self, agent: "Agent"):
-        self.agent = agent
-        self.config, self.log, self.ledger = agent.config, agent.log, agent.ledger
+    """Records, runs and reports commands. `snapshots` takes the snapshot a
+    command leaves behind; `console` gives a printer's console (or None)."""
+
+    def __init__(self, config: Config, log: Logger, ledger: Ledger, stop: threading.Event,
+                 snapshots: "SnapshotOutbox", console: Callable[[PrinterConfig], Optional[Console]]):
+        self.config, self.log, self.ledger, self.stop = config, log, ledger, stop
+        self.snapshots, self.console = snapshots, console
         self.lanes = {name: Lane(self, name) for name in ("control", DEFAULT_LANE)}
         self.started = False
         self.lock = threading.Lock()
@@ -4120,7 +4124,7 @@ class CommandRunner:
         try:
             for earlier in job.after:
                 earlier.wait()
-            if self.agent.stop.is_set():
+            if self.stop.is_set():
                 completion = completion_body("failed", {"action": job.action}, "not run: the connector was stopping")
             else:
                 completion = self.execute(clients, job.id, job.raw)
@@ -4183,8 +4187,7 @@ class CommandRunner:
         try:
             handler, printer, params = self._resolve(action, raw.get("printer_id"), params)
             moonraker = clients.moonraker(printer)
-            ctx = ActionContext(moonraker, printer, self.config, self.log, self.agent.stop,
-                                self.agent.console(printer))
+            ctx = ActionContext(moonraker, printer, self.config, self.log, self.stop, self.console(printer))
             result.update(handler(ctx, params))
             result.update(self._post_snapshot(clients, moonraker))
             completion = completion_body("succeeded", result)
@@ -4221,7 +4224,7 @@ class CommandRunner:
         except HttpError as exc:
             return {"post_snapshot_error": str(exc)}
         try:
-            self.agent.snapshots.push(clients.cloud, [snapshot])
+            self.snapshots.push(clients.cloud, [snapshot])
         except (HttpError, CredentialsRejected) as exc:
             self.log.debug("post-command snapshot kept for later", error=str(exc))
         return {"post_snapshot": "captured"}
@@ -4266,9 +4269,11 @@ class CommandRunner:
 # --------------------------------------------------------------------------
 # Webcam
 # --------------------------------------------------------------------------
-# The camera is found through Moonraker's webcam list (snapshot_url, often
-# relative to the web UI's port), then the usual fallbacks. The URL that
-# worked is remembered until it stops working.
+# The cloud asks for a picture of a printer now and then. The camera is
+# found through Moonraker's webcam list (snapshot_url, often relative to the
+# web UI's port), then the usual fallbacks. Webcams owns what is learnt on
+# the way: the URL that worked, per printer, until it stops working, and
+# whether any camera answers at all (without one, requests are polled slowly).
 
 WEBCAM_FALLBACKS = ("/webcam/?action=snapshot", "/webcam/snapshot", "/server/webcam/snapshot")
 # Each camera tried may take its whole deadline: a list of thousands would
@@ -4319,6 +4324,79 @@ def fetch_webcam_image(moonraker: Moonraker, url: str) -> Tuple[bytes, str]:
     return response.content, ctype or "image/jpeg"
 
 
+class Webcams:
+    """What is known of each printer's camera, and the answer to a webcam
+    request (a picture uploaded, or nothing when no camera answers)."""
+
+    def __init__(self, config: Config, log: Logger):
+        self.config, self.log = config, log
+        self.urls = {}  # type: Dict[str, str]  # the camera URL that last worked, per printer
+        self.answered = {}  # type: Dict[str, bool]  # whether a printer's camera answered last time it was asked
+        self.checked = -CAMERA_RECHECK_SECONDS
+
+    def may_answer(self) -> bool:
+        printers = self.config.active_printers()
+        return not printers or any(self.answered.get(p.base_url, True) for p in printers)
+
+    def look_again_if_due(self, clients: "PrinterClients") -> None:
+        """Every CAMERA_RECHECK_SECONDS, asks each printer whose camera did not
+        answer (or was never asked)."""
+        if time.monotonic() - self.checked < CAMERA_RECHECK_SECONDS:
+            return
+        self.checked = time.monotonic()
+        for printer in self.config.active_printers():
+            if not self.answered.get(printer.base_url, False):
+                self.image(clients.moonraker(printer), quiet=True)
+
+    def serve(self, clients: "PrinterClients", raw: Any) -> None:
+        """Answers one webcam request with its printer's picture."""
+        request_id = normalize_command_id(raw.get("id")) if isinstance(raw, dict) else None
+        printer = self.config.printer(printer_id_of(raw.get("printer_id"))) if request_id else None
+        if printer is None:
+            self.log.warn("skipping a webcam request without a usable id or printer",
+                          request=_short(json.dumps(raw, default=str), 120))
+            return
+        created = parse_rfc3339(raw.get("created_at"))
+        if created is not None and time.time() - created > WEBCAM_REQUEST_MAX_AGE:
+            self.log.debug("skipping a stale webcam request", id=request_id, age=round(time.time() - created))
+            return
+        moonraker = clients.moonraker(printer)
+        image, ctype = self.image(moonraker)
+        if image is None:
+            return
+        clients.cloud.upload_webcam(request_id, printer.printer_id, image, ctype)
+        self.log.debug("webcam image uploaded", id=request_id, bytes=len(image))
+
+    def image(self, moonraker: Moonraker, quiet: bool = False) -> Tuple[Optional[bytes], str]:
+        cache, key = self.urls, moonraker.printer.base_url
+        urls = ([cache[key]] if key in cache else []) + webcam_candidates(moonraker)
+        errors = []
+        for url in dict.fromkeys(urls):
+            try:
+                image, ctype = fetch_webcam_image(moonraker, url)
+            except HttpError as exc:
+                errors.append(str(exc))
+                continue
+            cache[key] = url
+            self._answered(moonraker.printer, True, url)
+            return image, ctype
+        cache.pop(key, None)
+        if not quiet:
+            self.log.warn("no webcam image", printer_id=moonraker.printer.printer_id, error="; ".join(errors))
+        self._answered(moonraker.printer, False, "; ".join(errors))
+        return None, ""
+
+    def _answered(self, printer: PrinterConfig, answered: bool, detail: str) -> None:
+        before = self.answered.get(printer.base_url)
+        self.answered[printer.base_url] = answered
+        if answered and before is not True:
+            self.log.info("Camera found", printer_id=printer.printer_id, url=detail)
+        elif not answered and before is not False:
+            self.log.info("No camera answers; webcam requests are polled every %g s until one does"
+                          % self.config.poll_webcam_no_camera_seconds, printer_id=printer.printer_id,
+                          error=_short(detail, 300))
+
+
 # --------------------------------------------------------------------------
 # Status watcher
 # --------------------------------------------------------------------------
@@ -4366,8 +4444,11 @@ def open_websocket(base_url: str, headers: List[str]) -> "websocket.WebSocket":
 
 
 class StatusWatcher:
-    def __init__(self, agent: "Agent", printer: PrinterConfig):
-        self.agent, self.printer, self.log = agent, printer, agent.log
+    """One printer's print state, kept current; `on_change` is called when it
+    changes from one known state to another."""
+
+    def __init__(self, printer: PrinterConfig, log: Logger, stop: threading.Event, on_change: Callable[[], None]):
+        self.printer, self.log, self.stop, self.on_change = printer, log, stop, on_change
         self.state = None  # type: Optional[str]
         self.next_id = 0
         self.identify_id = -1
@@ -4383,12 +4464,12 @@ class StatusWatcher:
         attempt = 0
         moonraker = Moonraker(self.printer, self.log, user_agent())
         try:
-            while not self.agent.stop.is_set():
+            while not self.stop.is_set():
                 try:
                     self._watch()
                     attempt = 0
                 except (websocket.WebSocketException, OSError, ValueError, HttpError) as exc:
-                    if self.agent.stop.is_set():
+                    if self.stop.is_set():
                         break  # interrupted on purpose
                     self.failures.failed(_short(str(exc) or type(exc).__name__, 160), level=20)
                     attempt += 1
@@ -4442,7 +4523,7 @@ class StatusWatcher:
             ws.settimeout(WEBSOCKET_RECEIVE_TIMEOUT)
             self.ws = ws
             self.console.sync = self.sync
-            while not self.agent.stop.is_set():
+            while not self.stop.is_set():
                 try:
                     message = ws.recv()
                 except websocket.WebSocketTimeoutException:
@@ -4523,16 +4604,16 @@ class StatusWatcher:
         previous, self.state = self.state, state
         if previous is not None and state is not None and state != previous:
             self.log.info("Print state changed", printer_id=self.printer.printer_id, previous=previous, state=state)
-            self.agent.request_snapshot()
+            self.on_change()
 
     def _poll_until(self, moonraker: Moonraker, deadline: float) -> None:
         """Fallback while the websocket is down: poll the state over HTTP."""
-        while not self.agent.stop.is_set() and time.monotonic() < deadline:
+        while not self.stop.is_set() and time.monotonic() < deadline:
             try:
                 self._on_status(moonraker.query_status(("print_stats",)).get("status"))
             except HttpError:
                 pass
-            self.agent.stop.wait(min(FALLBACK_STATUS_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            self.stop.wait(min(FALLBACK_STATUS_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
 
 # --------------------------------------------------------------------------
@@ -4576,12 +4657,13 @@ class Loop:
     step may return the delay before its next run instead (a long-poll the
     cloud held asks again at once); failures back off all the same."""
 
-    def __init__(self, agent: "Agent", name: str, step: Callable[[PrinterClients], Optional[float]],
-                 interval: Callable[[], float], backoff: bool = True):
-        self.agent, self.name, self.step, self.interval = agent, name, step, interval
+    def __init__(self, name: str, step: Callable[[PrinterClients], Optional[float]], interval: Callable[[], float],
+                 stop: threading.Event, config: Config, log: Logger, backoff: bool = True):
+        self.name, self.step, self.interval = name, step, interval
+        self.stop, self.config, self.log = stop, config, log
         self.backoff = backoff  # False: the step paces its own retries
         self.wake = threading.Event()
-        self.failures = FailureTracker(agent.log, name)
+        self.failures = FailureTracker(log, name)
         self.rejected = False  # the last failure was a 401: retry slowly
         self.pace = None  # type: Optional[float]  # the delay the last step asked for (a held long-poll: 0)
         self.clients = None  # type: Optional[PrinterClients]  # while running, for interrupt()
@@ -4602,7 +4684,7 @@ class Loop:
             self.failures.failed("credentials rejected: %s" % exc, level=40)
             return False
         except (HttpError, StateDirError) as exc:
-            if not self.agent.stop.is_set():  # at stop, interrupt() ends held polls on purpose
+            if not self.stop.is_set():  # at stop, interrupt() ends held polls on purpose
                 self.failures.failed(str(exc))
             return False
         except OSError as exc:
@@ -4615,10 +4697,10 @@ class Loop:
         return True
 
     def run(self) -> None:
-        clients = self.clients = PrinterClients(self.agent.config, self.agent.log)
+        clients = self.clients = PrinterClients(self.config, self.log)
         failures = 0
         try:
-            while not self.agent.stop.is_set():
+            while not self.stop.is_set():
                 if self.run_once(clients) or not self.backoff:
                     failures, delay = 0, self.interval() if self.pace is None else self.pace
                 else:
@@ -4676,17 +4758,17 @@ class Agent:
         self.ledger = Ledger(config.state_dir, log)
         spill = SnapshotSpill(config.state_dir, log, config.outbox_max_snapshots, config.outbox_max_bytes)
         self.snapshots = SnapshotOutbox(spill, log, lambda: config.push_snapshots_seconds)
-        self.commands = CommandRunner(self)
+        self.commands = CommandRunner(config, log, self.ledger, self.stop, self.snapshots, self.console)
+        self.webcams = Webcams(config, log)
+        self.snapshot_loop = Loop("snapshots", self.push_snapshots, lambda: config.push_snapshots_seconds,
+                                  self.stop, config, log, backoff=False)
         self.loops = [
-            Loop(self, "heartbeat", self.heartbeat, lambda: config.heartbeat_seconds),
-            Loop(self, "commands", self.poll_commands, lambda: self.relaxed("poll_commands_seconds")),
-            Loop(self, "snapshots", self.push_snapshots, lambda: config.push_snapshots_seconds, backoff=False),
-            Loop(self, "webcam", self.serve_webcam, self.webcam_interval),
+            Loop("heartbeat", self.heartbeat, lambda: config.heartbeat_seconds, self.stop, config, log),
+            Loop("commands", self.poll_commands, lambda: self.relaxed("poll_commands_seconds"), self.stop, config, log),
+            self.snapshot_loop,
+            Loop("webcam", self.serve_webcam, self.webcam_interval, self.stop, config, log),
         ]
         self.first_success = set()  # type: set
-        self.webcam_urls = {}  # type: Dict[str, str]  # the camera URL that last worked, per printer
-        self.cameras = {}  # type: Dict[str, bool]  # whether a printer's camera answered last time it was asked
-        self.cameras_checked = -CAMERA_RECHECK_SECONDS
         self.watchers = {}  # type: Dict[int, StatusWatcher]
         self.last_asked = time.monotonic()  # when a command or webcam request last came
         self.idle = False  # polling relaxed (relaxed())
@@ -4789,79 +4871,20 @@ class Agent:
             raise HttpError("no printer status to push: %s" % "; ".join(errors))
 
     def serve_webcam(self, clients: PrinterClients) -> Optional[float]:
-        if time.monotonic() - self.cameras_checked >= CAMERA_RECHECK_SECONDS:
-            self._look_for_cameras(clients)
+        self.webcams.look_again_if_due(clients)
         # Long-poll only while a camera may answer: without one, the slow pace is cheaper.
         asked = time.monotonic()
-        answer = clients.cloud.poll_webcam_requests(self.poll_wait if self._camera_may_answer() else None)
+        answer = clients.cloud.poll_webcam_requests(self.poll_wait if self.webcams.may_answer() else None)
         for raw in answer:
-            self._serve_webcam_request(clients, raw)
+            self.webcams.serve(clients, raw)
         return self._paced(clients.cloud.held, asked, len(answer), len(answer))
 
     def webcam_interval(self) -> float:
         """Webcam requests are polled at the cloud's pace while some printer
         may have a camera, and slowly while none answers."""
-        if self._camera_may_answer():
+        if self.webcams.may_answer():
             return self.relaxed("poll_webcam_seconds")
         return self.config.poll_webcam_no_camera_seconds
-
-    def _camera_may_answer(self) -> bool:
-        printers = self.config.active_printers()
-        return not printers or any(self.cameras.get(p.base_url, True) for p in printers)
-
-    def _look_for_cameras(self, clients: PrinterClients) -> None:
-        """Asks each printer whose camera did not answer (or was never asked)."""
-        self.cameras_checked = time.monotonic()
-        for printer in self.config.active_printers():
-            if not self.cameras.get(printer.base_url, False):
-                self._webcam_image(clients.moonraker(printer), quiet=True)
-
-    def _serve_webcam_request(self, clients: PrinterClients, raw: Any) -> None:
-        request_id = normalize_command_id(raw.get("id")) if isinstance(raw, dict) else None
-        printer = self.config.printer(printer_id_of(raw.get("printer_id"))) if request_id else None
-        if printer is None:
-            self.log.warn("skipping a webcam request without a usable id or printer",
-                          request=_short(json.dumps(raw, default=str), 120))
-            return
-        created = parse_rfc3339(raw.get("created_at"))
-        if created is not None and time.time() - created > WEBCAM_REQUEST_MAX_AGE:
-            self.log.debug("skipping a stale webcam request", id=request_id, age=round(time.time() - created))
-            return
-        moonraker = clients.moonraker(printer)
-        image, ctype = self._webcam_image(moonraker)
-        if image is None:
-            return
-        clients.cloud.upload_webcam(request_id, printer.printer_id, image, ctype)
-        self.log.debug("webcam image uploaded", id=request_id, bytes=len(image))
-
-    def _webcam_image(self, moonraker: Moonraker, quiet: bool = False) -> Tuple[Optional[bytes], str]:
-        cache, key = self.webcam_urls, moonraker.printer.base_url
-        urls = ([cache[key]] if key in cache else []) + webcam_candidates(moonraker)
-        errors = []
-        for url in dict.fromkeys(urls):
-            try:
-                image, ctype = fetch_webcam_image(moonraker, url)
-            except HttpError as exc:
-                errors.append(str(exc))
-                continue
-            cache[key] = url
-            self._camera_answered(moonraker.printer, True, url)
-            return image, ctype
-        cache.pop(key, None)
-        if not quiet:
-            self.log.warn("no webcam image", printer_id=moonraker.printer.printer_id, error="; ".join(errors))
-        self._camera_answered(moonraker.printer, False, "; ".join(errors))
-        return None, ""
-
-    def _camera_answered(self, printer: PrinterConfig, answered: bool, detail: str) -> None:
-        before = self.cameras.get(printer.base_url)
-        self.cameras[printer.base_url] = answered
-        if answered and before is not True:
-            self.log.info("Camera found", printer_id=printer.printer_id, url=detail)
-        elif not answered and before is not False:
-            self.log.info("No camera answers; webcam requests are polled every %g s until one does"
-                          % self.config.poll_webcam_no_camera_seconds, printer_id=printer.printer_id,
-                          error=_short(detail, 300))
 
     def _noted(self, message: str, loop: str, **fields) -> None:
         """Info the first time, debug afterwards (the loop logs recoveries): no flood."""
@@ -4870,7 +4893,7 @@ class Agent:
         self.log.log(level, message, **fields)
 
     def request_snapshot(self) -> None:
-        self.loops[2].wake.set()
+        self.snapshot_loop.wake.set()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -4888,7 +4911,8 @@ class Agent:
         if self.stop.is_set():  # SIGTERM while pairing is a clean stop too
             self.log.info("Connector stopped")
             return EXIT_OK
-        self.watchers = {p.printer_id: StatusWatcher(self, p) for p in self.config.active_printers()}
+        self.watchers = {p.printer_id: StatusWatcher(p, self.log, self.stop, self.request_snapshot)
+                         for p in self.config.active_printers()}
         self.commands.start()
         for loop in self.loops:
             loop.thread.start()

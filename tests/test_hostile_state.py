@@ -395,8 +395,13 @@ class FakeAgent:
         return None
 
 
+def command_runner(parts):
+    return connector.CommandRunner(parts.config, parts.log, parts.ledger, parts.stop, parts.snapshots,
+                                   parts.console)
+
+
 def runner(tmp_path, log):
-    return connector.CommandRunner(FakeAgent(str(tmp_path), log))
+    return command_runner(FakeAgent(str(tmp_path), log))
 
 
 @pytest.mark.parametrize("command_id", ["9" * 129, "a\rb", "a\u2028b", "a\x1b[2Jb", 1e200])
@@ -637,7 +642,7 @@ def test_a_result_nested_as_deep_as_moonraker_may_answer_is_recorded_so_it_loads
     runner(tmp_path, log).dispatch(clients, {"id": "deep", "action": "sync_files", "printer_id": 1})
     sent = clients.cloud.completed[0][1]
     assert sent["status"] == "succeeded"
-    again = connector.CommandRunner(FakeAgent(str(tmp_path), log))
+    again = command_runner(FakeAgent(str(tmp_path), log))
     again.recover_interrupted()
     assert again.ledger.get("deep")["completion"] == sent  # not "interrupted by restart"
 

@@ -189,6 +189,11 @@ class FakeAgent:
         return None
 
 
+def command_runner(parts):
+    return connector.CommandRunner(parts.config, parts.log, parts.ledger, parts.stop, parts.snapshots,
+                                   parts.console)
+
+
 commands = st.lists(st.one_of(json_values, st.fixed_dictionaries({"id": ids}, optional={
     "action": st.one_of(st.sampled_from(sorted(connector.ACTIONS)), json_values),
     "printer_id": st.one_of(st.just(1), st.just("1"), json_values),
@@ -201,7 +206,7 @@ commands = st.lists(st.one_of(json_values, st.fixed_dictionaries({"id": ids}, op
 def test_any_command_list_is_handled_within_bounds_and_reloads(polled, answer):
     with TempDir() as state_dir:
         agent = FakeAgent(state_dir)
-        runner = connector.CommandRunner(agent)
+        runner = command_runner(agent)
         clients = FakeClients(answer)
         for raw in polled:
             runner.dispatch(clients, raw)
@@ -217,5 +222,5 @@ def test_any_command_list_is_handled_within_bounds_and_reloads(polled, answer):
         restarted = FakeAgent(state_dir)
         clients = FakeClients(answer)
         for raw in polled:  # all delivered again after a restart: nothing runs twice
-            connector.CommandRunner(restarted).dispatch(clients, raw)
+            command_runner(restarted).dispatch(clients, raw)
         assert clients.fake.calls == 0
