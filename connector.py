@@ -4,9 +4,12 @@
 One self-contained file (Python 3.8+; needs click and websocket-client, and
 requests for peers behind a proxy).
 It pairs once with a token, then keeps four loops running side by side:
-heartbeats, command polling and execution, status snapshots, and webcam
-requests; a fifth thread watches Moonraker's websocket so that a change of
-print state reaches the cloud within about a second. Command results and
+heartbeats, command polling, status snapshots, and webcam requests (the
+polls are held by a cloud that supports long-poll); polled commands run on
+two lanes beside the polling, so a pause or cancel never waits behind a
+backup or an upload, and an emergency stop runs at once. One more thread per
+printer watches Moonraker's websocket so that a change of print state
+reaches the cloud within about a second. Command results and
 snapshots that cannot be delivered are kept on disk until the cloud takes
 them, and every command id is recorded before it runs, so a command is never
 run twice. The wire contract is docs/PROTOCOL.md (cloud API and Moonraker).
