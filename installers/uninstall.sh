@@ -41,6 +41,10 @@ init_settings() {
     RELEASE_URL=${RELEASE_URL%/}
     PY=${PRINTER_CONNECTOR_PYTHON:-python3}
     HEALTH_TIMEOUT=${PRINTER_CONNECTOR_HEALTH_TIMEOUT:-90}
+    # Every download: two tries, DOWNLOAD_TIMEOUT seconds in all (16 MB at
+    # 64 KiB/s), and a try ends after STALL_TIMEOUT seconds without data.
+    DOWNLOAD_TIMEOUT=${PRINTER_CONNECTOR_DOWNLOAD_TIMEOUT:-300}
+    STALL_TIMEOUT=${PRINTER_CONNECTOR_STALL_TIMEOUT:-30}
     ALLOW_UNVERIFIED_TLS=0
     CA_BUNDLE=${PRINTER_CONNECTOR_CA_BUNDLE:-}
     SERVICE=printer-connector
@@ -75,16 +79,21 @@ cleanup() {
         swapped)
             UPDATE_PHASE=""
             warn "interrupted: putting ${CURRENT_VERSION:-the previous version} back and starting it"
-            svc_stop
-            swap_in "$(backup_path 1)" || warn "could not restore $(backup_path 1) to $BIN"
-            release_info_set "$CURRENT_VERSION" "$(current_asset)" || true
-            svc_start || true ;;
+            if swap_in "$(backup_path 1)"; then
+                release_info_set "$CURRENT_VERSION" "$(current_asset)" || true
+                pending_clear
+            else
+                warn "could not restore $(backup_path 1) to $BIN"
+            fi
+            svc_restart || true ;;
     esac
-    [ -n "$CLEANUP_PATHS" ] || return 0
-    printf '%s\n' "$CLEANUP_PATHS" | while IFS= read -r p; do
-        [ -n "$p" ] && rm -rf "$p"
-    done
-    CLEANUP_PATHS=""
+    if [ -n "$CLEANUP_PATHS" ]; then
+        printf '%s\n' "$CLEANUP_PATHS" | while IFS= read -r p; do
+            [ -n "$p" ] && rm -rf "$p"
+        done
+        CLEANUP_PATHS=""
+    fi
+    lock_release
 }
 remove_on_exit() { CLEANUP_PATHS="$CLEANUP_PATHS
 $1"; }
@@ -103,6 +112,81 @@ commit_path() {
     CLEANUP_PATHS=$(printf '%s\n' "$CLEANUP_PATHS" | grep -vxF "$1" || true)
 }
 
+# ------------------------------------------------------------------ lock
+# One install, update or uninstall at a time, for the whole run (pairing
+# included): a folder made with mkdir (atomic everywhere, BusyBox too)
+# holding the owner's pid. A lock whose owner is gone (killed) is taken over;
+# of two runs that find it so, the one whose rename wins takes it.
+LOCK_HELD=0
+lock_path() { printf '%s/var/lock/printer-connector.lock\n' "$ROOT"; }
+
+lock_take() {
+    lock=$(lock_path)
+    mkdir -p "$(dirname "$lock")" 2>/dev/null || true
+    tries=0
+    while ! mkdir "$lock" 2>/dev/null; do
+        owner=$(cat "$lock/pid" 2>/dev/null || true)
+        if [ -n "$owner" ] && kill -0 "$owner" 2>/dev/null; then
+            err "another install, update or uninstall of printer-connector is running (pid $owner); try again when it is done"
+        fi
+        # Just made (no pid yet), or left by a killed run: a moment, then take it over.
+        [ -n "$owner" ] || sleep 1
+        tries=$((tries + 1))
+        [ "$tries" -le 5 ] || err "$lock is held and cannot be taken over; remove it if no installer runs"
+        if [ -n "$owner" ] && mv "$lock" "$lock.stale.$$" 2>/dev/null; then
+            rm -rf "$lock.stale.$$"
+        fi
+    done
+    echo $$ >"$lock/pid"
+    LOCK_HELD=1
+}
+
+lock_release() {
+    [ "$LOCK_HELD" = 1 ] || return 0
+    rm -rf "$(lock_path)"
+    LOCK_HELD=0
+}
+
+# ------------------------------------------------------------ disk space
+# Checked before anything is downloaded: a full disk is said in its own
+# words, not as a downloader's "(23) write error" half-way.
+free_kib() { # DIR: KiB free for an ordinary user (0 if df cannot tell)
+    df -Pk "$1" 2>/dev/null | awk 'NR == 2 { print $4; exit }'
+}
+
+# How large an asset is expected to be, and how much room it needs to run:
+# the onefile binary unpacks about 2.5 times its size at every start.
+asset_kib() { # ASSET
+    case $1 in
+        *.pyz) echo 2048 ;;
+        *) echo 16384 ;;
+    esac
+}
+unpack_kib() { # ASSET
+    case $1 in
+        *.pyz) echo 0 ;;
+        *) echo 40960 ;;
+    esac
+}
+
+# Whether DIR has room for ASSET: the download, a backup of the current
+# binary and the room the new one unpacks into.
+has_room() { # DIR ASSET
+    size=$(asset_kib "$2")
+    current=0
+    [ ! -f "${BIN:-}" ] || current=$(($(wc -c <"$BIN") / 1024 + 1))
+    [ "$current" -le "$size" ] || size=$current
+    ROOM_NEEDED=$((size + current + $(unpack_kib "$2") + 1024))
+    ROOM_FREE=$(free_kib "$1")
+    [ -n "$ROOM_FREE" ] || return 0
+    [ "$ROOM_FREE" -ge "$ROOM_NEEDED" ]
+}
+
+room_message() { # DIR ASSET
+    printf 'not enough free space in %s for %s: %s MiB free, %s MiB needed (the download, a backup of the current binary and room for it to unpack)' \
+        "$1" "$2" "$((ROOM_FREE / 1024))" "$((ROOM_NEEDED / 1024 + 1))"
+}
+
 # Absolute path of the Python that runs helpers and .pyz artifacts.
 python_path() {
     command -v "$PY" 2>/dev/null || err "'$PY' is needed but was not found (set PRINTER_CONNECTOR_PYTHON)"
@@ -112,7 +196,7 @@ python_path() {
 # JSON, HTTP and zip work is done by the host's python3 (Klipper, Moonraker
 # and the K1 firmware all ship one); this is the one place it is written.
 PYHELPER='
-import hashlib, json, os, shlex, ssl, sys, urllib.error, urllib.request, zipfile
+import hashlib, json, os, shlex, ssl, sys, time, urllib.error, urllib.request, zipfile
 
 def die(msg, code=1):
     sys.stderr.write(msg + "\n")
@@ -128,14 +212,21 @@ def opener(url, timeout, cafile="", insecure=False):
     req = urllib.request.Request(url, headers={"User-Agent": "printer-connector-installer"})
     return urllib.request.urlopen(req, timeout=timeout, context=ctx)
 
-def download(url, out, cafile, mode):
+def download(url, out, cafile, mode, stall, total):
+    deadline = time.monotonic() + float(total)
     try:
-        with opener(url, 60, cafile, mode == "insecure") as resp, open(out, "wb") as f:
+        with opener(url, float(stall), cafile, mode == "insecure") as resp, open(out, "wb") as f:
+            length, got = resp.getheader("Content-Length"), 0
             while True:
+                if time.monotonic() > deadline:
+                    die("%s: not complete after %s s" % (url, total))
                 block = resp.read(65536)
                 if not block:
                     break
                 f.write(block)
+                got += len(block)
+            if length and length.isdigit() and got != int(length):
+                die("%s: cut short after %d of %s bytes" % (url, got, length))
     except ssl.SSLCertVerificationError as e:
         die("%s: TLS certificate could not be verified (%s)" % (url, e), 3)
     except urllib.error.URLError as e:
@@ -342,46 +433,72 @@ pyhelp() {
 # The one downloader: curl, else a wget that verifies TLS (GNU wget; BusyBox
 # wget checks no certificate), else the host's python3. Certificate checks
 # are never turned off silently: only install-k1.sh allows it
-# (ALLOW_UNVERIFIED_TLS=1), and it says so loudly.
-download() {
+# (ALLOW_UNVERIFIED_TLS=1), and it says so loudly. Whichever it is, a
+# download gets two tries and DOWNLOAD_TIMEOUT seconds in all, and a try
+# that receives nothing for STALL_TIMEOUT seconds ends.
+download() { # URL OUT
+    case $1 in
+        https://* | http://*) ;;
+        *) err "not an http(s) URL: $1" ;;
+    esac
+    started=$(date +%s)
+    for try in 1 2; do
+        left=$((DOWNLOAD_TIMEOUT - ($(date +%s) - started)))
+        [ "$left" -gt 0 ] || break
+        rm -f "$2"
+        rc=0
+        download_once "$1" "$2" "$left" || rc=$?
+        [ "$rc" -ne 0 ] || return 0
+        # A certificate that does not verify will not verify on a second try.
+        [ "$rc" -ne 3 ] || break
+        [ "$try" -eq 2 ] || warn "download of $1 failed; trying once more (${left}s left)"
+    done
+    rm -f "$2"
+    return 1
+}
+
+# Runs COMMAND for at most SECONDS (where there is a timeout command).
+with_deadline() { # SECONDS COMMAND...
+    if command -v timeout >/dev/null 2>&1; then
+        timeout "$@"
+    else
+        shift
+        "$@"
+    fi
+}
+
+download_once() { # URL OUT SECONDS
     url=$1
     out=$2
-    case $url in
-        https://* | http://*) ;;
-        *) err "not an http(s) URL: $url" ;;
-    esac
-    rm -f "$out"
+    seconds=$3
     if command -v curl >/dev/null 2>&1; then
-        if [ -n "$CA_BUNDLE" ]; then
-            curl -fsSL --retry 2 --connect-timeout 20 --cacert "$CA_BUNDLE" -o "$out" "$url" && return 0
-        else
-            curl -fsSL --retry 2 --connect-timeout 20 -o "$out" "$url" && return 0
-        fi
-        return 1
+        set -- --max-time "$seconds" --connect-timeout "$STALL_TIMEOUT" --speed-limit 1 --speed-time "$STALL_TIMEOUT"
+        [ -z "$CA_BUNDLE" ] || set -- "$@" --cacert "$CA_BUNDLE"
+        curl -fsSL "$@" -o "$out" "$url"
+        return
     fi
     if wget_verifies_tls; then
-        if [ -n "$CA_BUNDLE" ]; then
-            wget -q -T 60 --ca-certificate="$CA_BUNDLE" -O "$out" "$url" && return 0
-        else
-            wget -q -T 60 -O "$out" "$url" && return 0
-        fi
-        return 1
+        # GNU wget tries 20 times by default, silently; --timeout is per read.
+        set -- -q --tries=1 --timeout="$STALL_TIMEOUT"
+        [ -z "$CA_BUNDLE" ] || set -- "$@" --ca-certificate="$CA_BUNDLE"
+        with_deadline "$seconds" wget "$@" -O "$out" "$url"
+        return
     fi
     if [ "${url#http://}" != "$url" ] && command -v wget >/dev/null 2>&1; then
         # Plain http (a local mirror): no TLS to verify, any wget will do.
-        # (BusyBox 1.35's wget crashes with -T, so no timeout here.)
-        wget -q -O "$out" "$url" && return 0
-        return 1
+        # (BusyBox 1.35's wget crashes with -T: the deadline is timeout's.)
+        with_deadline "$seconds" wget -q -O "$out" "$url"
+        return
     fi
     command -v "$PY" >/dev/null 2>&1 || err "no way to download: install curl, GNU wget or python3"
     rc=0
-    pyhelp download "$url" "$out" "$CA_BUNDLE" verify || rc=$?
+    pyhelp download "$url" "$out" "$CA_BUNDLE" verify "$STALL_TIMEOUT" "$seconds" || rc=$?
     [ "$rc" -eq 0 ] && return 0
-    [ "$rc" -eq 3 ] && [ "$ALLOW_UNVERIFIED_TLS" = 1 ] || return 1
+    [ "$rc" -eq 3 ] && [ "$ALLOW_UNVERIFIED_TLS" = 1 ] || return "$rc"
     warn "*** TLS NOT VERIFIED: this device has no usable certificate store, so $url"
     warn "*** is fetched without checking who answers. The SHA256 check below still"
     warn "*** refuses any file that does not match the release's SHA256SUMS."
-    pyhelp download "$url" "$out" "" insecure
+    pyhelp download "$url" "$out" "" insecure "$STALL_TIMEOUT" "$seconds"
 }
 
 wget_verifies_tls() {
@@ -434,7 +551,7 @@ fetch_asset() { # DIR VERSION ASSET
             || err "could not download SHA256SUMS of version $2 from $RELEASE_URL"
     fi
     sums_list "$1" "$3" || err "release $2 has no $3 (not in its SHA256SUMS)"
-    say "downloading $3 $2"
+    say "downloading $3 $2 from $RELEASE_URL (giving up after ${DOWNLOAD_TIMEOUT}s, or ${STALL_TIMEOUT}s without data)"
     download "$(asset_url "$2" "$3")" "$1/$3" || err "could not download $(asset_url "$2" "$3")"
     verify_sha256 "$1/$3" "$3" "$1/SHA256SUMS"
     # Downloaders write 0644; a native binary must run for its --version
@@ -594,6 +711,16 @@ svc_start() {
     fi
 }
 
+svc_restart() {
+    if [ "$LAYOUT" = systemd ]; then
+        systemctl restart "$SERVICE"
+    else
+        LOG_MARK=0
+        [ -f "$LOG" ] && LOG_MARK=$(wc -c <"$LOG" | tr -d ' ')
+        "$K1_INIT" restart
+    fi
+}
+
 svc_running() {
     if [ "$LAYOUT" = systemd ]; then
         systemctl is-active --quiet "$SERVICE"
@@ -661,8 +788,16 @@ WorkingDirectory=$(systemd_path "$DIR")
 ExecStart=$1
 # Fewer malloc arenas for a multi-threaded Python: several MB less RSS.
 Environment=MALLOC_ARENA_MAX=2
-# The onefile binary unpacks here at every start (/tmp may be RAM).
+# The onefile binary unpacks here at every start (/tmp may be RAM); what a
+# killed run left there goes before the next start.
 Environment=$(systemd_value "TMPDIR=$DIR/tmp")
+ExecStartPre=/bin/sh -c 'rm -rf "\$\$TMPDIR"/_MEI* "\$\$TMPDIR"/staticx-*'
+# SIGTERM to the main process only: the static binary's launchers pass it
+# on to the Python process; the same signal to all three at once, soon
+# after a start, could hang the stop until SIGKILL. Whatever is left after
+# TimeoutStopSec gets SIGKILL.
+KillMode=mixed
+TimeoutStopSec=30
 Restart=always
 RestartSec=5
 
@@ -717,6 +852,8 @@ supervise() {
     stopping=""
     while [ -z "$stopping" ]; do
         rotate
+        # What a killed onefile binary unpacked (no run of ours is alive now).
+        rm -rf "$TMPDIR"/_MEI* "$TMPDIR"/staticx-*
         if [ -n "$PYTHON" ]; then
             "$PYTHON" "$BIN" --config "$CONFIG" --log-level info >>"$LOG" 2>&1 </dev/null &
         else
@@ -918,13 +1055,101 @@ backup_current() {
     cp -p "$BIN" "$(backup_path 1).tmp" && mv -f "$(backup_path 1).tmp" "$(backup_path 1)"
 }
 
-# Puts FILE in place of BIN with one rename (same folder, so atomic).
+# Puts FILE in place of BIN with one rename (same folder, so atomic): a
+# running connector goes on running the old file until it is restarted.
 swap_in() { # FILE
-    if cp "$1" "$BIN.new" && chmod 755 "$BIN.new" && mv -f "$BIN.new" "$BIN"; then
+    if cp "$1" "$BIN.new" && chmod 755 "$BIN.new" && own_like_install "$BIN.new" && mv -f "$BIN.new" "$BIN"; then
         return 0
     fi
     rm -f "$BIN.new"
     return 1
+}
+
+# What an update writes belongs to whom the install gave it: the service
+# user (Moonraker's update manager runs as that user and replaces the binary).
+own_like_install() { # PATH...
+    [ "$LAYOUT" = systemd ] && [ -n "$SVC_USER" ] || return 0
+    chown "$SVC_USER:" "$@" 2>/dev/null || chown "$SVC_USER" "$@"
+}
+
+# An update in progress is marked on disk until it commits or is rolled
+# back: a run killed half-way (SIGKILL, the OOM killer) leaves the mark, and
+# the next run of any script puts the previous binary back first.
+pending_path() { printf '%s/update-pending\n' "$DIR"; }
+pending_set() { # OLD_VERSION
+    printf '%s\n' "$1" >"$(pending_path).tmp" && mv -f "$(pending_path).tmp" "$(pending_path)"
+}
+pending_clear() { rm -f "$(pending_path)" "$(pending_path).tmp"; }
+
+# Scratch left by a killed run: the lock says no other run uses it.
+sweep_stale() {
+    for stale in "$DIR"/.stage.*; do
+        if [ -e "$stale" ] && [ "$stale" != "${STAGE:-}" ]; then
+            rm -rf "$stale" && say "removed $stale, left by a run that was cut short"
+        fi
+    done
+    rm -f "$BIN.new" "$(backup_path 1).tmp"
+}
+
+# Recovers from a run that was killed: an unfinished update is rolled back,
+# and a stopped service is started again.
+recover_interrupted() {
+    sweep_stale
+    if [ -f "$(pending_path)" ]; then
+        old=$(cat "$(pending_path)")
+        if [ -f "$(backup_path 1)" ] && [ "$(bin_version "$(backup_path 1)" || true)" = "$old" ]; then
+            warn "an update was cut short before it was checked: putting $old back"
+            swap_in "$(backup_path 1)" || err "could not restore $(backup_path 1) to $BIN; copy it back by hand"
+            release_info_set "$old" "$(current_asset)" || true
+            pending_clear
+            svc_restart || true
+            health_check || warn "$old was restored but sends no heartbeat yet; see: $(log_hint)"
+        else
+            pending_clear
+        fi
+    elif service_installed && ! svc_running; then
+        warn "the service was not running: starting it"
+        svc_start || true
+        health_check || warn "it sends no heartbeat yet; see: $(log_hint)"
+    fi
+}
+
+service_installed() {
+    if [ "$LAYOUT" = systemd ]; then [ -f "$(unit_path)" ]; else [ -f "$K1_INIT" ]; fi
+}
+
+# The one way a new binary replaces a working one (update.sh, and a re-run
+# of an installer): backed up and put in place while the old one still runs,
+# then the service restarts on it. A new version that sends no heartbeat is
+# rolled back, and the old one's heartbeat is checked again. Nothing is
+# stopped before the swap, so whatever fails before it leaves the old
+# connector running.
+swap_verified() { # NEWFILE VERSION ASSET
+    backup_current || err "could not back up $BIN (disk full?); nothing was changed"
+    own_like_install "$DIR/backups" "$(backup_path 1)" || true
+    pending_set "$CURRENT_VERSION" || err "could not write $(pending_path) (disk full?); nothing was changed"
+    UPDATE_PHASE=swapped
+    if ! swap_in "$1"; then
+        UPDATE_PHASE=""
+        pending_clear
+        err "could not put the new binary in place (disk full?); nothing was changed"
+    fi
+    [ "$3" != printer-connector.pyz ] || [ "$LAYOUT" != k1 ] || k1_ca_bundle "$BIN"
+    if release_info_set "$2" "$3" && svc_restart && health_check; then
+        UPDATE_PHASE=""
+        pending_clear
+        return 0
+    fi
+    warn "version $2 does not work here: restoring ${CURRENT_VERSION:-the previous binary}"
+    swap_in "$(backup_path 1)" || err "could not restore $(backup_path 1) to $BIN; copy it back by hand"
+    UPDATE_PHASE=""
+    pending_clear
+    release_info_set "$CURRENT_VERSION" "$3" || warn "could not write $(release_info_path)"
+    svc_restart || true
+    if health_check; then
+        err "update to $2 failed and was rolled back; ${CURRENT_VERSION} runs again"
+    fi
+    err "update to $2 failed; ${CURRENT_VERSION} was restored but does not report heartbeats either; see: $(log_hint)"
 }
 
 release_info_path() { printf '%s/release_info.json\n' "$DIR"; }
@@ -934,7 +1159,7 @@ release_info_path() { printf '%s/release_info.json\n' "$DIR"; }
 release_info_set() { # VERSION ASSET
     [ "$LAYOUT" = systemd ] || return 0
     pyhelp release-info "$(release_info_path)" "$REPO" "v${1#v}" "$2"
-    [ -z "$SVC_USER" ] || chown "$SVC_USER" "$(release_info_path)" 2>/dev/null || true
+    own_like_install "$(release_info_path)" || true
 }
 
 # The X.Y.Z in release_info.json (empty without one).
@@ -1036,8 +1261,14 @@ stage_artifact() { # ASSETS...
     NEW_VERSION=${NEW_VERSION#v}
     download "$(asset_url "$NEW_VERSION" SHA256SUMS)" "$STAGE/SHA256SUMS" \
         || err "could not download SHA256SUMS of version $NEW_VERSION from $RELEASE_URL"
+    room_short=""
     for asset in "$@"; do
         sums_list "$STAGE" "$asset" || continue
+        if ! has_room "$DIR" "$asset"; then
+            room_short=$(room_message "$DIR" "$asset")
+            warn "$room_short"
+            continue
+        fi
         fetch_asset "$STAGE" "$NEW_VERSION" "$asset"
         cp "$STAGE/$asset" "$NEW"
         chmod 755 "$NEW"
@@ -1049,6 +1280,7 @@ stage_artifact() { # ASSETS...
         fi
         warn "$asset does not run here or reports '${got:-nothing}' instead of $NEW_VERSION"
     done
+    [ -z "$room_short" ] || err "$room_short; nothing was changed"
     err "release $NEW_VERSION has no artifact that runs here (tried: $*)"
 }
 
@@ -1057,6 +1289,7 @@ stage_artifact() { # ASSETS...
 install_connector() { # ASSETS...
     check_path "the install folder" "$DIR"
     check_path "--config" "$CONFIG"
+    if [ -f "$BIN" ] && [ -z "$LEGACY_INIT" ] && service_installed; then recover_interrupted; else sweep_stale; fi
     CONFIG_STATE=absent
     [ ! -f "$CONFIG" ] || CONFIG_STATE=$(pyhelp config-state "$CONFIG")
     case $CONFIG_STATE in
@@ -1072,6 +1305,10 @@ install_connector() { # ASSETS...
     esac
     stage_artifact "$@"
 
+    if [ "$CONFIG_STATE" = paired ] && [ -f "$BIN" ] && [ -z "$LEGACY_INIT" ] && service_installed; then
+        upgrade_in_place
+        return 0
+    fi
     svc_stop_if_installed
     backup_current || err "could not back up $BIN (disk full?)"
     swap_in "$NEW" || err "could not install $BIN (disk full?)"
@@ -1097,6 +1334,20 @@ install_connector() { # ASSETS...
         err "installed, but the connector sent no heartbeat; see: $(log_hint)"
     fi
     say "done. Logs: $(log_hint)"
+}
+
+# A re-run over a working install: the service files are written again
+# (they may come from an older installer), then the new binary goes through
+# the same verified, rolled-back swap as update.sh.
+upgrade_in_place() {
+    CURRENT_VERSION=$(bin_version "$BIN" || true)
+    [ -z "$SVC_USER" ] || [ "$LAYOUT" != systemd ] || own_like_install "$CONFIG"
+    chmod 600 "$CONFIG"
+    install_service
+    commit_path "$CREATED_DIR"
+    say "upgrading ${CURRENT_VERSION:-unknown} -> $NEW_VERSION in $DIR"
+    swap_verified "$NEW" "$NEW_VERSION" "$NEW_ASSET"
+    say "done: printer-connector $NEW_VERSION runs; the previous binary is kept in $(backup_path 1). Logs: $(log_hint)"
 }
 
 # Whether PID is gone (or a zombie) within 10 seconds.
@@ -1186,6 +1437,10 @@ do_doctor() {
             problems=1
         fi
     fi
+    if [ -f "$(pending_path)" ]; then
+        warn "an update was cut short ($(pending_path)): run update.sh to put the previous version back"
+        problems=1
+    fi
     if svc_running; then say "service: running"; else warn "service: not running"; problems=1; fi
     [ "$problems" -eq 0 ] || err "problems found (see above)"
     say "no problems found"
@@ -1202,30 +1457,12 @@ do_update() {
     refuse_if_printing "$CONFIG"
     say "updating ${CURRENT_VERSION:-unknown} -> $target"
     asset=$(current_asset)
+    has_room "$DIR" "$asset" || err "$(room_message "$DIR" "$asset"); nothing was changed"
     fetch_asset "$STAGE" "$target" "$asset"
     got=$(bin_version "$STAGE/$asset" || true)
     [ "$got" = "$target" ] || err "the downloaded $asset reports '${got:-nothing}' instead of $target; nothing was changed"
-    svc_stop
-    UPDATE_PHASE=stopped
-    backup_current || err "could not back up $BIN (disk full?); nothing was changed"
-    swap_in "$STAGE/$asset" || err "could not put the new binary in place (disk full?); nothing was changed"
-    UPDATE_PHASE=swapped
-    [ "$asset" != printer-connector.pyz ] || [ "$LAYOUT" != k1 ] || k1_ca_bundle "$BIN"
-    if release_info_set "$target" "$asset" && svc_start && health_check; then
-        UPDATE_PHASE=""
-        say "updated to $target; the previous binary is kept in $(backup_path 1)"
-        return 0
-    fi
-    UPDATE_PHASE=""
-    warn "version $target does not work here: restoring ${CURRENT_VERSION:-the previous binary}"
-    svc_stop
-    swap_in "$(backup_path 1)" || err "could not restore $(backup_path 1) to $BIN; copy it back by hand"
-    release_info_set "$CURRENT_VERSION" "$asset" || warn "could not write $(release_info_path)"
-    svc_start || true
-    if health_check; then
-        err "update to $target failed and was rolled back; ${CURRENT_VERSION} runs again"
-    fi
-    err "update to $target failed; ${CURRENT_VERSION} was restored but does not report heartbeats either; see: $(log_hint)"
+    swap_verified "$STAGE/$asset" "$target" "$asset"
+    say "updated to $target; the previous binary is kept in $(backup_path 1)"
 }
 
 do_rollback() {
@@ -1233,13 +1470,10 @@ do_rollback() {
     [ -f "$b1" ] || err "no backup to roll back to ($b1 does not exist)"
     old=$(bin_version "$b1") || err "the backup $b1 does not run; not rolling back"
     say "rolling back ${CURRENT_VERSION:-unknown} -> $old"
-    svc_stop
-    UPDATE_PHASE=stopped
     swap_in "$b1" || err "could not put $b1 in place (disk full?); nothing was changed"
-    UPDATE_PHASE=""
     if [ -f "$(backup_path 2)" ]; then mv -f "$(backup_path 2)" "$b1"; else rm -f "$b1"; fi
     release_info_set "$old" "$(current_asset)"
-    svc_start || err "the service did not start; see: $(log_hint)"
+    svc_restart || err "the service did not start; see: $(log_hint)"
     health_check || err "rolled back to $old, but it sends no heartbeat; see: $(log_hint)"
     say "rolled back to $old"
 }
@@ -1374,6 +1608,7 @@ main() {
         need_cmd "$c"
     done
     python_path >/dev/null
+    lock_take
     detect_install || err "no printer-connector installation found (looked for $(unit_path) and $K1_INIT)"
     do_uninstall
 }

@@ -9,6 +9,7 @@ rewritten (and, for the K1, a real zipapp of it): the installed connector
 pairs with the reference cloud and sends heartbeats.
 """
 
+import functools
 import hashlib
 import http.server
 import json
@@ -21,6 +22,8 @@ import signal
 import ssl
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import threading
 import zipapp
 from pathlib import Path
@@ -101,6 +104,10 @@ class Release:
         self.dir.mkdir(parents=True)
         self.latest = None
         self.requests = []
+        # Asset name -> "stall" (half the body, then silence until the
+        # client gives up) or "truncate" (half the body, then the end).
+        self.faults = {}
+        self.closing = threading.Event()
         release = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -118,6 +125,14 @@ class Release:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                fault = release.faults.get(parts[2])
+                if fault:
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    if fault == "stall":
+                        release.closing.wait(600)
+                    self.close_connection = True
+                    return
                 self.wfile.write(data)
 
             def log_message(self, *args):
@@ -154,6 +169,7 @@ class Release:
         return folder
 
     def close(self):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -172,18 +188,31 @@ class Sandbox:
 
     def __init__(self, tmp_path, release, root_name="root"):
         self.tmp = tmp_path
-        self.root = tmp_path / root_name
-        self.state = tmp_path / "stub-state"
-        self.bin = tmp_path / "stub-bin"
+        base = tmp_path
+        self.own_base = None
+        if os.geteuid() == 0:
+            # The stand-in for systemd runs a service as its User= (as systemd
+            # does): the sandbox must be reachable by that user, as / is, and
+            # pytest keeps its own temporary folders 0700 (and makes them so again).
+            self.own_base = base = Path(tempfile.mkdtemp(prefix="installer-sandbox-"))
+            os.chmod(base, 0o711)
+            os.symlink(base, tmp_path / "sandbox")
+        self.root = base / root_name
+        self.state = base / "stub-state"
+        self.bin = base / "stub-bin"
         for d in (self.root, self.state, self.bin):
             d.mkdir()
         for name in ("systemctl", "journalctl"):
             os.symlink(STUBS / name, self.bin / name)
+        if self.own_base:
+            (self.bin / "python3").write_text(service_python_wrapper())
+            os.chmod(self.bin / "python3", 0o755)
         # The Klipper user: not root where the tests can give files away.
         self.user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         self.home = self.root / "home" / self.user
         self.printer_data = self.home / "printer_data"
         (self.printer_data / "config").mkdir(parents=True)
+        (self.root / "var/lock").mkdir(parents=True)
         self.moonraker_conf = ("[server]\nhost: 127.0.0.1\nport: 7125\n\n"
                                "[authorization]\ntrusted_clients:\n    127.0.0.0/8\n")
         (self.printer_data / "config" / "moonraker.conf").write_text(self.moonraker_conf)
@@ -230,6 +259,10 @@ class Sandbox:
     def calls(self):
         log = self.state / "calls.log"
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def changes(self):
+        """The systemctl calls that change something (queries left out)."""
+        return self.systemctl_calls("start", "stop", "restart", "enable", "disable", "daemon-reload")
 
     def systemctl_calls(self, *verbs):
         return [c[1:] for c in self.calls() if c[0] == "systemctl" and (not verbs or c[1] in verbs)]
@@ -279,6 +312,33 @@ class Sandbox:
                 os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
+        if self.own_base:
+            shutil.rmtree(self.own_base, ignore_errors=True)
+
+
+def can_run_as_nobody(python):
+    try:
+        account = pwd.getpwnam("nobody")
+        return subprocess.run([python, "-c", "import requests, click, websocket"], user=account.pw_uid,
+                              group=account.pw_gid, extra_groups=[], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd="/", timeout=60).returncode == 0
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def service_python_wrapper():
+    """A python3 for the sandbox's PATH that the service user can run, with
+    the test venv's packages: the venv's own when that user can reach it,
+    else the system's python3 with the venv's site-packages."""
+    if can_run_as_nobody(sys.executable):
+        return '#!/bin/sh\nexec "%s" "$@"\n' % sys.executable
+    system = "/usr/bin/python3"
+    packages = sysconfig.get_paths()["purelib"]
+    wrapper = '#!/bin/sh\nPYTHONPATH="%s" exec "%s" "$@"\n' % (packages, system)
+    probe = subprocess.run(["sh", "-c", wrapper.split("\n")[1].replace('"$@"', "-c pass")])
+    assert probe.returncode == 0, "no python3 that the service user nobody can run"
+    return wrapper
 
 
 def stock_k1_path(tmp_path, python=sys.executable):

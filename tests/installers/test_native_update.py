@@ -8,12 +8,14 @@ binary that could not run its --version check went unnoticed (issue 17).
 
 import os
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 
-from installer_fixtures import (REPO, config_of, connector_source, heartbeats_of, host_asset, install_args,
-                                process_alive)
+from installer_fixtures import (REPO, SERVICE, config_of, connector_source, heartbeats_of, host_asset, install_args,
+                                process_alive, wait_until)
 
 pytestmark = pytest.mark.artifacts
 
@@ -134,3 +136,53 @@ def test_crashing_native_release_is_rolled_back_to_the_static_binary(sandbox, tm
     assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v" + old
     cloud.wait_for(lambda: heartbeat_from(cloud, config["connector_id"], old, beats), 20,
                    "a heartbeat from the restored " + old)
+
+
+def test_static_binary_stops_at_once_soon_after_a_start(sandbox, cloud, printer, release, static_releases):
+    """systemd stops a unit with SIGTERM; right after a start (while the
+    onefile binary unpacks itself) the stop must still take effect at once,
+    not hang until SIGKILL, and leave nothing unpacked behind."""
+    (old, old_data), _ = static_releases
+    install_static(sandbox, cloud, printer, release, old, old_data, "dash")
+    tmp = sandbox.klipper_dir / "tmp"
+    for attempt in range(3):
+        subprocess.run(["systemctl", "stop", SERVICE], env=sandbox.env, check=True)
+        subprocess.run(["systemctl", "start", SERVICE], env=sandbox.env, check=True)
+        wait_until(lambda: any(p.name.startswith("_MEI") for p in tmp.iterdir()), 30, "the binary unpacking")
+        started = time.monotonic()
+        subprocess.run(["systemctl", "stop", SERVICE], env=sandbox.env, check=True)
+        assert time.monotonic() - started < 8, "attempt %d: the stop took %.1f s" % (attempt, time.monotonic() - started)
+        assert not sandbox.unit_state().get("sigkilled"), "attempt %d needed SIGKILL" % attempt
+    # A stop in the middle of unpacking may leave a partial folder: the
+    # next start removes it before the binary unpacks again.
+    subprocess.run(["systemctl", "start", SERVICE], env=sandbox.env, check=True)
+    wait_until(lambda: 'msg="Heartbeat sent"' in sandbox.journal(), 30, "a heartbeat")
+    assert len([p for p in tmp.iterdir() if p.name.startswith("_MEI")]) == 1
+
+
+def test_unpacked_folders_of_a_killed_binary_are_removed_at_the_next_start(sandbox, cloud, printer, release,
+                                                                          static_releases):
+    (old, old_data), _ = static_releases
+    install_static(sandbox, cloud, printer, release, old, old_data, "dash")
+    tmp = sandbox.klipper_dir / "tmp"
+    pid = sandbox.service_pid()
+    wait_until(lambda: len(list(tmp.iterdir())) >= 2, 30, "the binary's unpacked folders")
+    unpacked = sorted(p.name for p in tmp.iterdir())
+    assert any(n.startswith("_MEI") for n in unpacked) and any(n.startswith("staticx-") for n in unpacked), unpacked
+    for child in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        if child != pid and process_alive(child) and pid_group(child) == pid:
+            os.kill(child, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not process_alive(pid), 10, "the binary killed")
+    assert sorted(p.name for p in tmp.iterdir()), "the kill left nothing to clean up"
+    subprocess.run(["systemctl", "start", SERVICE], env=sandbox.env, check=True)
+    new_pid = sandbox.service_pid()
+    assert new_pid and new_pid != pid
+    wait_until(lambda: not set(unpacked) & {p.name for p in tmp.iterdir()}, 15, "the stale folders removed")
+
+
+def pid_group(pid):
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

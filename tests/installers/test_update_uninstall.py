@@ -68,11 +68,13 @@ def test_update_to_a_good_release(sandbox, tmp_path, cloud, printer, release):
     assert not list(d.glob(".stage*")) and not (d / "printer-connector.new").exists()
 
     # Up to date: nothing is stopped or downloaded.
-    calls = len(sandbox.calls())
+    calls = len(sandbox.systemctl_calls("start", "stop", "restart"))
+    served = len(release.requests)
     result = sandbox.run("busybox", "update.sh")
     assert_ok(result)
     assert "1.1.0 is up to date" in result.output
-    assert len(sandbox.calls()) == calls
+    assert len(sandbox.systemctl_calls("start", "stop", "restart")) == calls
+    assert release.requests[served:] == ["/latest/download/VERSION"]
     assert sandbox.service_pid() == new_pid
 
     # --version picks a release, also an older one.
@@ -88,7 +90,7 @@ def test_update_with_a_bad_checksum_changes_nothing(sandbox, tmp_path, cloud, pr
     d = sandbox.klipper_dir
     before = sandbox.snapshot_tree()
     binary = (sandbox.klipper_bin).read_bytes()
-    pid, calls = sandbox.service_pid(), len(sandbox.calls())
+    pid, calls = sandbox.service_pid(), len(sandbox.changes())
     publish_connector(release, "1.1.0", tmp_path, bad_sums=(host_asset(),))
 
     result = sandbox.run("bash", "update.sh")
@@ -97,20 +99,20 @@ def test_update_with_a_bad_checksum_changes_nothing(sandbox, tmp_path, cloud, pr
     assert "nothing was changed" in result.output
     assert (sandbox.klipper_bin).read_bytes() == binary
     assert sandbox.snapshot_tree() == before
-    assert sandbox.calls()[calls:] == []
+    assert sandbox.changes()[calls:] == []
     assert sandbox.service_pid() == pid
 
 
 def test_update_to_a_binary_that_does_not_run_changes_nothing(sandbox, tmp_path, cloud, printer, release):
     install_klipper(sandbox, cloud, printer, release, tmp_path)
     before = sandbox.snapshot_tree()
-    calls = len(sandbox.calls())
+    calls = len(sandbox.changes())
     release.publish("1.1.0", {host_asset(): dead_binary()})
     result = sandbox.run("busybox", "update.sh")
     assert result.returncode == 1
     assert "reports 'nothing' instead of 1.1.0; nothing was changed" in result.output
     assert sandbox.snapshot_tree() == before
-    assert sandbox.calls()[calls:] == []
+    assert sandbox.changes()[calls:] == []
 
 
 @pytest.mark.parametrize("shell", ["busybox"])
@@ -172,12 +174,12 @@ def test_update_refused_while_printing_unless_forced(sandbox, tmp_path, cloud, p
     printer.add_file("benchy.gcode")
     printer.set_state("printing", filename="benchy.gcode")
     before = sandbox.snapshot_tree()
-    calls = len(sandbox.calls())
+    calls = len(sandbox.changes())
 
     result = sandbox.run("dash", "update.sh")
     assert result.returncode == 1
     assert "a print is printing on %s" % printer.url in result.output
-    assert sandbox.snapshot_tree() == before and sandbox.calls()[calls:] == []
+    assert sandbox.snapshot_tree() == before and sandbox.changes()[calls:] == []
 
     result = sandbox.run("dash", "update.sh", "--force")
     assert_ok(result)
@@ -200,13 +202,13 @@ def test_check_and_rollback(sandbox, tmp_path, cloud, printer, release):
     assert (version_of(sandbox, backup(1)), version_of(sandbox, backup(2))) == ("1.2.0", "1.1.0")
 
     publish_connector(release, "1.4.0", tmp_path)
-    before, calls = sandbox.snapshot_tree(), len(sandbox.calls())
+    before, calls = sandbox.snapshot_tree(), len(sandbox.changes())
     result = sandbox.run("bash", "update.sh", "--check")
     assert_ok(result)
     assert "installed: 1.3.0" in result.output and "latest:    1.4.0" in result.output
     assert "an update is available" in result.output
     assert sandbox.snapshot_tree() == before
-    assert sandbox.calls()[calls:] == []
+    assert sandbox.changes()[calls:] == []
 
     beats = len(heartbeats_of(cloud, config["connector_id"]))
     result = sandbox.run("busybox", "update.sh", "--rollback")
