@@ -5155,6 +5155,15 @@ import click  # noqa: E402
 
 DOCTOR_MIN_FREE_BYTES = 20 * 1024 * 1024
 DOCTOR_MAX_CLOCK_SKEW = 120.0
+# Moonraker's update manager takes `type: executable` (the installer's
+# section for this connector) from this version on.
+MOONRAKER_EXECUTABLE_UPDATES = (0, 10)
+
+
+def moonraker_release(version: str) -> Optional[Tuple[int, int]]:
+    """(major, minor) of a Moonraker version such as v0.9.3-61-g4a7b2c1."""
+    match = re.match(r"v?(\d+)\.(\d+)", version or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 @dataclass
@@ -5253,6 +5262,11 @@ class Doctor:
         detail = "%s answers (Moonraker %s%s)" % (printer.base_url, info.get("moonraker_version", "?"),
                                                    ", with api_key" if printer.api_key else "")
         self.note("ok", name, detail)
+        release = moonraker_release(str(info.get("moonraker_version", "")))
+        if release is not None and release < MOONRAKER_EXECUTABLE_UPDATES:
+            self.note("warn", "update", "Moonraker %s is older than 0.10.0: its update manager cannot update "
+                      "printer-connector" % info.get("moonraker_version"),
+                      "update printer-connector with update.sh; or update Moonraker, then run the installer again")
         if state == "ready":
             self.note("ok", "klippy", "Klipper is ready")
         else:

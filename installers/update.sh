@@ -389,6 +389,11 @@ def main(argv):
             die(str(e))
         if "result" not in info:
             die("unexpected answer: %r" % (info,))
+    elif cmd == "moonraker-version":
+        try:
+            print(get_json(args[0].rstrip("/") + "/server/info")["result"].get("moonraker_version", ""))
+        except Exception:
+            print("")
     elif cmd == "print-state":
         url = args[0].rstrip("/") + "/printer/objects/query?print_stats"
         try:
@@ -1492,6 +1497,13 @@ install_moonraker_entries() {
     conf_dir=$(moonraker_conf_dir)
     conf=$conf_dir/moonraker.conf
     [ -f "$conf" ] || { warn "no $conf: not registering with Moonraker's update manager"; return 0; }
+    url=$(pyhelp config-get "$CONFIG" printer-urls | head -n 1)
+    mr_version=$(pyhelp moonraker-version "$url")
+    if moonraker_too_old "$mr_version"; then
+        warn "Moonraker $mr_version is older than 0.10.0, whose update manager first takes 'type: executable':"
+        warn "not registering with it (update printer-connector with update.sh; update Moonraker and run this installer again to add it)"
+        return 0
+    fi
     MOONRAKER_CHANGED=0
     asvc_add "$(dirname "$conf_dir")/moonraker.asvc"
     um_file=$conf_dir/$SERVICE-update.conf
@@ -1523,6 +1535,19 @@ EOF
     fi
     # Moonraker reads these only when it starts; a re-run changes nothing.
     [ "$MOONRAKER_CHANGED" = 0 ] || restart_moonraker
+}
+
+# Moonraker's update manager takes "type: executable" from 0.10.0 on; an
+# unknown version is not held against it.
+moonraker_too_old() { # VERSION, e.g. v0.9.3-61-g4a7b2c1
+    v=${1#v}
+    major=${v%%.*}
+    minor=${v#"$major".}
+    minor=${minor%%[!0-9]*}
+    case $major:$minor in
+        *[!0-9:]* | :* | *:) return 1 ;;
+    esac
+    [ "$major" -eq 0 ] && [ "$minor" -lt 10 ]
 }
 
 remove_moonraker_entries() {

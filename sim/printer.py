@@ -385,6 +385,7 @@ class PrinterSimulator(Recorder):
         self._servers = []
         self._status = initial_status()
         self._klippy = True
+        self.moonraker_version = MOONRAKER_VERSION  # what /server/info reports (a test may set an old one)
         self._files = {}            # name -> {"data": bytes, "modified": float}
         self._history = []          # newest last
         self._job = None            # {"filename", "start_time"} while a print is on
@@ -814,7 +815,7 @@ class PrinterSimulator(Recorder):
                                "data_store", "job_state", "history", "webcam"],
                 "failed_components": [], "registered_directories": ["config", "logs", "gcodes"],
                 "warnings": [], "websocket_count": len(self._ws),
-                "moonraker_version": MOONRAKER_VERSION, "missing_klippy_requirements": [],
+                "moonraker_version": self.moonraker_version, "missing_klippy_requirements": [],
                 "api_version": [1, 5, 0], "api_version_string": "1.5.0"}
 
     def _printer_info_result(self):

@@ -8,6 +8,7 @@ with nothing but BusyBox and python3 on PATH."""
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 
@@ -323,3 +324,80 @@ def test_stalled_or_cut_downloads_end_in_time(sandbox, downloader, tmp_path, clo
         tries = [r for r in release.requests[served:] if r.endswith("/" + host_asset())]
         assert 1 <= len(tries) <= 2, (fault, tries)
         assert sandbox.service_pid() == pid
+
+
+# ----------------------------------------------------------- old Moonraker
+
+def test_old_moonraker_gets_no_update_manager_section_and_the_doctor_says_so(sandbox, tmp_path, cloud, own_printer,
+                                                                             release):
+    own_printer.moonraker_version = "v0.9.3-61-g4a7b2c1"
+    publish_connector(release, "1.0.0", tmp_path)
+    result = sandbox.run("dash", "install-klipper.sh", *install_args(cloud, own_printer))
+    assert_ok(result)
+    assert "Moonraker v0.9.3-61-g4a7b2c1 is older than 0.10.0" in result.output
+    conf_dir = sandbox.printer_data / "config"
+    assert not (conf_dir / "printer-connector-update.conf").exists()
+    assert (conf_dir / "moonraker.conf").read_text() == sandbox.moonraker_conf
+    assert not sandbox.systemctl_calls("restart")  # Moonraker is not restarted for nothing
+
+    doctor = subprocess.run([str(sandbox.klipper_bin), "--doctor", "--config", str(sandbox.klipper_dir / "config.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=sandbox.env, timeout=120)
+    report = doctor.stdout.decode()
+    assert "warn  update       Moonraker v0.9.3-61-g4a7b2c1 is older than 0.10.0" in report, report
+    assert "fix: update printer-connector with update.sh" in report
+
+
+# --------------------------------------------------- SIGKILL of update.sh
+
+KILL_POINTS = {
+    # step of update.sh: (the line it has just printed, whether the new release works)
+    "download": ("downloading %s 1.1.0" % host_asset(), True),
+    "health-check": ("waiting up to 60s for the first heartbeat", False),
+    "rollback": ("does not work here: restoring 1.0.0", False),
+}
+
+
+@pytest.mark.parametrize("step", list(KILL_POINTS))
+def test_sigkill_of_update_at_any_step_is_recovered_by_the_next_run(sandbox, step, tmp_path, cloud, printer,
+                                                                    release):
+    """The OOM killer or kill -9 at any step of update.sh: the next run
+    puts a working connector back (and the release it names), removes the
+    killed run's scratch and leaves no update half-done."""
+    publish_connector(release, "1.0.0", tmp_path)
+    assert_ok(sandbox.run("dash", "install-klipper.sh", *install_args(cloud, printer)))
+    config = config_of(sandbox.klipper_dir / "config.json")
+    old_pid = sandbox.service_pid()
+    line, works = KILL_POINTS[step]
+    if works:
+        publish_connector(release, "1.1.0", tmp_path)
+    else:
+        release.publish("1.1.0", {host_asset(): crashing_binary("1.1.0")})
+    timeout = "3" if step == "rollback" else "60"
+    proc = start_script(sandbox, "dash", "update.sh", env={"PRINTER_CONNECTOR_HEALTH_TIMEOUT": timeout})
+    lines = []
+    try:
+        read_until(proc, line, lines)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if step == "download":
+        # Nothing was stopped before the swap: the old connector runs on.
+        assert sandbox.service_pid() == old_pid
+    assert list(sandbox.klipper_dir.glob(".stage.*")), "the killed run left no scratch to clean up"
+    beats = len(heartbeats_of(cloud, config["connector_id"]))
+
+    result = sandbox.run("bash", "update.sh", env={"PRINTER_CONNECTOR_HEALTH_TIMEOUT": "4"})
+    want = "1.1.0" if works else "1.0.0"
+    assert result.returncode == (0 if works else 1), result.output
+    assert "left by a run that was cut short" in result.output
+    if step != "download":
+        assert "an update was cut short before it was checked: putting 1.0.0 back" in result.output
+    assert not list(sandbox.klipper_dir.glob(".stage.*"))
+    assert not (sandbox.klipper_dir / "update-pending").exists()
+    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v" + want
+    assert sandbox.service_pid()
+    cloud.wait_for(lambda: heartbeat_from(cloud, config["connector_id"], want, beats), 20,
+                   "a heartbeat from " + want)
