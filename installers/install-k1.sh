@@ -453,11 +453,12 @@ download() { # URL OUT
         left=$((DOWNLOAD_TIMEOUT - ($(date +%s) - started)))
         [ "$left" -gt 0 ] || break
         rm -f "$2"
-        rc=0
-        download_once "$1" "$2" "$left" || rc=$?
-        [ "$rc" -ne 0 ] || return 0
+        # (sh has no locals: download_once sets rc of its own.)
+        try_status=0
+        download_once "$1" "$2" "$left" || try_status=$?
+        [ "$try_status" -ne 0 ] || return 0
         # A certificate that does not verify will not verify on a second try.
-        [ "$rc" -ne 3 ] || break
+        [ "$try_status" -ne 3 ] || break
         [ "$try" -eq 2 ] || warn "download of $1 failed; trying once more (${left}s left)"
     done
     rm -f "$2"
