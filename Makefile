@@ -7,10 +7,12 @@ PYTHON      ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
 MR_VENV     := .venv-moonraker
+KL_VENV     := .venv-klipper
 BUILD_VENV  := .venv-build
-DEB_PACKAGES := busybox shellcheck dash gcc libc6-dev
+# libusb-dev: pip builds klippy's C helper (chelper), which includes usb.h.
+DEB_PACKAGES := busybox shellcheck dash gcc libc6-dev libusb-dev
 
-.PHONY: all demo test test-fast fuzz fixtures lint binary pyz binary-all binary-mipsle bench soak clean venv deb-deps
+.PHONY: all demo printer test test-fast fuzz fixtures lint binary pyz binary-all binary-mipsle bench soak clean venv deb-deps
 
 all: test
 
@@ -24,6 +26,13 @@ $(MR_VENV)/.stamp: requirements/moonraker.txt
 	$(MR_VENV)/bin/pip install -q --disable-pip-version-check -r requirements/moonraker.txt
 	touch $@
 
+# The real Klipper host (klippy) for the real-Klipper rig (sim/rig.py); pip
+# compiles its C helper with gcc, hence deb-deps first.
+$(KL_VENV)/.stamp: requirements/klipper.txt | deb-deps
+	$(PYTHON) -m venv $(KL_VENV)
+	$(KL_VENV)/bin/pip install -q --disable-pip-version-check -r requirements/klipper.txt
+	touch $@
+
 venv: $(VENV)/.stamp
 
 deb-deps:
@@ -31,16 +40,22 @@ deb-deps:
 
 # The product's main job end to end, on loopback: reference cloud, printer
 # simulator, a connector paired with a demo token, a few commands.
-demo: venv
-	$(PY) sim/demo.py
+# PRINTER=klipper runs it on the real-Klipper rig instead of the simulator.
+demo: venv $(if $(filter klipper,$(PRINTER)),$(MR_VENV)/.stamp $(KL_VENV)/.stamp)
+	$(PY) sim/demo.py $(if $(filter klipper,$(PRINTER)),--printer klipper)
+
+# A real Klipper (simulated MCU) and a real Moonraker on loopback, in the
+# foreground: prints Moonraker's URL for a browser or a connector config.
+printer: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp
+	$(PY) sim/rig.py
 
 # Everything CI checks. The host binary and the zipapp are built first so
 # the tests can run them in place of connector.py.
-test: venv $(MR_VENV)/.stamp deb-deps pyz binary
+test: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp deb-deps pyz binary
 	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q tests
 
 # The tests without the artifacts (quick loop while editing connector.py).
-test-fast: venv $(MR_VENV)/.stamp deb-deps
+test-fast: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp deb-deps
 	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q tests -m "not artifacts"
 
 # Coverage-guided fuzzing of the readers of peer answers (tests/fuzz/, atheris):

@@ -23,7 +23,8 @@ the klippy host looks up; they must match it character for character.
 
     python sim/mcu.py --link /tmp/klipper_host_rig --heat-seconds 15
 
-prints "mcu ready PATH" once the pseudo-terminal exists.
+prints "mcu ready PATH" once the pseudo-terminal exists. SIGUSR1 cools every
+heater to ambient at once; SIGTERM stops it.
 """
 
 import argparse
@@ -256,35 +257,45 @@ def steps_done(interval, count, add, ticks):
 
 
 class Stepper:
+    """Each queued move is [start, interval, count, add, direction]; its step k
+    (1-based) is at start + k*interval + add*k*(k-1)/2 (64-bit clocks)."""
+
     def __init__(self, step_pin):
         self.axis = PINS[step_pin][0] if 0 <= step_pin < len(PINS) else "?"
         self.position = 0           # dir=1 steps minus dir=0 steps
-        self.last_clock = 0         # clock of the last step (64-bit)
+        self.tail_clock = 0         # clock of the last step scheduled
         self.next_dir = 0
-        self.queue = []             # [interval, count, add, direction]
+        self.queue = []
+
+    def append(self, first_step, interval, count, add):
+        """`first_step` is the 64-bit clock of the move's first step. The host
+        counts intervals in 32-bit arithmetic from the last step (or from a
+        reset_step_clock, even clock=0): only the sum's low 32 bits are meant."""
+        start = first_step - interval
+        self.queue.append([start, interval, count, add, self.next_dir])
+        self.tail_clock = start + count * interval + add * count * (count - 1) // 2
 
     def advance(self, now):
         """Completes every queued move that has ended by `now`."""
         while self.queue:
-            interval, count, add, direction = self.queue[0]
-            end = self.last_clock + count * interval + add * count * (count - 1) // 2
-            if end > now:
+            start, interval, count, add, direction = self.queue[0]
+            if start + count * interval + add * count * (count - 1) // 2 > now:
                 return
             self.position += count if direction else -count
-            self.last_clock = end
             self.queue.pop(0)
 
     def position_at(self, now):
         self.advance(now)
         if not self.queue:
             return self.position
-        interval, count, add, direction = self.queue[0]
-        done = steps_done(interval, count, add, now - self.last_clock)
+        start, interval, count, add, direction = self.queue[0]
+        done = steps_done(interval, count, add, now - start)
         return self.position + (done if direction else -done)
 
     def stop(self, now):
         self.position = self.position_at(now)
         self.queue = []
+        self.tail_clock = now
 
     def moving(self):
         return bool(self.queue)
@@ -525,15 +536,13 @@ class MCU:
 
     def cmd_queue_step(self, oid, interval, count, add):
         stepper = self.obj(oid, Stepper)
-        stepper.queue.append([interval, count, add, stepper.next_dir])
+        stepper.append(self.to_clock64((stepper.tail_clock + interval) & MASK32), interval, count, add)
 
     def cmd_set_next_step_dir(self, oid, dir):
         self.obj(oid, Stepper).next_dir = dir
 
     def cmd_reset_step_clock(self, oid, clock):
-        stepper = self.obj(oid, Stepper)
-        stepper.advance(self.clock())
-        stepper.last_clock = self.to_clock64(clock)
+        self.obj(oid, Stepper).tail_clock = self.to_clock64(clock)
 
     def cmd_stepper_get_position(self, oid):
         position = self.obj(oid, Stepper).position_at(self.clock())
@@ -729,9 +738,12 @@ class SerialLine:
         at = self.buffer.find(bytes([SYNC]), 1)
         del self.buffer[:at if at >= 0 else len(self.buffer)]
 
-    def serve(self, stop):
+    def serve(self, stop, cool_down=lambda: False):
         timeout = 0.0
         while not stop():
+            if cool_down():
+                for heater in self.mcu.heaters.values():
+                    heater.temperature = AMBIENT_C
             ready, _, _ = select.select([self.master], [], [], timeout)
             if ready:
                 try:
@@ -763,12 +775,21 @@ def main(argv=None):
     parser.add_argument("--verbose", action="store_true", help="log every command but steps and clocks")
     args = parser.parse_args(argv)
     line = SerialLine(MCU(args.heat_seconds, args.verbose), args.link)
-    stopping = []
+    stopping, cooling = [], []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+    # SIGUSR1: every heater is back at ambient at once (a night's cool-down,
+    # for tests that need a full heat-up).
+    signal.signal(signal.SIGUSR1, lambda *_: cooling.append(1))
     print("mcu ready %s" % (args.link or line.path), flush=True)
+
+    def cool_down():
+        if cooling:
+            del cooling[:]
+            return True
+        return False
     try:
-        line.serve(lambda: bool(stopping))
+        line.serve(lambda: bool(stopping), cool_down)
     finally:
         line.close()
     return 0

@@ -145,6 +145,10 @@ class KlipperRig:
                                "-a", self.klippy_socket, "-I", os.path.join(self.sock_dir, "printer"),
                                "-l", os.path.join(self.logs, "klippy.log")])
 
+    def cool_down(self):
+        """Every heater back at ambient at once (the MCU's SIGUSR1)."""
+        self.procs["mcu"].send_signal(signal.SIGUSR1)
+
     def restart_klippy(self):
         """A host restart (the service restarted): the MCU stays up and configured."""
         self._stop_proc("klippy")
