@@ -93,6 +93,11 @@ REGISTER_READ_TIMEOUT = 60.0  # the cloud may take its time to create a connecto
 EXCHANGE_DEADLINE = 30.0
 TRANSFER_BASE_SECONDS = 60.0
 MIN_TRANSFER_RATE = 50 * 1024  # bytes per second
+# Klipper answers a print control only once it has run it, after the G-code
+# running now (a heat-up: minutes). How long a command waits for that answer
+# (the Actions section, "Print control", says what is reported after).
+CONTROL_WAIT_SECONDS = 10.0
+HOMING_WAIT_SECONDS = 60.0
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
@@ -216,6 +221,11 @@ class TransportError(HttpError):
 
 class ExchangeTimeout(TransportError):
     """The connect or read timeout, or the exchange's deadline, passed."""
+
+
+class AnswerTimeout(ExchangeTimeout):
+    """The request went out and no answer came within the read timeout: the
+    peer may still act on it (Klipper runs a queued pause later)."""
 
 
 class TlsError(TransportError):
@@ -1461,6 +1471,7 @@ def _requests_errors() -> List[Tuple[Any, type, Callable[[BaseException], str]]]
     return [
         ((errors.SSLError, lower.SSLError), TlsError, lambda exc: "TLS error: %s" % _short(str(exc), 160)),
         ((errors.ConnectTimeout, lower.ConnectTimeoutError), ExchangeTimeout, lambda exc: "connect timed out"),
+        ((errors.ReadTimeout, lower.ReadTimeoutError), AnswerTimeout, lambda exc: "read timed out"),
         ((errors.Timeout, lower.TimeoutError), ExchangeTimeout, lambda exc: "read timed out"),
         ((errors.RequestException, lower.HTTPError), TransportError, _os_message),
     ]
@@ -1477,7 +1488,7 @@ def http_error_of(exc: BaseException, watched: Optional[WatchedExchange]) -> Htt
     for cause in reversed(chain):
         if isinstance(cause, socket.timeout) and not isinstance(cause, ssl.SSLError):
             connected = watched is not None and watched.connected
-            return ExchangeTimeout("read timed out" if connected else "connect timed out")
+            return AnswerTimeout("read timed out") if connected else ExchangeTimeout("connect timed out")
         for kinds, error, describe in rows:
             if isinstance(cause, kinds):
                 return error(describe(cause))
@@ -3206,17 +3217,118 @@ def _moonraker(ctx: ActionContext, result: Dict[str, Any], method: str, path: st
         raise CommandFailed(str(exc), result) from None
 
 
-def _print_control(path: str):
+# Print control. Klipper runs G-code one command at a time, and Moonraker
+# answers /printer/print/* and gcode/script only once Klipper has run them:
+# behind a heat-up (M109/M190) that is minutes. So each control:
+#  1. reads Klipper's state first (print_stats, webhooks, toolhead) and fails
+#     at once, sending nothing, when it cannot apply: pause with nothing
+#     printing, start while a print runs, Klipper shut down. An unreadable
+#     state is no verdict: the command goes and Moonraker's answer says why;
+#  2. waits up to a stated bound for the answer (CONTROL_WAIT_SECONDS,
+#     HOMING_WAIT_SECONDS), then reads the state again and reports it as
+#     "state" (and "homed_axes" after homing); an answer whose state shows
+#     the control did not take effect fails the command;
+#  3. when no answer came in time but Moonraker still answers a state
+#     query, the request is queued in Klipper and runs when the G-code ahead
+#     of it ends: "succeeded" with "pending": true and the state seen then.
+#     The change itself reaches the cloud in a snapshot when it happens.
+
+
+@dataclass(frozen=True)
+class PrintControl:
+    path: str
+    applies_in: Tuple[str, ...]  # print_stats states it can act on
+    already_in: Tuple[str, ...]  # states in which it has nothing left to do
+    takes_effect_as: Tuple[str, ...]  # states that show it worked
+
+
+PRINT_CONTROLS = {
+    "pause": PrintControl("/printer/print/pause", ("printing",), ("paused",), ("paused",)),
+    "resume": PrintControl("/printer/print/resume", ("paused",), ("printing",), ("printing",)),
+    "cancel": PrintControl("/printer/print/cancel", ("printing", "paused"), (), ("cancelled",)),
+}
+PRINT_RUNNING = ("printing", "paused")
+KLIPPER_STATE_OBJECTS = ("print_stats", "webhooks", "toolhead")
+
+
+def _klipper_state(ctx: ActionContext) -> Optional[Dict[str, Any]]:
+    """The status objects of KLIPPER_STATE_OBJECTS, or None when Moonraker
+    cannot give them (Klipper not connected: its own answer will say so)."""
+    try:
+        status = ctx.moonraker.query_status(KLIPPER_STATE_OBJECTS)["status"]
+    except HttpError:
+        return None
+    return {name: value for name, value in status.items() if isinstance(value, dict)}
+
+
+def _field(status: Dict[str, Any], name: str, key: str) -> Optional[str]:
+    value = status.get(name, {}).get(key)
+    return value if isinstance(value, str) else None
+
+
+def _require_ready(status: Dict[str, Any], doing: str, result: Dict[str, Any]) -> None:
+    state = _field(status, "webhooks", "state")
+    if state in (None, "ready"):
+        return
+    lines = (_field(status, "webhooks", "state_message") or "").strip().splitlines()
+    why = ": " + _short(lines[0], 160) if lines else ""
+    raise CommandFailed("cannot %s: Klipper is %s%s" % (doing, state, why), result)
+
+
+def _send_control(ctx: ActionContext, result: Dict[str, Any], path: str, wait: float,
+                  **kwargs) -> Optional[Dict[str, Any]]:
+    """POSTs a control; returns Klipper's state after the answer ({} if it
+    cannot be read), or None with result marked pending when Klipper is busy
+    past `wait`."""
+    try:
+        ctx.moonraker.call("POST", path, timeout=(CONNECT_TIMEOUT, wait), **kwargs)
+    except AnswerTimeout as exc:
+        status = _klipper_state(ctx)
+        if status is None:
+            raise CommandFailed("%s, and Klipper's state cannot be read: unknown whether it will take effect"
+                                % exc, result) from None
+        result.update(pending=True, state=_field(status, "print_stats", "state"))
+        return None
+    except HttpError as exc:
+        raise CommandFailed(str(exc), result) from None
+    status = _klipper_state(ctx) or {}
+    result["state"] = _field(status, "print_stats", "state")
+    return status
+
+
+def _print_control(action: str):
+    control = PRINT_CONTROLS[action]
+
     def handler(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
-        ctx.moonraker.call("POST", path)
-        return {}
+        result = {}  # type: Dict[str, Any]
+        before = _klipper_state(ctx)
+        if before is not None:
+            _require_ready(before, action, result)
+            state = _field(before, "print_stats", "state")
+            if state in control.already_in:
+                return {"state": state}
+            if state not in control.applies_in:
+                raise CommandFailed("nothing to %s: Klipper's print state is %s" % (action, state),
+                                    {"state": state})
+        after = _send_control(ctx, result, control.path, CONTROL_WAIT_SECONDS)
+        if after and result["state"] not in control.takes_effect_as:
+            raise CommandFailed("Klipper answered the %s, but its print state is %s" % (action, result["state"]),
+                                result)
+        return result
     return handler
 
 
 def action_start_print(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
-    result = {"filename": validate_filename(params)}
+    result = {"filename": validate_filename(params)}  # type: Dict[str, Any]
     check_gcodes_path(ctx, result["filename"])
-    _moonraker(ctx, result, "POST", "/printer/print/start", params=result)
+    before = _klipper_state(ctx)
+    if before is not None:
+        _require_ready(before, "start a print", result)
+        state = _field(before, "print_stats", "state")
+        if state in PRINT_RUNNING:
+            raise CommandFailed("cannot start a print: one is %s (%s); cancel it first"
+                                % (state, _field(before, "print_stats", "filename")), dict(result, state=state))
+    _send_control(ctx, result, "/printer/print/start", CONTROL_WAIT_SECONDS, params={"filename": result["filename"]})
     return result
 
 
@@ -3231,10 +3343,21 @@ def action_homing(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
     if unknown:
         raise CommandFailed("invalid param 'axes': unknown axis %s" % ", ".join(unknown))
     ordered = [a for a in "XYZ" if a in wanted]
-    ctx.moonraker.call("POST", "/printer/gcode/script",
-                       json_body={"script": "G28 " + " ".join(ordered or ["X", "Y", "Z"])},
-                       timeout=(CONNECT_TIMEOUT, 120.0))
-    return {"axes": ordered or "all"}
+    result = {"axes": ordered or "all"}  # type: Dict[str, Any]
+    before = _klipper_state(ctx)
+    if before is not None:
+        _require_ready(before, "home", result)
+        if _field(before, "print_stats", "state") == "printing":
+            raise CommandFailed("cannot home while a print is printing: pause or cancel it first", result)
+    after = _send_control(ctx, result, "/printer/gcode/script", HOMING_WAIT_SECONDS,
+                          json_body={"script": "G28 " + " ".join(ordered or ["X", "Y", "Z"])})
+    if after and "toolhead" in after:
+        homed = _field(after, "toolhead", "homed_axes") or ""
+        result["homed_axes"] = homed
+        missing = [a for a in ordered or ["X", "Y", "Z"] if a.lower() not in homed]
+        if missing:
+            raise CommandFailed("Klipper answered the G28, but %s is not homed" % ", ".join(missing), result)
+    return result
 
 
 def action_upload_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -3862,9 +3985,9 @@ def action_set_temperature(ctx: ActionContext, params: Dict[str, Any]) -> Dict[s
 
 
 ACTIONS = {
-    "pause": _print_control("/printer/print/pause"),
-    "resume": _print_control("/printer/print/resume"),
-    "cancel": _print_control("/printer/print/cancel"),
+    "pause": _print_control("pause"),
+    "resume": _print_control("resume"),
+    "cancel": _print_control("cancel"),
     "start_print": action_start_print,
     "homing": action_homing,
     "upload_file": action_upload_file,

@@ -266,11 +266,16 @@ class Stepper:
         self.tail_clock = 0         # clock of the last step scheduled
         self.next_dir = 0
         self.queue = []
+        # After a stop (an endstop hit) moves still on the wire are dropped
+        # until the host sends reset_step_clock: it knows they never ran.
+        self.need_reset = False
 
     def append(self, first_step, interval, count, add):
         """`first_step` is the 64-bit clock of the move's first step. The host
         counts intervals in 32-bit arithmetic from the last step (or from a
         reset_step_clock, even clock=0): only the sum's low 32 bits are meant."""
+        if self.need_reset:
+            return
         start = first_step - interval
         self.queue.append([start, interval, count, add, self.next_dir])
         self.tail_clock = start + count * interval + add * count * (count - 1) // 2
@@ -296,6 +301,7 @@ class Stepper:
         self.position = self.position_at(now)
         self.queue = []
         self.tail_clock = now
+        self.need_reset = True
 
     def moving(self):
         return bool(self.queue)
@@ -542,7 +548,8 @@ class MCU:
         self.obj(oid, Stepper).next_dir = dir
 
     def cmd_reset_step_clock(self, oid, clock):
-        self.obj(oid, Stepper).tail_clock = self.to_clock64(clock)
+        stepper = self.obj(oid, Stepper)
+        stepper.tail_clock, stepper.need_reset = self.to_clock64(clock), False
 
     def cmd_stepper_get_position(self, oid):
         position = self.obj(oid, Stepper).position_at(self.clock())

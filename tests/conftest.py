@@ -24,6 +24,12 @@ sys.path.insert(0, ROOT)
 
 from sim.cloud import ReferenceCloud  # noqa: E402
 from sim.printer import PrinterSimulator  # noqa: E402
+from sim.rig import KlipperRig  # noqa: E402
+
+# The simulated MCU's full-power heat-up time (ambient to 60 C bed / 210 C
+# hotend): longer than the connector's CONTROL_WAIT_SECONDS, so a command sent
+# during a heat-up meets a Klipper that is really busy.
+RIG_HEAT_SECONDS = 15.0
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +55,15 @@ def old_cloud(old_cloud_server):
 def printer_server():
     with PrinterSimulator(print_seconds=3600.0) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def klipper_rig(tmp_path_factory):
+    """The real Klipper rig (sim/rig.py: simulated MCU, real klippy, real
+    Moonraker), started once per session and only for the tests that ask."""
+    rig = KlipperRig(tmp_path_factory.mktemp("klipper-rig"), heat_seconds=RIG_HEAT_SECONDS).start()
+    yield rig
+    rig.stop()
 
 
 @pytest.fixture

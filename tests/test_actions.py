@@ -25,9 +25,21 @@ def run_command(cloud, connector, action, params=None, printer_id=None, timeout=
 def test_start_print_starts_the_file(cloud, paired, printer):
     printer.add_file("benchy.gcode")
     body = run_command(cloud, paired, "start_print", {"filename": "benchy.gcode"})
-    assert body == {"status": "succeeded",
-                    "result": {"action": "start_print", "filename": "benchy.gcode", "post_snapshot": "captured"}}
+    assert body == {"status": "succeeded", "result": {"action": "start_print", "filename": "benchy.gcode",
+                                                      "state": "printing", "post_snapshot": "captured"}}
     assert printer.state == "printing"
+
+
+def test_start_print_while_a_print_runs_fails_at_once_without_calling_moonraker(cloud, paired, printer):
+    printer.add_file("a.gcode")
+    printer.add_file("b.gcode")
+    printer.set_state("printing", filename="a.gcode")
+    before = len(printer.requests)
+    body = run_command(cloud, paired, "start_print", {"filename": "b.gcode"})
+    assert body["status"] == "failed"
+    assert body["error_message"] == "cannot start a print: one is printing (a.gcode); cancel it first"
+    assert body["result"]["state"] == "printing"
+    assert not [r for r in printer.requests[before:] if r["path"].startswith("/printer/print")]
 
 
 def test_start_print_of_a_missing_file_fails_with_moonrakers_message(cloud, paired, printer):
@@ -50,8 +62,31 @@ def test_print_control_actions_change_the_printer_state(cloud, paired, printer, 
     printer.add_file("part.gcode")
     printer.set_state(state_before, filename="part.gcode")
     body = run_command(cloud, paired, action)
-    assert body == {"status": "succeeded", "result": {"action": action, "post_snapshot": "captured"}}
+    assert body == {"status": "succeeded", "result": {"action": action, "state": state_after,
+                                                      "post_snapshot": "captured"}}
     assert printer.state == state_after
+
+
+@pytest.mark.parametrize("action, state", [("pause", "standby"), ("resume", "cancelled"), ("cancel", "complete")])
+def test_print_control_that_cannot_apply_fails_at_once_without_calling_moonraker(cloud, paired, printer,
+                                                                                 action, state):
+    printer.add_file("part.gcode")
+    printer.set_state(state, filename="part.gcode")
+    before = len(printer.requests)
+    body = run_command(cloud, paired, action)
+    assert body["status"] == "failed"
+    assert body["error_message"] == "nothing to %s: Klipper's print state is %s" % (action, state)
+    assert not [r for r in printer.requests[before:] if r["path"].startswith("/printer/print")]
+
+
+@pytest.mark.parametrize("action, state", [("pause", "paused"), ("resume", "printing")])
+def test_print_control_already_in_effect_succeeds_without_calling_moonraker(cloud, paired, printer, action, state):
+    printer.add_file("part.gcode")
+    printer.set_state(state, filename="part.gcode")
+    before = len(printer.requests)
+    body = run_command(cloud, paired, action)
+    assert body == {"status": "succeeded", "result": {"action": action, "state": state, "post_snapshot": "captured"}}
+    assert not [r for r in printer.requests[before:] if r["path"].startswith("/printer/print")]
 
 
 def test_the_post_command_snapshot_shows_the_new_state(cloud, paired, printer):

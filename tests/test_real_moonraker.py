@@ -639,7 +639,8 @@ def test_with_klippy_start_print_succeeds_and_the_post_snapshot_shows_printing(
     body = run_command(cloud, connector, "start_print", {"filename": "benchy.gcode"})
 
     assert body["status"] == "succeeded", body
-    assert body["result"] == {"action": "start_print", "filename": "benchy.gcode", "post_snapshot": "captured"}
+    assert body["result"] == {"action": "start_print", "filename": "benchy.gcode", "state": "printing",
+                              "post_snapshot": "captured"}
     assert 'SDCARD_PRINT_FILE FILENAME="benchy.gcode"' in klippy.scripts
     assert klippy.print_state() == "printing"
     cloud.wait_for(lambda: "printing" in states_seen(cloud, connector), timeout=COMMAND_TIMEOUT,

@@ -121,6 +121,19 @@ def test_a_stepper_stops_where_it_was_when_stopped_and_forgets_the_rest():
     assert stepper.position_at(10 ** 9) == -50 and not stepper.moving()
 
 
+def test_moves_that_arrive_after_a_stop_are_dropped_until_reset_step_clock():
+    board = mcu.MCU()
+    board.dispatch("config_stepper", {"oid": 0, "step_pin": mcu.PINS.index("x_step"),
+                                      "dir_pin": mcu.PINS.index("x_dir"), "invert_step": 0, "step_pulse_ticks": 0})
+    stepper = board.objects[0]
+    stepper.stop(board.clock())
+    board.dispatch("queue_step", {"oid": 0, "interval": 1000, "count": 10, "add": 0})
+    assert not stepper.moving()
+    board.dispatch("reset_step_clock", {"oid": 0, "clock": board.clock() & mcu.MASK32})
+    board.dispatch("queue_step", {"oid": 0, "interval": 1000, "count": 10, "add": 0})
+    assert stepper.moving()
+
+
 def test_clock32_maps_to_the_nearest_64_bit_clock_across_the_wrap():
     board = mcu.MCU()
     board.boot_time -= 50.0  # 50 s after boot: the 32-bit clock wrapped at ~42.9 s
