@@ -79,7 +79,8 @@ def wait_ready(rig, timeout=COMMAND_TIMEOUT):
 
 @pytest.fixture(scope="module")
 def rig_connector(cloud_server, klipper_rig, tmp_path_factory):
-    connector = Connector(tmp_path_factory.mktemp("rig-connector"), unpaired_config(cloud_server, klipper_rig))
+    config = unpaired_config(cloud_server, klipper_rig, printer_data_root=klipper_rig.data)
+    connector = Connector(tmp_path_factory.mktemp("rig-connector"), config)
     connector.start()
     connector.wait_log("Pairing successful")
     connector.wait_log("Connector running")

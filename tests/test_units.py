@@ -243,10 +243,15 @@ def test_every_protocol_action_has_a_handler():
     (None, "G28 X Y Z", "all"), ([], "G28 X Y Z", "all"), (["z", "x"], "G28 X Z", ["X", "Z"]),
     (["Y", "y"], "G28 Y", ["Y"])])
 def test_homing_sends_g28_for_the_axes(ctx, axes, script, result, peers):
+    homed = "".join(a.lower() for a in (result if result != "all" else "XYZ"))
+    status = {"print_stats": {"state": "standby"}, "webhooks": {"state": "ready"}, "toolhead": {"homed_axes": homed}}
     with peers as mock:
+        mock.post(MOON + "/printer/objects/query", json={"result": {"eventtime": 1.0, "status": status}})
         mock.post(MOON + "/printer/gcode/script", json={"result": "ok"})
-        assert connector.ACTIONS["homing"](ctx, {"axes": axes}) == {"axes": result}
-        assert mock.request_history[0].json() == {"script": script}
+        assert connector.ACTIONS["homing"](ctx, {"axes": axes}) == {"axes": result, "state": "standby",
+                                                                    "homed_axes": homed}
+        sent = [r.json() for r in mock.request_history if r.path == "/printer/gcode/script"]
+        assert sent == [{"script": script}]
 
 
 @pytest.mark.parametrize("axes", ["XY", ["W"], [1]])
@@ -258,11 +263,14 @@ def test_homing_refuses_bad_axes_without_calling_moonraker(ctx, axes, peers):
 
 
 def test_start_print_passes_the_file_name_as_a_query_parameter(ctx, peers):
+    status = {"print_stats": {"state": "standby"}, "webhooks": {"state": "ready"}}
     with peers as mock:
+        mock.post(MOON + "/printer/objects/query", json={"result": {"eventtime": 1.0, "status": status}})
         mock.post(MOON + "/printer/print/start", json={"result": "ok"})
         assert connector.ACTIONS["start_print"](ctx, {"filename": "my part&1.gcode"}) == \
-            {"filename": "my part&1.gcode"}
-        assert mock.request_history[0].qs == {"filename": ["my part&1.gcode"]}
+            {"filename": "my part&1.gcode", "state": "standby"}
+        started = [r for r in mock.request_history if r.path == "/printer/print/start"]
+        assert [r.qs for r in started] == [{"filename": ["my part&1.gcode"]}]
 
 
 def test_upload_sends_multipart_with_root_and_folder(ctx, peers):
