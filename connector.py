@@ -152,6 +152,7 @@ CAPABILITIES = (
     "list_macros",          # action list_macros
     "set_temperature",      # action set_temperature {heater, target}
     "emergency_stop",       # action emergency_stop
+    "print_state",          # print controls report state, pending, homed_axes; fail at once when they cannot apply
 )
 
 # Long-poll (extension "long_poll"): the polls ask the cloud to hold an empty

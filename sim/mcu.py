@@ -50,6 +50,9 @@ ENDSTOP_STEPS = 2000            # how far (in steps) each carriage starts from i
 AMBIENT_C = 25.0
 BUSY_POLL = 0.001               # loop period while a stepper moves or an endstop homes
 IDLE_POLL = 0.05
+# A reset board reboots before it listens again: what the old host session
+# still sends meanwhile is lost, as on a real serial line.
+REBOOT_SECONDS = 0.3
 
 # --------------------------------------------------------------------------
 # Data dictionary: formats exactly as the host looks them up
@@ -391,7 +394,10 @@ class MCU:
     def boot(self):
         """Power-on state (also what `reset` returns to)."""
         self.boot_time = time.monotonic()
-        self.next_seq = 0
+        # klippy opens every session with sequence 1; a fresh board expects
+        # just that (a board that kept running naks it with the one it expects).
+        self.next_seq = 1
+        self.nak_sent = False
         self.objects = {}
         self.configured = False
         self.config_crc = 0
@@ -430,9 +436,18 @@ class MCU:
 
     # -- input --------------------------------------------------------------
     def receive_block(self, seq, content):
-        """Returns the ack/nak block to send back."""
+        """Returns the ack or nak block to send back (None: stay silent).
+        Out of sequence, one nak says where to resend from; further blocks
+        out of sequence are dropped silently (the host's retransmit timer
+        covers them), or each copy in flight would restart the resend."""
         if seq != self.next_seq:
-            return frame(self.next_seq, b"")          # nak: resend from what we expect
+            if self.verbose:
+                sys.stderr.write("mcu: out of sequence: got %d, expected %d\n" % (seq, self.next_seq))
+            if self.nak_sent:
+                return None
+            self.nak_sent = True
+            return frame(self.next_seq, b"")
+        self.nak_sent = False
         self.next_seq = (seq + 1) & 0x0F
         try:
             commands = list(self.codec.decode(content))
@@ -708,6 +723,7 @@ class SerialLine:
                 os.unlink(link)
             os.symlink(self.path, link)
         self.buffer = bytearray()
+        self.deaf_until = 0.0
 
     def close(self):
         if self.link and os.path.islink(self.link):
@@ -757,15 +773,22 @@ class SerialLine:
                     self.buffer += os.read(self.master, 4096)
                 except OSError:
                     time.sleep(IDLE_POLL)   # no reader on the far side yet
+                if time.monotonic() < self.deaf_until:
+                    self.buffer = bytearray()
                 for seq, content in list(self.blocks()):
                     was_reset = self.mcu.boot_time
                     ack = self.mcu.receive_block(seq, content)
                     if self.mcu.boot_time != was_reset:
+                        # A reboot: what the old session sent after it is gone.
                         termios.tcflush(self.slave, termios.TCIFLUSH)
                         self.buffer = bytearray()
-                        continue
-                    self.write(ack)
+                        self.deaf_until = time.monotonic() + REBOOT_SECONDS
+                        break
+                    # Responses first: each carries the next sequence too, and
+                    # klippy reads a query's answer as soon as the ack is in.
                     self.flush()
+                    if ack is not None:
+                        self.write(ack)
             timeout = self.mcu.poll()
             self.flush()
 

@@ -86,13 +86,14 @@ def decode_response(board, block):
     return name, params
 
 
-def test_a_command_with_a_wrong_sequence_is_not_run_and_gets_a_nak_for_the_expected_one():
+def test_a_block_with_a_wrong_sequence_is_not_run_and_gets_a_nak_for_the_expected_one():
     board = mcu.MCU()
     get_clock = bytes([board.codec.ids["get_clock"]])
-    nak = board.receive_block(5, get_clock)
-    assert nak == mcu.frame(0, b"") and board.take_output() == []
-    ack = board.receive_block(0, get_clock)
-    assert ack == mcu.frame(1, b"") and len(board.take_output()) == 1
+    assert board.receive_block(3, get_clock) == mcu.frame(1, b"")  # nak: a fresh board expects 1
+    assert board.receive_block(4, get_clock) is None  # one nak is enough
+    assert board.take_output() == []
+    assert board.receive_block(1, get_clock) == mcu.frame(2, b"")  # ack: next expected is 2
+    assert len(board.take_output()) == 1
 
 
 def steps_by_loop(interval, count, add, ticks):
