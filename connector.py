@@ -3297,6 +3297,15 @@ def _send_control(ctx: ActionContext, result: Dict[str, Any], path: str, wait: f
     return status
 
 
+def _immediate_post(path: str):
+    """A call Klipper answers at once, in any state (an emergency stop skips
+    the G-code queue): no state check, no wait beyond the usual timeout."""
+    def handler(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+        ctx.moonraker.call("POST", path)
+        return {}
+    return handler
+
+
 def _print_control(action: str):
     control = PRINT_CONTROLS[action]
 
@@ -3999,7 +4008,7 @@ ACTIONS = {
     "gcode": action_gcode,
     "list_macros": action_list_macros,
     "set_temperature": action_set_temperature,
-    "emergency_stop": _print_control("/printer/emergency_stop"),
+    "emergency_stop": _immediate_post("/printer/emergency_stop"),
 }  # type: Dict[str, Callable[[ActionContext, Dict[str, Any]], Dict[str, Any]]]
 
 
