@@ -461,7 +461,16 @@ download() { # URL OUT
         [ "$try" -eq 2 ] || warn "download of $1 failed; trying once more (${left}s left)"
     done
     rm -f "$2"
+    [ "${1#https:}" = "$1" ] || clock_hint
     return 1
+}
+
+# TLS certificates are valid from a date on: a clock far in the past (a
+# board without a battery, no NTP yet) fails every https download.
+clock_hint() {
+    year=$(date -u +%Y)
+    [ "$year" -lt 2025 ] || return 0
+    warn "this machine's clock says $(date -u '+%Y-%m-%d %H:%M') UTC, so no TLS certificate is valid yet and https downloads fail; set the clock (NTP, or date -s) and run this again"
 }
 
 # Runs COMMAND for at most SECONDS (where there is a timeout command).

@@ -134,3 +134,25 @@ def test_installer_asks_on_the_terminal_while_stdin_is_the_pipe(sandbox, shell, 
     assert config["moonraker"][0]["base_url"] == printer.url
     assert token in [r.get("pairing_token") for r in cloud.registrations]
     assert "heartbeat sent" in output
+
+
+def test_a_clock_far_in_the_past_is_named_when_tls_fails(sandbox, tmp_path, cloud, printer, tls_release):
+    """A board without a battery boots in 2001: certificates are not valid yet."""
+    publish_connector(tls_release, "1.0.0", tmp_path)
+    clock = tmp_path / "clock-2001"
+    clock.mkdir()
+    (clock / "date").write_text('#!/bin/sh\nif [ "$1" = -u ]; then shift; case $1 in +%Y) echo 2001; exit 0 ;; '
+                                '+%Y-%m-%d*) echo "2001-01-01 00:00"; exit 0 ;; esac; fi\nexec /bin/date "$@"\n')
+    os.chmod(clock / "date", 0o755)
+    before = sandbox.snapshot_tree()
+    result = sandbox.run("dash", "install-klipper.sh", *install_args(cloud, printer),
+                         env={"PRINTER_CONNECTOR_RELEASE_URL": tls_release.url},
+                         path=str(clock) + os.pathsep + sandbox.env["PATH"])
+    assert result.returncode == 1, result.output
+    assert "clock says 2001-01-01 00:00 UTC, so no TLS certificate is valid yet" in result.output
+    assert sandbox.snapshot_tree() == before
+
+    # With a right clock the same failure says nothing of clocks.
+    result = sandbox.run("dash", "install-klipper.sh", *install_args(cloud, printer),
+                         env={"PRINTER_CONNECTOR_RELEASE_URL": tls_release.url})
+    assert result.returncode == 1 and "clock says" not in result.output
