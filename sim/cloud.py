@@ -763,6 +763,12 @@ class ReferenceCloud(Recorder):
             self._faults_set += 1
             self._notify()
 
+    def forget_fault_hits(self):
+        """Start a new record of faults served (a test that shares this
+        cloud counts only its own)."""
+        with self._lock:
+            self._fault_hits = []
+
     def clear_faults(self):
         self._faults.clear()
         with self._lock:

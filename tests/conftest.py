@@ -47,6 +47,7 @@ def old_cloud_server():
 
 @pytest.fixture
 def old_cloud(old_cloud_server):
+    old_cloud_server.forget_fault_hits()
     yield old_cloud_server
     old_cloud_server.clear_faults()
 
@@ -68,6 +69,7 @@ def klipper_rig(tmp_path_factory):
 
 @pytest.fixture
 def cloud(cloud_server):
+    cloud_server.forget_fault_hits()  # counts of earlier tests' faults would satisfy this one's waits
     yield cloud_server
     cloud_server.clear_faults()
 
