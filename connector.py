@@ -27,13 +27,16 @@ import datetime
 import errno
 import hashlib
 import heapq
+import http.client
 import json
 import math
 import os
 import random
 import re
+import select
 import signal
 import socket
+import ssl
 import stat
 import sys
 import threading
@@ -41,6 +44,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 from urllib.parse import quote, urlencode, urljoin, urlsplit
+
+import click
+import websocket
+
+# Imported where they are used instead, to keep an idle connector's memory
+# low (bench/README.md, RSS): requests and urllib3 (only behind a proxy),
+# urllib.request (only when a *_proxy variable is set), certifi (once, for the
+# TLS context), tarfile and shutil (backups and the doctor; they pull in the
+# compression modules), traceback (after a crash), and what only the doctor
+# or the backup's home look-up needs (subprocess, email.utils, pwd).
 
 __version__ = "0.1.0"
 
@@ -187,6 +200,9 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PAIRING_REJECTED = 0, 1, 2, 3
 # --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------
+# Every failure the program tells apart has a type here, so that callers
+# catch by kind, never by the text of a message; the exit code and the log
+# line follow from the type. No state.
 
 
 class ConnectorError(Exception):
@@ -1261,10 +1277,6 @@ class JsonSplitter:
 # down the socket of one whose deadline passed, which ends any wait (in
 # TLS, http.client or urllib3 alike). It sleeps until the earliest deadline
 # it knows, so a poll costs it a heap push and a removal, not a wake-up.
-
-import http.client  # noqa: E402
-import select  # noqa: E402
-import ssl  # noqa: E402
 
 
 class HttpResponse:
@@ -4070,7 +4082,8 @@ class SnapshotOutbox:
 # --------------------------------------------------------------------------
 # At most once: the id goes into the ledger before the handler runs, the
 # completion goes into the ledger before it is sent, and a re-delivered id
-# only gets its stored completion sent again.
+# only gets its stored completion sent again. CommandRunner owns the lanes
+# and the ids in flight; the ledger (Durable state) owns what is recorded.
 #
 # Lanes (docs/PROTOCOL.md, "Command lanes"): a poll answer's commands are
 # recorded in order on the polling thread, then handed to a lane, so an
@@ -4541,9 +4554,8 @@ class Webcams:
 # subscribed: temperature ticks would cost CPU for nothing, since the
 # snapshot itself is read fresh when it is pushed. When the websocket is
 # unavailable it polls the state over HTTP instead, and keeps trying to
-# reconnect.
-
-import websocket  # noqa: E402
+# reconnect. One watcher per printer owns its websocket, the last state seen
+# and the printer's Console (what Klipper printed, for the gcode action).
 
 
 def websocket_url(base_url: str) -> str:
@@ -4853,7 +4865,10 @@ class Loop:
 # --------------------------------------------------------------------------
 # Pairs if needed, recovers what a previous run left in state_dir, then runs
 # the loops until SIGTERM/SIGINT. `run_once` does one round of each for
-# --once and the installers' pairing check.
+# --once and the installers' pairing check. The agent builds the parts
+# (ledger, snapshot outbox, command runner, webcams, status watchers, loops)
+# and hands each what it needs; it owns only the loop steps, the pace of
+# the polls (idle or not, held or not) and the stop event.
 
 
 def go_arch(machine: Optional[str] = None) -> str:
@@ -5102,8 +5117,11 @@ class Agent:
 # --------------------------------------------------------------------------
 # Pairing
 # --------------------------------------------------------------------------
-# Register is not idempotent: the token is single use. So a request that was
-# answered is never repeated; only transport failures and 5xx are retried.
+# Turns a pairing token into the connector's id and secret, once. Register
+# is not idempotent: the token is single use. So a request that was answered
+# is never repeated; only transport failures and 5xx are retried. Its state
+# is in the config file: the token until it is used, the Idempotency-Key of
+# the attempts in flight, then the credentials.
 
 
 def registration_body(config: Config) -> Dict[str, Any]:
@@ -5272,12 +5290,6 @@ def pair(config: Config, log: Logger, stop: threading.Event, attempts: Optional[
     log.info("Pairing successful", connector_id=config.connector_id,
              printer_ids=",".join(str(p.printer_id) for p in config.moonraker))
 
-
-# --------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------
-
-import click  # noqa: E402
 
 # --------------------------------------------------------------------------
 # Doctor
@@ -5594,11 +5606,35 @@ def _moonraker_fix(exc: HttpError, printer: PrinterConfig) -> str:
     return "start Moonraker (sudo systemctl start moonraker) and check base_url %s" % printer.base_url
 
 
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+# The command line: parses the options, loads the config and runs the agent
+# or the doctor, mapping what ends them to an exit code.
+
 
 def _print_version(ctx, _param, value):
     if value and not ctx.resilient_parsing:
         click.echo("printer-connector %s" % __version__)
         ctx.exit(0)
+
+
+def run_agent(config: Config, log: Logger, once: bool) -> int:
+    try:
+        agent = Agent(config, log)
+    except StateDirError as exc:
+        log.error(str(exc))
+        return EXIT_FAILURE
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    try:
+        return agent.run_once() if once else agent.run()
+    except PairingRejected as exc:
+        log.error(exc.summary, error=str(exc))
+        return EXIT_PAIRING_REJECTED
+    except (HttpError, OSError) as exc:
+        log.error("Connector failed", error=str(exc))
+        return EXIT_FAILURE
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -5630,24 +5666,6 @@ def cli(config_path, log_level, once, doctor, service_name):
     if tighten_config_mode(config.path):
         log.warn("config file was readable by other users; changed its mode to 0600", path=config.path)
     sys.exit(run_agent(config, log, once))
-
-
-def run_agent(config: Config, log: Logger, once: bool) -> int:
-    try:
-        agent = Agent(config, log)
-    except StateDirError as exc:
-        log.error(str(exc))
-        return EXIT_FAILURE
-    signal.signal(signal.SIGTERM, agent.request_stop)
-    signal.signal(signal.SIGINT, agent.request_stop)
-    try:
-        return agent.run_once() if once else agent.run()
-    except PairingRejected as exc:
-        log.error(exc.summary, error=str(exc))
-        return EXIT_PAIRING_REJECTED
-    except (HttpError, OSError) as exc:
-        log.error("Connector failed", error=str(exc))
-        return EXIT_FAILURE
 
 
 def main(argv: Optional[List[str]] = None) -> None:
