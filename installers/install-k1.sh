@@ -1152,6 +1152,11 @@ swap_verified() { # NEWFILE VERSION ASSET
         err "could not put the new binary in place (disk full?); nothing was changed"
     fi
     [ "$3" != printer-connector.pyz ] || [ "$LAYOUT" != k1 ] || k1_ca_bundle "$BIN"
+    # The binary unpacks into the service's TMPDIR as the service user: a
+    # folder that user cannot write (made by a run as root) stops every start.
+    if ! { mkdir -p "$DIR/tmp" && own_like_install "$DIR/tmp"; }; then
+        warn "could not give $DIR/tmp to ${SVC_USER:-root}"
+    fi
     if release_info_set "$2" "$3" && svc_restart && health_check; then
         UPDATE_PHASE=""
         pending_clear

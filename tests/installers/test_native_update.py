@@ -186,3 +186,19 @@ def pid_group(pid):
         return os.getpgid(pid)
     except OSError:
         return None
+
+
+def test_update_gives_the_service_user_back_a_tmpdir_it_cannot_write(sandbox, cloud, printer, release,
+                                                                     static_releases):
+    """The static binary unpacks into TMPDIR (the install's tmp folder): one
+    left to root (a run by hand as root) must not stop the updated service."""
+    (old, old_data), (new, new_data) = static_releases
+    config = install_static(sandbox, cloud, printer, release, old, old_data, "dash")
+    tmp = sandbox.klipper_dir / "tmp"
+    os.chown(tmp, 0, 0)
+    os.chmod(tmp, 0o755)
+    release.publish(new, {host_asset(): new_data})
+    result = sandbox.run("busybox", "update.sh")
+    assert result.returncode == 0, result.output
+    assert os.stat(tmp).st_uid == os.stat(sandbox.klipper_dir).st_uid
+    cloud.wait_for(lambda: heartbeat_from(cloud, config["connector_id"], new), 20, "a heartbeat from " + new)
