@@ -56,6 +56,7 @@ def test_remote_gcode_turned_off_is_not_announced_and_the_cloud_does_not_send_it
     connector = start(make_connector, cloud, printer, allow_gcode=False)
     assert "gcode" not in cloud.connector(connector.connector_id)["capabilities"]
     held = enqueue(cloud, connector, "gcode", {"script": "M105"})
+    printing(printer)
     assert run_command(cloud, connector, "pause")["status"] == "succeeded"
     assert cloud.command(held)["status"] == "queued" and not cloud.completions_for(held)
 
@@ -68,9 +69,10 @@ def test_remote_gcode_turned_off_fails_saying_so_when_a_cloud_sends_it_anyway(ol
     assert len(printer.gcode_scripts) == scripts
 
 
-def test_an_action_of_a_future_extension_fails_cleanly_naming_it(cloud, paired):
+def test_an_action_of_a_future_extension_fails_cleanly_naming_it(cloud, paired, printer):
     body = run_command(cloud, paired, "bed_mesh_calibrate", {"profile": "default"})
     assert body["status"] == "failed" and body["error_message"] == 'unknown action "bed_mesh_calibrate"'
+    printing(printer)
     assert run_command(cloud, paired, "pause")["status"] == "succeeded"
 
 
@@ -262,10 +264,18 @@ def test_commands_behind_a_running_one_at_stop_are_reported_failed_never_run(clo
 
 # -- long-poll --------------------------------------------------------------
 
+def printing(printer, state="printing"):
+    """A print to pause (or, paused, to resume): with nothing printing a print
+    control fails without calling Moonraker (extension print_state)."""
+    printer.add_file("part.gcode")
+    printer.set_state(state, filename="part.gcode")
+
+
 def test_with_a_long_poll_cloud_a_command_is_taken_at_once_whatever_the_interval(cloud, printer, make_connector):
     connector = start(make_connector, cloud, printer, poll_commands_seconds=30)
     cloud.wait_for(lambda: len(polls(cloud, connector)) >= 1)
     for _ in range(3):
+        printing(printer, "paused")
         queued = time.time()
         command_id = enqueue(cloud, connector, "resume")
         assert arrival(printer, "/printer/print/resume", queued) - queued < 1.0
@@ -284,6 +294,7 @@ def test_a_webcam_request_wakes_the_held_webcam_poll(cloud, printer, make_connec
 
 def test_todays_cloud_sees_todays_polls(old_cloud, printer, make_connector):
     connector = start(make_connector, old_cloud, printer, poll_commands_seconds=0.5)
+    printing(printer)
     assert run_command(old_cloud, connector, "pause")["status"] == "succeeded"
     seen = len(polls(old_cloud, connector))
     old_cloud.wait_for(lambda: len(polls(old_cloud, connector)) >= seen + 6, 10)
@@ -320,6 +331,7 @@ def test_an_idle_printer_is_polled_at_5_s_until_someone_asks(old_cloud, printer,
     old_cloud.wait_for(lambda: len([h for h in old_cloud.heartbeats
                                     if h["connector_id"] == connector.connector_id]) >= beats + 12, 15)
     assert len(polls(old_cloud, connector)) - seen <= 2  # 6 s at 5 s, not 20 polls at 0.3 s
+    printing(printer, "paused")
     queued = time.time()
     command_id = enqueue(old_cloud, connector, "resume")
     assert completion(old_cloud, command_id, 10)["status"] == "succeeded"
