@@ -116,7 +116,7 @@ def test_klippy_down_fails_snapshots_cleanly_and_heartbeats_go_on(cloud, own_pri
 def test_bad_command_poll_answers_are_logged_and_survived(cloud, paired, fault):
     cloud.set_fault(fault, endpoint="commands", count=2)
     cloud.wait_for(lambda: sum(1 for h in cloud.fault_hits if h["endpoint"] == "commands") >= 2, 20)
-    command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "pause")
+    command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "sync_files")
     assert completion(cloud, command_id, 30)["status"] == "succeeded"
     # "nulls" and "huge" (one 20 MB string: read to disk, not refused) are
     # JSON arrays whose elements are not commands: each is skipped.

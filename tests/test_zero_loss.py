@@ -32,6 +32,13 @@ def pauses(printer):
     return [r for r in printer.requests if r["path"].startswith("/printer/print/pause")]
 
 
+def printing(printer):
+    """A print for "pause" to act on: with nothing printing, a pause fails
+    without calling Moonraker and so could not show a re-run."""
+    printer.add_file("part.gcode")
+    printer.set_state("printing", filename="part.gcode")
+
+
 def start(make_connector, cloud, printer, **overrides):
     connector = make_connector(unpaired_config(cloud, printer, **overrides)).start()
     connector.wait_log("Connector running")
@@ -69,10 +76,12 @@ def test_a_completion_survives_connection_refused(own_cloud, printer, make_conne
 def test_kill_9_during_an_outage_loses_no_completion(cloud, printer, make_connector):
     connector = start(make_connector, cloud, printer)
     cloud.set_fault("503", endpoint="complete")
+    printing(printer)
     command_id = cloud.enqueue_command(connector.connector_id, connector.printer_id, "pause")
     connector.wait_log("Command finished\" id=%s" % command_id)
     connector.kill()
     cloud.clear_faults()
+    printing(printer)
     pauses_before = len(pauses(printer))
     connector.start()
     cloud.wait_for(lambda: completions(cloud, command_id), 30)
@@ -98,9 +107,11 @@ def test_a_redelivered_command_is_not_run_again(cloud, printer, make_connector):
 
 def test_a_redelivered_command_is_not_run_again_after_a_restart(cloud, printer, make_connector):
     connector = start(make_connector, cloud, printer)
+    printing(printer)
     command_id = cloud.enqueue_command(connector.connector_id, connector.printer_id, "pause")
     cloud.wait_for(lambda: completions(cloud, command_id))
     connector.stop()
+    printing(printer)
     count = len(pauses(printer))
     connector.start()
     connector.wait_log("Connector running")
@@ -111,9 +122,12 @@ def test_a_redelivered_command_is_not_run_again_after_a_restart(cloud, printer, 
 
 def test_numeric_and_string_ids_are_the_same_command(cloud, printer, make_connector):
     connector = start(make_connector, cloud, printer)
+    printing(printer)
     cloud.enqueue_command(connector.connector_id, connector.printer_id, "pause", command_id=777001)
     cloud.wait_for(lambda: completions(cloud, 777001))
+    printing(printer)
     count = len(pauses(printer))
+    printing(printer)
     cloud.enqueue_command(connector.connector_id, connector.printer_id, "pause", command_id="777001")
     cloud.wait_for(lambda: len(cloud.completions_for("777001")) == 2)
     assert len(pauses(printer)) == count
@@ -122,10 +136,12 @@ def test_numeric_and_string_ids_are_the_same_command(cloud, printer, make_connec
 def test_a_command_running_at_kill_is_reported_interrupted_not_rerun(cloud, printer, make_connector):
     connector = start(make_connector, cloud, printer)
     printer.set_fault("slow:5", endpoint="/printer/print/pause", count=1)
+    printing(printer)
     command_id = cloud.enqueue_command(connector.connector_id, connector.printer_id, "pause")
     printer.wait_for(lambda: pauses(printer) and pauses(printer)[-1]["path"].startswith("/printer/print/pause"))
     connector.wait_log("Command started\" id=%s" % command_id)
     connector.kill()
+    printing(printer)
     count = len(pauses(printer))
     connector.start()
     body = cloud.wait_for(lambda: completions(cloud, command_id), 30)[0]
@@ -155,6 +171,7 @@ def test_a_deleted_command_stops_being_reported(cloud, printer, make_connector):
 
 def test_a_corrupt_tail_in_the_ledger_is_skipped_with_a_warning(cloud, printer, make_connector):
     connector = start(make_connector, cloud, printer)
+    printing(printer)
     command_id = cloud.enqueue_command(connector.connector_id, connector.printer_id, "pause")
     cloud.wait_for(lambda: completions(cloud, command_id))
     connector.kill()
@@ -163,6 +180,7 @@ def test_a_corrupt_tail_in_the_ledger_is_skipped_with_a_warning(cloud, printer, 
     connector.start()
     connector.wait_log("skipping corrupt records")
     connector.wait_log("Heartbeat sent")
+    printing(printer)
     count = len(pauses(printer))
     cloud.redeliver(command_id)
     cloud.wait_for(lambda: len(completions(cloud, command_id)) == 2)
@@ -184,7 +202,9 @@ def test_a_state_dir_lost_later_fails_commands_unrun_and_the_agent_goes_on(cloud
     os.rename(state, state + ".gone")
     with open(state, "w") as blocker:
         blocker.write("not a folder")
+    printing(printer)
     count = len(pauses(printer))
+    printing(printer)
     command_id = cloud.enqueue_command(connector.connector_id, connector.printer_id, "pause")
     body = cloud.wait_for(lambda: completions(cloud, command_id))[0]
     assert body["status"] == "failed" and "state_dir" in body["error_message"]
