@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from conftest import RIG_HEAT_SECONDS
 from harness import Connector, unpaired_config, wait_until
 from sim.rig import KlipperRig
 
@@ -317,7 +316,7 @@ def test_pause_during_a_heat_up_reports_pending_and_pauses_when_the_heat_up_ends
     assert body["result"]["pending"] is True and body["result"]["state"] == "printing"
     assert print_state(klipper) == "printing"
     wait_snapshot(cloud, connector, lambda s: s["print_stats"]["state"] == "paused", since,
-                  timeout=RIG_HEAT_SECONDS + 10.0, message="the pause taking effect after M190")
+                  timeout=klipper.heat_seconds + 10.0, message="the pause taking effect after M190")
     assert rig_status(klipper, "heater_bed")["heater_bed"]["temperature"] >= 58.0
 
 
@@ -331,7 +330,7 @@ def test_cancel_during_a_heat_up_reports_pending_and_cancels_when_the_heat_up_en
 
     assert body["status"] == "succeeded", body
     assert body["result"]["pending"] is True
-    wait_state(klipper, ("cancelled",), timeout=RIG_HEAT_SECONDS + 10.0)
+    wait_state(klipper, ("cancelled",), timeout=klipper.heat_seconds + 10.0)
     assert rig_status(klipper, "heater_bed")["heater_bed"]["target"] == 0.0  # CANCEL_PRINT turned it off
 
 
