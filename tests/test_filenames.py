@@ -142,8 +142,11 @@ def test_a_gcodes_folder_that_is_itself_a_link_is_checked_where_it_leads(peers, 
     ctx = make_ctx(tmp_path)
     with peers as mock:
         roots(mock, linked)
+        status = {"print_stats": {"state": "standby"}, "webhooks": {"state": "ready"}}
+        mock.post(LOCAL + "/printer/objects/query", json={"result": {"eventtime": 1.0, "status": status}})
         mock.post(LOCAL + "/printer/print/start", json={"result": "ok"})
-        assert connector.ACTIONS["start_print"](ctx, {"filename": "jobs/a.gcode"}) == {"filename": "jobs/a.gcode"}
+        assert connector.ACTIONS["start_print"](ctx, {"filename": "jobs/a.gcode"}) == {"filename": "jobs/a.gcode",
+                                                                                     "state": "standby"}
 
 
 def test_a_remote_moonraker_is_not_asked_for_its_roots(peers, tmp_path, layout):
