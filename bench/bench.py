@@ -293,9 +293,10 @@ class Rig:
         return snap["received_at"] - started
 
 
-    def command_latency(self, action="resume"):
-        """Seconds from the cloud queuing a command to Moonraker receiving its call."""
-        path = "/printer/print/%s" % action
+    def command_latency(self, action="sync_files", path="/server/files/list"):
+        """Seconds from the cloud queuing a command to Moonraker receiving its
+        call (one that reaches Moonraker whatever the printer does: a print
+        control on an idle printer fails before calling it)."""
         with self.printer._lock:
             seen = len(self.printer._requests)
         queued = time.time()
