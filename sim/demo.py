@@ -152,10 +152,10 @@ def run(cloud, printer, config_path, folder):
          {"filename": "demo/plate.gcode", "url": cloud.add_download(url_file, expires_in=600),
           "size": os.path.getsize(url_file), "sha256": digest})
     send(cloud, connector_id, printer_id, "sync_files")
+    send(cloud, connector_id, printer_id, "homing", {"axes": ["z"]})  # before the print: homing refuses while printing
     send(cloud, connector_id, printer_id, "start_print", {"filename": "demo/part.gcode"})
     send(cloud, connector_id, printer_id, "pause")
     send(cloud, connector_id, printer_id, "resume")
-    send(cloud, connector_id, printer_id, "homing", {"axes": ["z"]})
     send(cloud, connector_id, printer_id, "start_print", {"filename": "../config/printer.cfg"})
     send(cloud, connector_id, printer_id, "cancel")
 
