@@ -4038,6 +4038,13 @@ def capture_snapshot(moonraker: Moonraker) -> Dict[str, Any]:
     return {"printer_id": moonraker.printer.printer_id, "captured_at": now_rfc3339(), "payload": status}
 
 
+def snapshot_print_state(snapshot: Dict[str, Any]) -> Optional[str]:
+    status = snapshot.get("payload", {}).get("status")
+    stats = status.get("print_stats") if isinstance(status, dict) else None
+    state = stats.get("state") if isinstance(stats, dict) else None
+    return state if isinstance(state, str) else None
+
+
 class SnapshotOutbox:
     """Pushes snapshots; while the cloud is failing, keeps capturing but only
     spills, and tries the cloud again after a backoff of its own. So an outage
@@ -4045,11 +4052,14 @@ class SnapshotOutbox:
 
     def __init__(self, spill: SnapshotSpill, log: Logger, interval: Callable[[], float]):
         self.spill, self.log, self.interval = spill, log, interval
+        self.print_states = {}  # type: Dict[Any, Optional[str]]  # printer_id -> print state last captured
         self.failures = 0
         self.retry_at = 0.0
         self.last_error = None  # type: Optional[ConnectorError]
 
     def push(self, cloud: Cloud, fresh: List[Dict[str, Any]]) -> None:
+        for snapshot in fresh:
+            self.print_states[snapshot.get("printer_id")] = snapshot_print_state(snapshot)
         with self.spill.lock:  # one sender at a time keeps the order
             if self.last_error is not None and time.monotonic() < self.retry_at:
                 self._keep(fresh)
@@ -4593,10 +4603,14 @@ def open_websocket(base_url: str, headers: List[str]) -> "websocket.WebSocket":
 
 class StatusWatcher:
     """One printer's print state, kept current; `on_change` is called when it
-    changes from one known state to another."""
+    changes from one known state to another. `last_sent` gives the state in
+    the newest snapshot, which the first state seen (at start, after a
+    reconnect) is compared with: a change while nobody watched counts too."""
 
-    def __init__(self, printer: PrinterConfig, log: Logger, stop: threading.Event, on_change: Callable[[], None]):
+    def __init__(self, printer: PrinterConfig, log: Logger, stop: threading.Event, on_change: Callable[[], None],
+                 last_sent: Callable[[], Optional[str]] = lambda: None):
         self.printer, self.log, self.stop, self.on_change = printer, log, stop, on_change
+        self.last_sent = last_sent
         self.state = None  # type: Optional[str]
         self.next_id = 0
         self.identify_id = -1
@@ -4750,6 +4764,8 @@ class StatusWatcher:
 
     def _changed(self, state: Optional[str]) -> None:
         previous, self.state = self.state, state
+        if previous is None:
+            previous = self.last_sent()
         if previous is not None and state is not None and state != previous:
             self.log.info("Print state changed", printer_id=self.printer.printer_id, previous=previous, state=state)
             self.on_change()
@@ -5043,6 +5059,9 @@ class Agent:
         self.first_success.add(loop)
         self.log.log(level, message, **fields)
 
+    def _last_sent_state(self, printer_id: Any) -> Callable[[], Optional[str]]:
+        return lambda: self.snapshots.print_states.get(printer_id)
+
     def request_snapshot(self) -> None:
         self.snapshot_loop.wake.set()
 
@@ -5062,7 +5081,8 @@ class Agent:
         if self.stop.is_set():  # SIGTERM while pairing is a clean stop too
             self.log.info("Connector stopped")
             return EXIT_OK
-        self.watchers = {p.printer_id: StatusWatcher(p, self.log, self.stop, self.request_snapshot)
+        self.watchers = {p.printer_id: StatusWatcher(p, self.log, self.stop, self.request_snapshot,
+                                                     self._last_sent_state(p.printer_id))
                          for p in self.config.active_printers()}
         self.commands.start()
         for loop in self.loops:

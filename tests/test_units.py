@@ -398,3 +398,21 @@ def test_backoff_grows_and_caps_with_jitter():
     assert all(d <= connector.BACKOFF_CAP for d in delays)
     assert max(delays[-3:]) >= connector.BACKOFF_CAP / 2
     assert connector.backoff_delay(0, 3.0) == 3.0
+
+
+def test_the_first_state_a_watcher_sees_counts_as_a_change_from_the_last_snapshot():
+    changes = []
+    watcher = connector.StatusWatcher(connector.PrinterConfig("http://127.0.0.1:7125", printer_id=1),
+                                      connector.Logger(), threading.Event(), lambda: changes.append(1),
+                                      last_sent=lambda: "standby")
+    watcher._changed("printing")  # it changed after the snapshot, before the watcher first looked
+    assert changes == [1]
+
+
+def test_the_first_state_a_watcher_sees_is_no_change_when_the_last_snapshot_says_the_same():
+    changes = []
+    watcher = connector.StatusWatcher(connector.PrinterConfig("http://127.0.0.1:7125", printer_id=1),
+                                      connector.Logger(), threading.Event(), lambda: changes.append(1),
+                                      last_sent=lambda: "standby")
+    watcher._changed("standby")
+    assert changes == []
