@@ -14,10 +14,10 @@ snapshots that cannot be delivered are kept on disk until the cloud takes
 them, and every command id is recorded before it runs, so a command is never
 run twice. The wire contract is docs/PROTOCOL.md (cloud API and Moonraker).
 
-Sections, in dependency order: constants, errors, bounded JSON, config, logging,
-large transfers, HTTP,
-Moonraker client, cloud client, durable state, actions, status watcher,
-loops, agent, CLI.
+Sections, in dependency order (each uses only those before it): constants,
+errors, bounded JSON, unsafe text, config, logging, large transfers, HTTP,
+Moonraker client, cloud client, loops, durable state, actions, snapshots,
+commands, webcam, status watcher, pairing, agent, doctor, CLI.
 """
 
 import base64
@@ -197,6 +197,14 @@ K1_PRINTER_DATA = "/usr/data/printer_data"
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PAIRING_REJECTED = 0, 1, 2, 3
 
+
+# The Idempotency-Key of register (docs/PROTOCOL.md, Extensions) is stored in
+# the config before the first attempt, so that a retry, and a run after a
+# kill -9 with the answer in flight, send the same one; it is dropped with the
+# token once paired or refused.
+PAIRING_KEY_FIELD = "pairing_idempotency_key"
+
+
 # --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------
@@ -333,6 +341,20 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
+def json_deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` levels, found without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def decode_json(data, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """json.loads for untrusted bytes or text; BadJson for anything refused."""
     try:
@@ -350,20 +372,6 @@ def decode_json(data, max_depth: int = MAX_JSON_DEPTH) -> Any:
     if json_deeper_than(value, max_depth):
         raise BadJson("JSON nested deeper than %d levels" % max_depth)
     return value
-
-
-def json_deeper_than(value: Any, limit: int) -> bool:
-    """Whether containers nest more than `limit` levels, found without recursion."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth >= limit:
-                    return True
-                stack.append((child, depth + 1))
-    return False
 
 
 # --------------------------------------------------------------------------
@@ -542,6 +550,21 @@ def _parse_printer(path, index, data) -> PrinterConfig:
     )
 
 
+def _check_pairing_fields(config: Config) -> None:
+    credentials = config.connector_secret is not None or config.connector_id is not None
+    if config.pairing_token and credentials:
+        raise ConfigError("%s: pairing_token: set together with connector credentials; "
+                          "remove pairing_token (already paired) or the credentials (to pair again)"
+                          % config.path)
+    if not config.pairing_token and not credentials:
+        raise ConfigError("%s: pairing_token: missing; a new connector needs a pairing token "
+                          "(or connector_id and connector_secret once paired)" % config.path)
+    if credentials and not (config.connector_secret and config.connector_id):
+        missing = "connector_secret" if not config.connector_secret else "connector_id"
+        raise ConfigError("%s: %s: missing; a paired config needs both connector_id and "
+                          "connector_secret" % (config.path, missing))
+
+
 def parse_config(path: str, data: Any, environ=os.environ) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("%s: the top level must be a JSON object" % path)
@@ -581,21 +604,6 @@ def parse_config(path: str, data: Any, environ=os.environ) -> Config:
     )
     _check_pairing_fields(config)
     return config
-
-
-def _check_pairing_fields(config: Config) -> None:
-    credentials = config.connector_secret is not None or config.connector_id is not None
-    if config.pairing_token and credentials:
-        raise ConfigError("%s: pairing_token: set together with connector credentials; "
-                          "remove pairing_token (already paired) or the credentials (to pair again)"
-                          % config.path)
-    if not config.pairing_token and not credentials:
-        raise ConfigError("%s: pairing_token: missing; a new connector needs a pairing token "
-                          "(or connector_id and connector_secret once paired)" % config.path)
-    if credentials and not (config.connector_secret and config.connector_id):
-        missing = "connector_secret" if not config.connector_secret else "connector_id"
-        raise ConfigError("%s: %s: missing; a paired config needs both connector_id and "
-                          "connector_secret" % (config.path, missing))
 
 
 def load_config(path: str, environ=os.environ) -> Config:
@@ -1011,6 +1019,48 @@ class TransferProgress:
                          kib_per_s=self.rate(now))
 
 
+def _escape_starts(data: bytes, at: int) -> bool:
+    """Whether the backslash at data[at] starts an escape (is not the second of a "\\\\")."""
+    run = at
+    while run > 0 and data[run - 1] == 0x5C:
+        run -= 1
+    return (at - run) % 2 == 0
+
+
+def _complete_escapes(data: bytes) -> int:
+    """How much of data ends on a whole JSON escape (a surrogate pair is one)."""
+    at = data.rfind(b"\\")
+    if at < 0:
+        return len(data)
+    if not _escape_starts(data, at):  # an even run of backslashes: all of them "\\" pairs
+        return len(data)
+    need = 6 if data[at + 1:at + 2] == b"u" else 2
+    if data[at + 1:at + 2] == b"u" and data[at + 2:at + 4].lower() in (b"d8", b"d9", b"da", b"db"):
+        need = 12  # a high surrogate goes with the escape after it
+    if len(data) - at >= need:
+        return len(data)
+    before = at - 6  # a high surrogate just before a cut-off low one goes with it
+    if (before >= 0 and data[before:before + 2] == b"\\u" and _escape_starts(data, before)
+            and data[before + 2:before + 4].lower() in (b"d8", b"d9", b"da", b"db")):
+        return before
+    return at
+
+
+def _char_boundary(data: bytes, cut: int) -> int:
+    """cut, moved back to the start of a UTF-8 sequence it would split."""
+    lead = cut - 1
+    while lead > max(cut - 4, 0) and data[lead] & 0xC0 == 0x80:
+        lead -= 1
+    if lead < 0 or data[lead] < 0xC0:
+        return cut
+    length = 2 if data[lead] < 0xE0 else 3 if data[lead] < 0xF0 else 4
+    return lead if lead + length > cut else cut
+
+
+def _unescape(data: bytes) -> bytes:
+    return json.loads(b'"' + data + b'"').encode("utf-8", "surrogatepass")
+
+
 class SpooledString:
     """A JSON string too long to hold: its text as it came (JSON escapes and
     all) in a file, or, when it did not fit on the disk, only its length and
@@ -1045,48 +1095,6 @@ class SpooledString:
     def discard(self) -> None:
         remove_file(self.path)
         self.path = None
-
-
-def _complete_escapes(data: bytes) -> int:
-    """How much of data ends on a whole JSON escape (a surrogate pair is one)."""
-    at = data.rfind(b"\\")
-    if at < 0:
-        return len(data)
-    if not _escape_starts(data, at):  # an even run of backslashes: all of them "\\" pairs
-        return len(data)
-    need = 6 if data[at + 1:at + 2] == b"u" else 2
-    if data[at + 1:at + 2] == b"u" and data[at + 2:at + 4].lower() in (b"d8", b"d9", b"da", b"db"):
-        need = 12  # a high surrogate goes with the escape after it
-    if len(data) - at >= need:
-        return len(data)
-    before = at - 6  # a high surrogate just before a cut-off low one goes with it
-    if (before >= 0 and data[before:before + 2] == b"\\u" and _escape_starts(data, before)
-            and data[before + 2:before + 4].lower() in (b"d8", b"d9", b"da", b"db")):
-        return before
-    return at
-
-
-def _char_boundary(data: bytes, cut: int) -> int:
-    """cut, moved back to the start of a UTF-8 sequence it would split."""
-    lead = cut - 1
-    while lead > max(cut - 4, 0) and data[lead] & 0xC0 == 0x80:
-        lead -= 1
-    if lead < 0 or data[lead] < 0xC0:
-        return cut
-    length = 2 if data[lead] < 0xE0 else 3 if data[lead] < 0xF0 else 4
-    return lead if lead + length > cut else cut
-
-
-def _escape_starts(data: bytes, at: int) -> bool:
-    """Whether the backslash at data[at] starts an escape (is not the second of a "\\\\")."""
-    run = at
-    while run > 0 and data[run - 1] == 0x5C:
-        run -= 1
-    return (at - run) % 2 == 0
-
-
-def _unescape(data: bytes) -> bytes:
-    return json.loads(b'"' + data + b'"').encode("utf-8", "surrogatepass")
 
 
 class JsonSplitter:
@@ -1279,6 +1287,11 @@ class JsonSplitter:
 # it knows, so a poll costs it a heap push and a removal, not a wake-up.
 
 
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class HttpResponse:
     __slots__ = ("status", "headers", "content", "size")
 
@@ -1295,11 +1308,6 @@ class HttpResponse:
             ctype = self.headers.get("Content-Type", "?").split(";")[0]
             raise BadResponse("%s: expected JSON, got %s (%d bytes: %s)"
                               % (what, ctype, len(self.content), _short(str(exc), 80)), self.status) from None
-
-
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def default_deadline(timeout: Tuple[float, float]) -> float:
@@ -1532,6 +1540,15 @@ def read_capped(read: Callable[[int], bytes], max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def _check_complete(headers, size: int) -> None:
+    """A body read into a sink that ends short of its Content-Length was cut
+    (by the peer, or by the deadline's shutdown): http.client's read(amount)
+    just returns b"" then, where read() would raise IncompleteRead."""
+    declared = headers.get("Content-Length")
+    if declared and declared.isdigit() and size < int(declared):
+        raise http.client.IncompleteRead(b"", int(declared) - size)
+
+
 def read_body(read: Callable[[int], bytes], headers, status: int, max_bytes: int, sink=None,
               progress: Optional[Callable[[int], None]] = None,
               read_all: Optional[Callable[[], bytes]] = None) -> Tuple[bytes, int]:
@@ -1562,15 +1579,6 @@ def read_body(read: Callable[[int], bytes], headers, status: int, max_bytes: int
         _local(sink.write, chunk)
         if progress is not None:
             _local(progress, size)
-
-
-def _check_complete(headers, size: int) -> None:
-    """A body read into a sink that ends short of its Content-Length was cut
-    (by the peer, or by the deadline's shutdown): http.client's read(amount)
-    just returns b"" then, where read() would raise IncompleteRead."""
-    declared = headers.get("Content-Length")
-    if declared and declared.isdigit() and size < int(declared):
-        raise http.client.IncompleteRead(b"", int(declared) - size)
 
 
 def send_file(send: Callable[[bytes], Any], body, progress: Optional[Callable[[int], None]]) -> None:
@@ -1868,6 +1876,21 @@ def _watched_pool_classes():
             "https": type("WatchedHTTPSPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": https_connection})}
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_origin(url: str) -> Tuple[str, str, Optional[int]]:
+    """(scheme, host, port) as browsers compare origins; a URL whose port
+    cannot be read has an origin of its own."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return ("", url, None)
+    return (scheme, (parts.hostname or "").lower(), port)
+
+
 class RequestsTransport(Transport):
     """requests, for a peer the environment routes through a proxy. Imported
     only then: the steady state of most printers never needs it."""
@@ -1975,6 +1998,16 @@ def multipart_body(fields: Dict[str, str], files: Dict[str, Tuple[str, bytes]]) 
     return b"".join(chunks), "multipart/form-data; boundary=%s" % boundary
 
 
+class _BytesReader:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self, size: int = -1) -> bytes:
+        size = len(self.data) if size is None or size < 0 else size
+        data, self.data = self.data[:size], self.data[size:]
+        return data
+
+
 class MultipartFile:
     """A multipart/form-data body of form fields and one file that is read
     from disk as it is sent (data= for HttpClient.request, with `headers()`):
@@ -2003,20 +2036,13 @@ class MultipartFile:
         return b""
 
 
-class _BytesReader:
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def read(self, size: int = -1) -> bytes:
-        size = len(self.data) if size is None or size < 0 else size
-        data, self.data = self.data[:size], self.data[size:]
-        return data
-
-
 def direct_transport():
     """The transport for a peer without a proxy (unit tests swap in requests
     here, to reach it with requests-mock)."""
     return KeptConnections()
+
+
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "x-connector-id", "cookie"})
 
 
 class HttpClient:
@@ -2113,27 +2139,15 @@ class HttpClient:
                 transport.interrupt()
 
 
-CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "x-connector-id", "cookie"})
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def url_origin(url: str) -> Tuple[str, str, Optional[int]]:
-    """(scheme, host, port) as browsers compare origins; a URL whose port
-    cannot be read has an origin of its own."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port or DEFAULT_PORTS.get(scheme)
-    except ValueError:
-        return ("", url, None)
-    return (scheme, (parts.hostname or "").lower(), port)
-
-
 def generic_error_message(response: HttpResponse) -> str:
     ctype = response.headers.get("Content-Type", "")
     if "json" not in ctype:
         return "%s body (%d bytes)" % (ctype.split(";")[0] or "untyped", len(response.content))
     return _short(response.content.decode("utf-8", "replace"))
+
+
+def user_agent() -> str:
+    return "printer-connector/%s" % __version__
 
 
 # --------------------------------------------------------------------------
@@ -2145,6 +2159,17 @@ def generic_error_message(response: HttpResponse) -> str:
 
 GENERIC_REASONS = {"bad request", "not found", "forbidden", "internal server error", "unauthorized",
                    "method not allowed", "conflict", "service unavailable"}
+
+
+def _traceback_reason(trace: str) -> Optional[str]:
+    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = lines[-1]
+    # "tornado.web.HTTPError: HTTP 400: Bad Request (Invalid file path: gcodes/x)"
+    if "(" in last and last.endswith(")"):
+        return _short(last[last.index("(") + 1:-1])
+    return None
 
 
 def moonraker_error_message(response: HttpResponse) -> str:
@@ -2164,17 +2189,6 @@ def moonraker_error_message(response: HttpResponse) -> str:
         if reason:
             return reason
     return _short(message) or "no message"
-
-
-def _traceback_reason(trace: str) -> Optional[str]:
-    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
-    if not lines:
-        return None
-    last = lines[-1]
-    # "tornado.web.HTTPError: HTTP 400: Bad Request (Invalid file path: gcodes/x)"
-    if "(" in last and last.endswith(")"):
-        return _short(last[last.index("(") + 1:-1])
-    return None
 
 
 class Moonraker:
@@ -2225,10 +2239,6 @@ def cloud_error_message(response: HttpResponse) -> str:
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         return _short(body["error"])
     return _short(json.dumps(body))
-
-
-def user_agent() -> str:
-    return "printer-connector/%s" % __version__
 
 
 def poll_wait_of(response: HttpResponse, asked: int) -> Optional[float]:
@@ -2355,6 +2365,106 @@ class Cloud:
 
     def close(self) -> None:
         self.http.close()
+
+
+# --------------------------------------------------------------------------
+# Loops
+# --------------------------------------------------------------------------
+# Each loop is a thread with its own HTTP connections (a connection carries one
+# request at a time), so a slow upload in one never holds up another. A
+# failure backs off exponentially with jitter, capped at about a minute; a
+# success resets the pace. Rejected credentials are retried slowly.
+# A Loop owns its thread, its wake event, its failure count and, while it
+# runs, its thread's clients (PrinterClients). The section comes early
+# because the snapshot outbox and the status watcher pace their retries with
+# backoff_delay, and the command lanes and webcams work on PrinterClients.
+
+
+def backoff_delay(failures: int, interval: float) -> float:
+    if failures <= 0:
+        return interval
+    delay = min(BACKOFF_CAP, max(interval, BACKOFF_BASE) * (2 ** min(failures, 10)))
+    return delay * random.uniform(0.5, 1.0)
+
+
+class PrinterClients:
+    """One thread's HTTP clients: the cloud and each printer's Moonraker."""
+
+    def __init__(self, config: Config, log: Logger):
+        self.config, self.log = config, log
+        self.cloud = Cloud(config, log)
+        self._moonrakers = {}  # type: Dict[str, Moonraker]
+
+    def moonraker(self, printer: PrinterConfig) -> Moonraker:
+        client = self._moonrakers.get(printer.base_url)
+        if client is None:
+            client = self._moonrakers[printer.base_url] = Moonraker(printer, self.log, user_agent())
+        return client
+
+    def close(self) -> None:
+        self.cloud.close()
+        for client in self._moonrakers.values():
+            client.close()
+
+
+class Loop:
+    """A named step run every `interval()` seconds, or sooner when woken. A
+    step may return the delay before its next run instead (a long-poll the
+    cloud held asks again at once); failures back off all the same."""
+
+    def __init__(self, name: str, step: Callable[[PrinterClients], Optional[float]], interval: Callable[[], float],
+                 stop: threading.Event, config: Config, log: Logger, backoff: bool = True):
+        self.name, self.step, self.interval = name, step, interval
+        self.stop, self.config, self.log = stop, config, log
+        self.backoff = backoff  # False: the step paces its own retries
+        self.wake = threading.Event()
+        self.failures = FailureTracker(log, name)
+        self.rejected = False  # the last failure was a 401: retry slowly
+        self.pace = None  # type: Optional[float]  # the delay the last step asked for (a held long-poll: 0)
+        self.clients = None  # type: Optional[PrinterClients]  # while running, for interrupt()
+        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
+
+    def interrupt(self) -> None:
+        """At stop: a poll the cloud holds must not hold up the exit."""
+        clients = self.clients
+        if clients is not None:
+            clients.cloud.http.interrupt()
+
+    def run_once(self, clients: PrinterClients) -> bool:
+        self.rejected, self.pace = False, None
+        try:
+            self.pace = self.step(clients)
+        except CredentialsRejected as exc:
+            self.rejected = True
+            self.failures.failed("credentials rejected: %s" % exc, level=40)
+            return False
+        except (HttpError, StateDirError) as exc:
+            if not self.stop.is_set():  # at stop, interrupt() ends held polls on purpose
+                self.failures.failed(str(exc))
+            return False
+        except OSError as exc:
+            self.failures.failed("state_dir trouble: %s" % exc, level=40)
+            return False
+        except Exception as exc:  # a bug in one loop must not end the others
+            self.failures.failed("unexpected %s: %s" % (type(exc).__name__, exc), level=40)
+            return False
+        self.failures.succeeded()
+        return True
+
+    def run(self) -> None:
+        clients = self.clients = PrinterClients(self.config, self.log)
+        failures = 0
+        try:
+            while not self.stop.is_set():
+                if self.run_once(clients) or not self.backoff:
+                    failures, delay = 0, self.interval() if self.pace is None else self.pace
+                else:
+                    failures += 1
+                    delay = CREDENTIALS_RETRY_SECONDS if self.rejected else backoff_delay(failures, self.interval())
+                self.wake.wait(delay)
+                self.wake.clear()
+        finally:
+            clients.close()
 
 
 # --------------------------------------------------------------------------
@@ -3045,21 +3155,6 @@ class SnapshotSpill:
             pass
 
 
-def check_state_dir(state_dir: str) -> None:
-    try:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        check_state_dir_owner(state_dir)
-        fd, probe = create_temp_file(state_dir, ".probe.")
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as exc:
-        raise StateDirError("state_dir %s is not writable: %s" % (state_dir, exc.strerror or exc)) from None
-
-
 def check_state_dir_owner(state_dir: str, me: Optional[int] = None) -> None:
     """state_dir, and a link to it, must belong to this user or to root, and
     not be writable by every user: whoever else could replace it or its
@@ -3078,6 +3173,21 @@ def check_state_dir_owner(state_dir: str, me: Optional[int] = None) -> None:
     if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
         raise StateDirError("state_dir %s is writable by every user (mode %o); make it 0700"
                             % (state_dir, info.st_mode & 0o7777))
+
+
+def check_state_dir(state_dir: str) -> None:
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        check_state_dir_owner(state_dir)
+        fd, probe = create_temp_file(state_dir, ".probe.")
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise StateDirError("state_dir %s is not writable: %s" % (state_dir, exc.strerror or exc)) from None
 
 
 # --------------------------------------------------------------------------
@@ -3146,6 +3256,53 @@ def validate_filename(params: Dict[str, Any], key: str = "filename") -> str:
         if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
             raise CommandFailed("invalid filename: a path segment is longer than %d bytes" % MAX_SEGMENT_BYTES)
     return name
+
+
+class Console:
+    """What Klipper prints on its console (Moonraker's notify_gcode_response)
+    while a gcode command runs, bounded. The printer's status watcher feeds it
+    from the websocket it already holds and, while connected, sets `sync`: a
+    round trip on that websocket, whose answer comes after every console line
+    Moonraker queued before it (one queue per client), so nothing the script
+    printed is missed."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lines = None  # type: Optional[List[str]]  # a list while capturing
+        self.size = 0
+        self.truncated = False
+        self.sync = None  # type: Optional[Callable[[float], bool]]
+
+    def begin(self) -> None:
+        with self.lock:
+            self.lines, self.size, self.truncated = [], 0, False
+
+    def feed(self, lines: Any) -> None:
+        with self.lock:
+            if self.lines is None or not isinstance(lines, list):
+                return
+            for line in lines:
+                if not isinstance(line, str):
+                    continue
+                if len(self.lines) >= CONSOLE_MAX_LINES or self.size + len(line) > CONSOLE_MAX_BYTES:
+                    self.truncated = True
+                    return
+                self.lines.append(line)
+                self.size += len(line)
+
+    def end(self) -> Dict[str, Any]:
+        """The result fields: `console` (the lines), and `console_truncated`
+        or `console_incomplete` (no websocket to read it from) when so."""
+        sync = self.sync
+        synced = sync is not None and sync(CONSOLE_SETTLE_SECONDS)
+        with self.lock:
+            lines, truncated, self.lines = self.lines or [], self.truncated, None
+        fields = {"console": lines}  # type: Dict[str, Any]
+        if truncated:
+            fields["console_truncated"] = True
+        if not synced:
+            fields["console_incomplete"] = "the printer's websocket is not connected"
+        return fields
 
 
 @dataclass
@@ -3382,31 +3539,33 @@ def action_homing(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def action_upload_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
-    """The file comes as base64 `content` or, extension `upload_url`, from a
-    presigned `url`; either way through a temp file in state_dir, never
-    whole in memory. `start: true` starts printing it once it is there."""
-    filename = validate_filename(params)
-    result = {"filename": filename}  # type: Dict[str, Any]
-    start = params.get("start", False)
-    if not isinstance(start, bool):
-        raise CommandFailed("invalid param 'start': must be true or false", result)
-    if params.get("url") is not None and params.get("content") is not None:
-        raise CommandFailed("give either param 'content' or param 'url', not both", result)
-    check_gcodes_path(ctx, filename)
-    try:
-        with TransferFile(ctx.config.state_dir, "gcode") as local:
-            if params.get("url") is not None:
-                result.update(_download_file(ctx, params, local, result))
-            else:
-                result["size"] = _decode_content(ctx, params.get("content"), local, result)
-            _upload_to_moonraker(ctx, filename, local, result)
-    except OSError as exc:  # the disk filled up under us, state_dir went away
-        raise CommandFailed("cannot keep the file in %s: %s" % (ctx.config.state_dir, exc.strerror or exc),
-                            result) from None
-    if start:
-        _start_uploaded_file(ctx, result)
-    return result
+class Base64Chunks:
+    """Strict base64 (no whitespace, padding only at the end) decoded a piece
+    at a time; ValueError when it is not base64."""
+
+    def __init__(self):
+        self.carry, self.size, self.ended = b"", 0, False
+
+    def feed(self, piece: bytes) -> bytes:
+        data = self.carry + piece
+        whole = len(data) // 4 * 4
+        self.carry = data[whole:]
+        return self._decode(data[:whole])
+
+    def finish(self) -> bytes:
+        if self.carry:
+            raise ValueError("base64 length is not a multiple of 4")
+        return b""
+
+    def _decode(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        if self.ended:
+            raise ValueError("base64 goes on after its padding")
+        decoded = base64.b64decode(data, validate=True)
+        self.ended = data.endswith(b"=")
+        self.size += len(decoded)
+        return decoded
 
 
 def _decode_content(ctx: ActionContext, content: Any, local: TransferFile, result: Dict[str, Any]) -> int:
@@ -3435,33 +3594,30 @@ def _decode_content(ctx: ActionContext, content: Any, local: TransferFile, resul
     return decoder.size
 
 
-class Base64Chunks:
-    """Strict base64 (no whitespace, padding only at the end) decoded a piece
-    at a time; ValueError when it is not base64."""
+class _HashingWriter:
+    """A file wrapper that hashes and counts what tarfile writes through it."""
 
-    def __init__(self):
-        self.carry, self.size, self.ended = b"", 0, False
+    def __init__(self, handle):
+        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
 
-    def feed(self, piece: bytes) -> bytes:
-        data = self.carry + piece
-        whole = len(data) // 4 * 4
-        self.carry = data[whole:]
-        return self._decode(data[:whole])
+    def write(self, data):
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
 
-    def finish(self) -> bytes:
-        if self.carry:
-            raise ValueError("base64 length is not a multiple of 4")
-        return b""
+    def flush(self):
+        self.handle.flush()
 
-    def _decode(self, data: bytes) -> bytes:
-        if not data:
-            return b""
-        if self.ended:
-            raise ValueError("base64 goes on after its padding")
-        decoded = base64.b64decode(data, validate=True)
-        self.ended = data.endswith(b"=")
-        self.size += len(decoded)
-        return decoded
+
+S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9._-]{1,64})</Code>")
+
+
+def _storage_error_message(response: HttpResponse) -> str:
+    # Only the S3-style error code (<Code>SignatureDoesNotMatch</Code>): the
+    # message goes to the cloud, and the body of whatever the URL named
+    # (a service on the LAN) must not.
+    found = S3_ERROR_CODE.search(response.content)
+    return found.group(1).decode("ascii") if found else "no S3 error code"
 
 
 def _download_file(ctx: ActionContext, params: Dict[str, Any], local: TransferFile,
@@ -3527,6 +3683,33 @@ def _start_uploaded_file(ctx: ActionContext, result: Dict[str, Any]) -> None:
     result["started"] = True
 
 
+def action_upload_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    """The file comes as base64 `content` or, extension `upload_url`, from a
+    presigned `url`; either way through a temp file in state_dir, never
+    whole in memory. `start: true` starts printing it once it is there."""
+    filename = validate_filename(params)
+    result = {"filename": filename}  # type: Dict[str, Any]
+    start = params.get("start", False)
+    if not isinstance(start, bool):
+        raise CommandFailed("invalid param 'start': must be true or false", result)
+    if params.get("url") is not None and params.get("content") is not None:
+        raise CommandFailed("give either param 'content' or param 'url', not both", result)
+    check_gcodes_path(ctx, filename)
+    try:
+        with TransferFile(ctx.config.state_dir, "gcode") as local:
+            if params.get("url") is not None:
+                result.update(_download_file(ctx, params, local, result))
+            else:
+                result["size"] = _decode_content(ctx, params.get("content"), local, result)
+            _upload_to_moonraker(ctx, filename, local, result)
+    except OSError as exc:  # the disk filled up under us, state_dir went away
+        raise CommandFailed("cannot keep the file in %s: %s" % (ctx.config.state_dir, exc.strerror or exc),
+                            result) from None
+    if start:
+        _start_uploaded_file(ctx, result)
+    return result
+
+
 def action_delete_file(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
     result = {"filename": validate_filename(params)}
     check_gcodes_path(ctx, result["filename"])
@@ -3552,21 +3735,6 @@ def action_import_history(ctx: ActionContext, params: Dict[str, Any]) -> Dict[st
     if not isinstance(jobs, list):
         raise CommandFailed("moonraker history/list: unexpected answer (no jobs list)")
     return {"history": history, "count": len(jobs)}
-
-
-class _HashingWriter:
-    """A file wrapper that hashes and counts what tarfile writes through it."""
-
-    def __init__(self, handle):
-        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
-
-    def write(self, data):
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.handle.write(data)
-
-    def flush(self):
-        self.handle.flush()
 
 
 # Backups read printer_data and nothing else. A link anywhere in it (a
@@ -3701,6 +3869,22 @@ def _backup_folder(parent_fd: int, name: str, prefix: str, keep: BackupFilter, d
         os.close(fd)
 
 
+class _FixedSize:
+    """Reads exactly `size` bytes: a log truncated while it is archived is
+    padded with NULs (tarfile fails the whole archive on a short read), and
+    one that grows is cut at the size in its header."""
+
+    def __init__(self, handle, size: int):
+        self.handle, self.left = handle, size
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.handle.read(size)
+        data += b"\0" * (size - len(data))
+        self.left -= size
+        return data
+
+
 def archive_member(tar: "tarfile.TarFile", name: str, folder_fd: int, entry: "os.DirEntry",
                    keep: BackupFilter) -> bool:
     """Adds one walked file; False when it is gone, no longer the file walked,
@@ -3723,22 +3907,6 @@ def archive_member(tar: "tarfile.TarFile", name: str, folder_fd: int, entry: "os
         member.uid, member.gid = info.st_uid, info.st_gid
         tar.addfile(member, _FixedSize(handle, info.st_size))
     return True
-
-
-class _FixedSize:
-    """Reads exactly `size` bytes: a log truncated while it is archived is
-    padded with NULs (tarfile fails the whole archive on a short read), and
-    one that grows is cut at the size in its header."""
-
-    def __init__(self, handle, size: int):
-        self.handle, self.left = handle, size
-
-    def read(self, size: int = -1) -> bytes:
-        size = self.left if size < 0 else min(size, self.left)
-        data = self.handle.read(size)
-        data += b"\0" * (size - len(data))
-        self.left -= size
-        return data
 
 
 def _validate_backup(params: Dict[str, Any], config: Config) -> Tuple[str, str, List[str], str]:
@@ -3767,24 +3935,27 @@ def _validate_backup(params: Dict[str, Any], config: Config) -> Tuple[str, str, 
     return backup_id, url, chosen, root
 
 
-def action_create_backup(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
-    backup_id, url, chosen, root = _validate_backup(params, ctx.config)
-    base = {"backup_id": backup_id}
+def _is_real_folder(parent_fd: int, name: str) -> bool:
     try:
-        return dict(base, **_build_and_upload_backup(ctx, url, chosen, root))
-    except CommandFailed as exc:
-        exc.result = dict(base, **exc.result)
-        raise
-    except OSError as exc:
-        raise CommandFailed("backup failed: %s" % exc, base) from None
+        return stat.S_ISDIR(os.lstat(name, dir_fd=parent_fd).st_mode)
+    except OSError:
+        return False
 
 
-def _build_and_upload_backup(ctx: ActionContext, url: str, chosen: List[str], root: str) -> Dict[str, Any]:
-    root_fd = _open_printer_data(root)
+def _upload_backup(ctx: ActionContext, url: str, archive: str, size: int) -> None:
+    # A file body with an explicit Content-Length goes out as it is read,
+    # without chunked encoding, which S3 and its clones refuse.
+    uploader = HttpClient(url, {"User-Agent": user_agent()}, _storage_error_message, ctx.log, "presigned_url",
+                          transfer_guard(ctx.config))
     try:
-        return _archive_and_upload(ctx, url, chosen, root, root_fd)
+        with open(archive, "rb") as body:
+            uploader.request("PUT", url, data=body, timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT),
+                             deadline=transfer_deadline(size),
+                             headers={"Content-Type": "application/gzip", "Content-Length": str(size)})
+    except HttpError as exc:
+        raise CommandFailed("backup upload failed: %s" % exc) from None
     finally:
-        os.close(root_fd)
+        uploader.close()
 
 
 def _archive_and_upload(ctx: ActionContext, url: str, chosen: List[str], root: str, root_fd: int) -> Dict[str, Any]:
@@ -3821,88 +3992,27 @@ def _archive_and_upload(ctx: ActionContext, url: str, chosen: List[str], root: s
     return result
 
 
-def _is_real_folder(parent_fd: int, name: str) -> bool:
+def _build_and_upload_backup(ctx: ActionContext, url: str, chosen: List[str], root: str) -> Dict[str, Any]:
+    root_fd = _open_printer_data(root)
     try:
-        return stat.S_ISDIR(os.lstat(name, dir_fd=parent_fd).st_mode)
-    except OSError:
-        return False
-
-
-def _upload_backup(ctx: ActionContext, url: str, archive: str, size: int) -> None:
-    # A file body with an explicit Content-Length goes out as it is read,
-    # without chunked encoding, which S3 and its clones refuse.
-    uploader = HttpClient(url, {"User-Agent": user_agent()}, _storage_error_message, ctx.log, "presigned_url",
-                          transfer_guard(ctx.config))
-    try:
-        with open(archive, "rb") as body:
-            uploader.request("PUT", url, data=body, timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT),
-                             deadline=transfer_deadline(size),
-                             headers={"Content-Type": "application/gzip", "Content-Length": str(size)})
-    except HttpError as exc:
-        raise CommandFailed("backup upload failed: %s" % exc) from None
+        return _archive_and_upload(ctx, url, chosen, root, root_fd)
     finally:
-        uploader.close()
+        os.close(root_fd)
 
 
-S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9._-]{1,64})</Code>")
-
-
-def _storage_error_message(response: HttpResponse) -> str:
-    # Only the S3-style error code (<Code>SignatureDoesNotMatch</Code>): the
-    # message goes to the cloud, and the body of whatever the URL named
-    # (a service on the LAN) must not.
-    found = S3_ERROR_CODE.search(response.content)
-    return found.group(1).decode("ascii") if found else "no S3 error code"
+def action_create_backup(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
+    backup_id, url, chosen, root = _validate_backup(params, ctx.config)
+    base = {"backup_id": backup_id}
+    try:
+        return dict(base, **_build_and_upload_backup(ctx, url, chosen, root))
+    except CommandFailed as exc:
+        exc.result = dict(base, **exc.result)
+        raise
+    except OSError as exc:
+        raise CommandFailed("backup failed: %s" % exc, base) from None
 
 
 # -- owner control (extensions gcode, list_macros, set_temperature, emergency_stop)
-
-class Console:
-    """What Klipper prints on its console (Moonraker's notify_gcode_response)
-    while a gcode command runs, bounded. The printer's status watcher feeds it
-    from the websocket it already holds and, while connected, sets `sync`: a
-    round trip on that websocket, whose answer comes after every console line
-    Moonraker queued before it (one queue per client), so nothing the script
-    printed is missed."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.lines = None  # type: Optional[List[str]]  # a list while capturing
-        self.size = 0
-        self.truncated = False
-        self.sync = None  # type: Optional[Callable[[float], bool]]
-
-    def begin(self) -> None:
-        with self.lock:
-            self.lines, self.size, self.truncated = [], 0, False
-
-    def feed(self, lines: Any) -> None:
-        with self.lock:
-            if self.lines is None or not isinstance(lines, list):
-                return
-            for line in lines:
-                if not isinstance(line, str):
-                    continue
-                if len(self.lines) >= CONSOLE_MAX_LINES or self.size + len(line) > CONSOLE_MAX_BYTES:
-                    self.truncated = True
-                    return
-                self.lines.append(line)
-                self.size += len(line)
-
-    def end(self) -> Dict[str, Any]:
-        """The result fields: `console` (the lines), and `console_truncated`
-        or `console_incomplete` (no websocket to read it from) when so."""
-        sync = self.sync
-        synced = sync is not None and sync(CONSOLE_SETTLE_SECONDS)
-        with self.lock:
-            lines, truncated, self.lines = self.lines or [], self.truncated, None
-        fields = {"console": lines}  # type: Dict[str, Any]
-        if truncated:
-            fields["console_truncated"] = True
-        if not synced:
-            fields["console_incomplete"] = "the printer's websocket is not connected"
-        return fields
-
 
 def _gcode_script(params: Dict[str, Any]) -> str:
     script = params.get("script")
@@ -4115,25 +4225,6 @@ def completion_body(status: str, result: Dict[str, Any], error: Optional[str] = 
     return body
 
 
-@dataclass
-class Job:
-    """A recorded command on its way through a lane."""
-    id: str
-    raw: Dict[str, Any]
-    lane: str
-    done: threading.Event = field(default_factory=threading.Event)  # set once run and reported
-    after: List[threading.Event] = field(default_factory=list)  # what must be done before it runs
-    files: Optional["AnswerFiles"] = None  # the spooled strings of its poll answer
-
-    @property
-    def action(self) -> Optional[str]:
-        return action_name(self.raw.get("action"))
-
-    @property
-    def printer_id(self) -> Optional[int]:
-        return printer_id_of(self.raw.get("printer_id"))
-
-
 class AnswerFiles:
     """The spooled strings of one poll answer (JsonSplitter): removed once
     the poll and the last of its commands, which may run on a lane after
@@ -4152,6 +4243,25 @@ class AnswerFiles:
             last = self.users == 0
         if last:
             self.splitter.close()
+
+
+@dataclass
+class Job:
+    """A recorded command on its way through a lane."""
+    id: str
+    raw: Dict[str, Any]
+    lane: str
+    done: threading.Event = field(default_factory=threading.Event)  # set once run and reported
+    after: List[threading.Event] = field(default_factory=list)  # what must be done before it runs
+    files: Optional["AnswerFiles"] = None  # the spooled strings of its poll answer
+
+    @property
+    def action(self) -> Optional[str]:
+        return action_name(self.raw.get("action"))
+
+    @property
+    def printer_id(self) -> Optional[int]:
+        return printer_id_of(self.raw.get("printer_id"))
 
 
 class Lane:
@@ -4781,110 +4891,13 @@ class StatusWatcher:
 
 
 # --------------------------------------------------------------------------
-# Loops
+# Pairing
 # --------------------------------------------------------------------------
-# Each loop is a thread with its own HTTP connections (a connection carries one
-# request at a time), so a slow upload in one never holds up another. A
-# failure backs off exponentially with jitter, capped at about a minute; a
-# success resets the pace. Rejected credentials are retried slowly.
-
-
-def backoff_delay(failures: int, interval: float) -> float:
-    if failures <= 0:
-        return interval
-    delay = min(BACKOFF_CAP, max(interval, BACKOFF_BASE) * (2 ** min(failures, 10)))
-    return delay * random.uniform(0.5, 1.0)
-
-
-class PrinterClients:
-    """One thread's HTTP clients: the cloud and each printer's Moonraker."""
-
-    def __init__(self, config: Config, log: Logger):
-        self.config, self.log = config, log
-        self.cloud = Cloud(config, log)
-        self._moonrakers = {}  # type: Dict[str, Moonraker]
-
-    def moonraker(self, printer: PrinterConfig) -> Moonraker:
-        client = self._moonrakers.get(printer.base_url)
-        if client is None:
-            client = self._moonrakers[printer.base_url] = Moonraker(printer, self.log, user_agent())
-        return client
-
-    def close(self) -> None:
-        self.cloud.close()
-        for client in self._moonrakers.values():
-            client.close()
-
-
-class Loop:
-    """A named step run every `interval()` seconds, or sooner when woken. A
-    step may return the delay before its next run instead (a long-poll the
-    cloud held asks again at once); failures back off all the same."""
-
-    def __init__(self, name: str, step: Callable[[PrinterClients], Optional[float]], interval: Callable[[], float],
-                 stop: threading.Event, config: Config, log: Logger, backoff: bool = True):
-        self.name, self.step, self.interval = name, step, interval
-        self.stop, self.config, self.log = stop, config, log
-        self.backoff = backoff  # False: the step paces its own retries
-        self.wake = threading.Event()
-        self.failures = FailureTracker(log, name)
-        self.rejected = False  # the last failure was a 401: retry slowly
-        self.pace = None  # type: Optional[float]  # the delay the last step asked for (a held long-poll: 0)
-        self.clients = None  # type: Optional[PrinterClients]  # while running, for interrupt()
-        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
-
-    def interrupt(self) -> None:
-        """At stop: a poll the cloud holds must not hold up the exit."""
-        clients = self.clients
-        if clients is not None:
-            clients.cloud.http.interrupt()
-
-    def run_once(self, clients: PrinterClients) -> bool:
-        self.rejected, self.pace = False, None
-        try:
-            self.pace = self.step(clients)
-        except CredentialsRejected as exc:
-            self.rejected = True
-            self.failures.failed("credentials rejected: %s" % exc, level=40)
-            return False
-        except (HttpError, StateDirError) as exc:
-            if not self.stop.is_set():  # at stop, interrupt() ends held polls on purpose
-                self.failures.failed(str(exc))
-            return False
-        except OSError as exc:
-            self.failures.failed("state_dir trouble: %s" % exc, level=40)
-            return False
-        except Exception as exc:  # a bug in one loop must not end the others
-            self.failures.failed("unexpected %s: %s" % (type(exc).__name__, exc), level=40)
-            return False
-        self.failures.succeeded()
-        return True
-
-    def run(self) -> None:
-        clients = self.clients = PrinterClients(self.config, self.log)
-        failures = 0
-        try:
-            while not self.stop.is_set():
-                if self.run_once(clients) or not self.backoff:
-                    failures, delay = 0, self.interval() if self.pace is None else self.pace
-                else:
-                    failures += 1
-                    delay = CREDENTIALS_RETRY_SECONDS if self.rejected else backoff_delay(failures, self.interval())
-                self.wake.wait(delay)
-                self.wake.clear()
-        finally:
-            clients.close()
-
-
-# --------------------------------------------------------------------------
-# Agent
-# --------------------------------------------------------------------------
-# Pairs if needed, recovers what a previous run left in state_dir, then runs
-# the loops until SIGTERM/SIGINT. `run_once` does one round of each for
-# --once and the installers' pairing check. The agent builds the parts
-# (ledger, snapshot outbox, command runner, webcams, status watchers, loops)
-# and hands each what it needs; it owns only the loop steps, the pace of
-# the polls (idle or not, held or not) and the stop event.
+# Turns a pairing token into the connector's id and secret, once. Register
+# is not idempotent: the token is single use. So a request that was answered
+# is never repeated; only transport failures and 5xx are retried. Its state
+# is in the config file: the token until it is used, the Idempotency-Key of
+# the attempts in flight, then the credentials.
 
 
 def go_arch(machine: Optional[str] = None) -> str:
@@ -4911,6 +4924,177 @@ def local_ip(cloud_url: str) -> Optional[str]:
         return None
     finally:
         probe.close()
+
+
+def registration_body(config: Config) -> Dict[str, Any]:
+    printers = [{"name": p.name or "Printer %d" % (i + 1), "ui_port": p.ui_port}
+                for i, p in enumerate(config.moonraker)]
+    device = {"hostname": socket.gethostname(), "arch": go_arch(), "os": os.uname().sysname.lower() or "linux",
+              "version": __version__, "ip": local_ip(config.cloud_url), "ui_port": config.moonraker[0].ui_port}
+    body = {"pairing_token": config.pairing_token, "device": {k: v for k, v in device.items() if v},
+            "printers": printers, "capabilities": config.capabilities()}  # type: Dict[str, Any]
+    if config.site_name:
+        body["site_name"] = config.site_name
+    return body
+
+
+@dataclass
+class Registration:
+    """What the cloud's answer to register gives us, checked."""
+    connector_id: str
+    secret: str
+    printer_ids: List[Optional[int]]
+    polling: Dict[str, float]
+
+
+POLLING_FIELDS = (("commands_seconds", "poll_commands_seconds"), ("snapshots_seconds", "push_snapshots_seconds"),
+                  ("heartbeat_seconds", "heartbeat_seconds"))
+
+
+def read_registration(answer: Any) -> Registration:
+    """The checked registration; BadResponse names the first thing wrong."""
+    if not isinstance(answer, dict):
+        raise BadResponse("register: expected a JSON object, got %s" % type(answer).__name__)
+    connector = answer.get("connector")
+    credentials = answer.get("credentials")
+    connector_id = normalize_command_id(connector.get("id")) if isinstance(connector, dict) else None
+    secret = credentials.get("secret") if isinstance(credentials, dict) else None
+    if connector_id is None or not isinstance(secret, str) or not secret:
+        raise BadResponse("register: the answer lacks connector.id or credentials.secret")
+    unsafe = unsafe_credential({"connector.id": connector_id, "credentials.secret": secret})
+    if unsafe:
+        raise BadResponse("register: the answer's %s, so it cannot be used" % unsafe)
+    printers = answer.get("printers", [])
+    if not isinstance(printers, list):
+        raise BadResponse("register: printers is %s, not a list" % type(printers).__name__)
+    printer_ids = []  # type: List[Optional[int]]
+    for index, entry in enumerate(printers):
+        raw_id = entry.get("id") if isinstance(entry, dict) else None
+        printer_id = printer_id_of(raw_id)
+        if raw_id is not None and not printer_id:
+            raise BadResponse("register: printers[%d].id is not a printer id: %s"
+                              % (index, _short(json.dumps(raw_id), 40)))
+        printer_ids.append(printer_id)
+    polling = answer.get("polling")
+    intervals = {}
+    for key, attr in POLLING_FIELDS:
+        value = polling.get(key) if isinstance(polling, dict) else None
+        if _is_number(value) and MIN_POLL_SECONDS <= value < MAX_POLL_SECONDS:  # 1e-300 would be a busy loop
+            intervals[attr] = float(value)
+    return Registration(connector_id, secret, printer_ids, intervals)
+
+
+def apply_registration(config: Config, answer: Any) -> None:
+    """Takes the credentials, printer ids and intervals of the cloud's answer
+    to register into config; BadResponse, with config unchanged, when the
+    answer cannot be used."""
+    registration = read_registration(answer)
+    config.connector_id, config.connector_secret = registration.connector_id, registration.secret
+    config.pairing_token = None
+    for printer, printer_id in zip(config.moonraker, registration.printer_ids):
+        if printer_id:
+            printer.printer_id = printer_id
+    for attr, value in registration.polling.items():
+        setattr(config, attr, value)
+UNANSWERED_SUMMARY = ("Pairing rejected after an earlier register went unanswered: that attempt probably used the "
+                      "pairing token; get a new pairing token from the cloud and run again with it")
+UNREADABLE_SUMMARY = ("Pairing failed: the cloud's answer to register cannot be used, and the pairing token may be "
+                      "used up by it; if running again says it was already used, get a new pairing token")
+
+
+def _rewrite_config_key(config: Config, key: Optional[str]) -> None:
+    raw = dict(config.raw)
+    if key is None:
+        if raw.pop(PAIRING_KEY_FIELD, None) is None:
+            return
+    else:
+        raw[PAIRING_KEY_FIELD] = key
+    atomic_write(config.path, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
+    config.raw = raw
+
+
+def pairing_idempotency_key(config: Config, log: Logger) -> Tuple[str, bool]:
+    """(key, whether an earlier run stored it): a stored key means an earlier
+    register may have reached the cloud."""
+    stored = config.raw.get(PAIRING_KEY_FIELD)
+    if isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{32}", stored):
+        return stored, True
+    key = binascii.hexlify(os.urandom(16)).decode("ascii")
+    try:
+        _rewrite_config_key(config, key)
+    except OSError as exc:
+        log.warn("the pairing key could not be stored: a restart while pairing may use up the token",
+                 path=config.path, error=str(exc))
+    return key, False
+
+
+def forget_pairing_key(config: Config) -> None:
+    try:
+        _rewrite_config_key(config, None)
+    except OSError:
+        pass  # a stale key only makes the next pairing's messages more cautious
+
+
+def may_have_reached_the_cloud(exc: HttpError) -> bool:
+    """No answer, or a gateway's: the cloud may have used the token."""
+    return isinstance(exc, TransportError) or exc.status in (502, 504)
+
+
+def register(config: Config, log: Logger, stop: threading.Event, attempts: Optional[int]) -> Any:
+    """Registers, retrying transport failures and 5xx with the same key.
+    A refusal or an unusable answer raises PairingRejected."""
+    key, unanswered = pairing_idempotency_key(config, log)
+    cloud = Cloud(config, log)
+    body = registration_body(config)
+    failures = 0
+    try:
+        while True:
+            try:
+                answer = cloud.register(body, key)
+                read_registration(answer)  # an unusable answer is not retried: see below
+                return answer
+            except PairingRejected as exc:
+                forget_pairing_key(config)
+                raise PairingRejected(str(exc), UNANSWERED_SUMMARY if unanswered else None) from None
+            except BadResponse as exc:
+                raise PairingRejected(str(exc), UNREADABLE_SUMMARY) from None
+            except HttpError as exc:
+                failures += 1
+                reached = may_have_reached_the_cloud(exc)
+                unanswered = unanswered or reached
+                if attempts is not None and failures >= attempts:
+                    raise
+                delay = backoff_delay(failures, BACKOFF_BASE * 2)
+                note = "it may have reached the cloud; the retry carries the same Idempotency-Key" if reached else None
+                log.warn("pairing failed; retrying", error=str(exc), retry_in=round(delay, 1), note=note)
+                if stop.wait(delay):
+                    raise HttpError("pairing interrupted: the connector is stopping") from None
+    finally:
+        cloud.close()
+
+
+def pair(config: Config, log: Logger, stop: threading.Event, attempts: Optional[int] = None) -> None:
+    log.info("Pairing with the cloud", cloud=config.cloud_url, printers=len(config.moonraker))
+    apply_registration(config, register(config, log, stop, attempts))
+    log.add_secret(config.connector_secret)
+    try:
+        save_config(config)
+    except OSError as exc:
+        log.error("paired, but the config could not be saved: the connector runs now but must be paired "
+                  "again after a restart", path=config.path, error=str(exc))
+    log.info("Pairing successful", connector_id=config.connector_id,
+             printer_ids=",".join(str(p.printer_id) for p in config.moonraker))
+
+
+# --------------------------------------------------------------------------
+# Agent
+# --------------------------------------------------------------------------
+# Pairs if needed, recovers what a previous run left in state_dir, then runs
+# the loops until SIGTERM/SIGINT. `run_once` does one round of each for
+# --once and the installers' pairing check. The agent builds the parts
+# (ledger, snapshot outbox, command runner, webcams, status watchers, loops)
+# and hands each what it needs; it owns only the loop steps, the pace of
+# the polls (idle or not, held or not) and the stop event.
 
 
 class Agent:
@@ -5135,183 +5319,6 @@ class Agent:
 
 
 # --------------------------------------------------------------------------
-# Pairing
-# --------------------------------------------------------------------------
-# Turns a pairing token into the connector's id and secret, once. Register
-# is not idempotent: the token is single use. So a request that was answered
-# is never repeated; only transport failures and 5xx are retried. Its state
-# is in the config file: the token until it is used, the Idempotency-Key of
-# the attempts in flight, then the credentials.
-
-
-def registration_body(config: Config) -> Dict[str, Any]:
-    printers = [{"name": p.name or "Printer %d" % (i + 1), "ui_port": p.ui_port}
-                for i, p in enumerate(config.moonraker)]
-    device = {"hostname": socket.gethostname(), "arch": go_arch(), "os": os.uname().sysname.lower() or "linux",
-              "version": __version__, "ip": local_ip(config.cloud_url), "ui_port": config.moonraker[0].ui_port}
-    body = {"pairing_token": config.pairing_token, "device": {k: v for k, v in device.items() if v},
-            "printers": printers, "capabilities": config.capabilities()}  # type: Dict[str, Any]
-    if config.site_name:
-        body["site_name"] = config.site_name
-    return body
-
-
-@dataclass
-class Registration:
-    """What the cloud's answer to register gives us, checked."""
-    connector_id: str
-    secret: str
-    printer_ids: List[Optional[int]]
-    polling: Dict[str, float]
-
-
-POLLING_FIELDS = (("commands_seconds", "poll_commands_seconds"), ("snapshots_seconds", "push_snapshots_seconds"),
-                  ("heartbeat_seconds", "heartbeat_seconds"))
-
-
-def read_registration(answer: Any) -> Registration:
-    """The checked registration; BadResponse names the first thing wrong."""
-    if not isinstance(answer, dict):
-        raise BadResponse("register: expected a JSON object, got %s" % type(answer).__name__)
-    connector = answer.get("connector")
-    credentials = answer.get("credentials")
-    connector_id = normalize_command_id(connector.get("id")) if isinstance(connector, dict) else None
-    secret = credentials.get("secret") if isinstance(credentials, dict) else None
-    if connector_id is None or not isinstance(secret, str) or not secret:
-        raise BadResponse("register: the answer lacks connector.id or credentials.secret")
-    unsafe = unsafe_credential({"connector.id": connector_id, "credentials.secret": secret})
-    if unsafe:
-        raise BadResponse("register: the answer's %s, so it cannot be used" % unsafe)
-    printers = answer.get("printers", [])
-    if not isinstance(printers, list):
-        raise BadResponse("register: printers is %s, not a list" % type(printers).__name__)
-    printer_ids = []  # type: List[Optional[int]]
-    for index, entry in enumerate(printers):
-        raw_id = entry.get("id") if isinstance(entry, dict) else None
-        printer_id = printer_id_of(raw_id)
-        if raw_id is not None and not printer_id:
-            raise BadResponse("register: printers[%d].id is not a printer id: %s"
-                              % (index, _short(json.dumps(raw_id), 40)))
-        printer_ids.append(printer_id)
-    polling = answer.get("polling")
-    intervals = {}
-    for key, attr in POLLING_FIELDS:
-        value = polling.get(key) if isinstance(polling, dict) else None
-        if _is_number(value) and MIN_POLL_SECONDS <= value < MAX_POLL_SECONDS:  # 1e-300 would be a busy loop
-            intervals[attr] = float(value)
-    return Registration(connector_id, secret, printer_ids, intervals)
-
-
-def apply_registration(config: Config, answer: Any) -> None:
-    """Takes the credentials, printer ids and intervals of the cloud's answer
-    to register into config; BadResponse, with config unchanged, when the
-    answer cannot be used."""
-    registration = read_registration(answer)
-    config.connector_id, config.connector_secret = registration.connector_id, registration.secret
-    config.pairing_token = None
-    for printer, printer_id in zip(config.moonraker, registration.printer_ids):
-        if printer_id:
-            printer.printer_id = printer_id
-    for attr, value in registration.polling.items():
-        setattr(config, attr, value)
-
-
-# The Idempotency-Key of register (docs/PROTOCOL.md, Extensions) is stored in
-# the config before the first attempt, so that a retry, and a run after a
-# kill -9 with the answer in flight, send the same one; it is dropped with the
-# token once paired or refused.
-PAIRING_KEY_FIELD = "pairing_idempotency_key"
-UNANSWERED_SUMMARY = ("Pairing rejected after an earlier register went unanswered: that attempt probably used the "
-                      "pairing token; get a new pairing token from the cloud and run again with it")
-UNREADABLE_SUMMARY = ("Pairing failed: the cloud's answer to register cannot be used, and the pairing token may be "
-                      "used up by it; if running again says it was already used, get a new pairing token")
-
-
-def pairing_idempotency_key(config: Config, log: Logger) -> Tuple[str, bool]:
-    """(key, whether an earlier run stored it): a stored key means an earlier
-    register may have reached the cloud."""
-    stored = config.raw.get(PAIRING_KEY_FIELD)
-    if isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{32}", stored):
-        return stored, True
-    key = binascii.hexlify(os.urandom(16)).decode("ascii")
-    try:
-        _rewrite_config_key(config, key)
-    except OSError as exc:
-        log.warn("the pairing key could not be stored: a restart while pairing may use up the token",
-                 path=config.path, error=str(exc))
-    return key, False
-
-
-def forget_pairing_key(config: Config) -> None:
-    try:
-        _rewrite_config_key(config, None)
-    except OSError:
-        pass  # a stale key only makes the next pairing's messages more cautious
-
-
-def _rewrite_config_key(config: Config, key: Optional[str]) -> None:
-    raw = dict(config.raw)
-    if key is None:
-        if raw.pop(PAIRING_KEY_FIELD, None) is None:
-            return
-    else:
-        raw[PAIRING_KEY_FIELD] = key
-    atomic_write(config.path, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
-    config.raw = raw
-
-
-def may_have_reached_the_cloud(exc: HttpError) -> bool:
-    """No answer, or a gateway's: the cloud may have used the token."""
-    return isinstance(exc, TransportError) or exc.status in (502, 504)
-
-
-def register(config: Config, log: Logger, stop: threading.Event, attempts: Optional[int]) -> Any:
-    """Registers, retrying transport failures and 5xx with the same key.
-    A refusal or an unusable answer raises PairingRejected."""
-    key, unanswered = pairing_idempotency_key(config, log)
-    cloud = Cloud(config, log)
-    body = registration_body(config)
-    failures = 0
-    try:
-        while True:
-            try:
-                answer = cloud.register(body, key)
-                read_registration(answer)  # an unusable answer is not retried: see below
-                return answer
-            except PairingRejected as exc:
-                forget_pairing_key(config)
-                raise PairingRejected(str(exc), UNANSWERED_SUMMARY if unanswered else None) from None
-            except BadResponse as exc:
-                raise PairingRejected(str(exc), UNREADABLE_SUMMARY) from None
-            except HttpError as exc:
-                failures += 1
-                reached = may_have_reached_the_cloud(exc)
-                unanswered = unanswered or reached
-                if attempts is not None and failures >= attempts:
-                    raise
-                delay = backoff_delay(failures, BACKOFF_BASE * 2)
-                note = "it may have reached the cloud; the retry carries the same Idempotency-Key" if reached else None
-                log.warn("pairing failed; retrying", error=str(exc), retry_in=round(delay, 1), note=note)
-                if stop.wait(delay):
-                    raise HttpError("pairing interrupted: the connector is stopping") from None
-    finally:
-        cloud.close()
-
-
-def pair(config: Config, log: Logger, stop: threading.Event, attempts: Optional[int] = None) -> None:
-    log.info("Pairing with the cloud", cloud=config.cloud_url, printers=len(config.moonraker))
-    apply_registration(config, register(config, log, stop, attempts))
-    log.add_secret(config.connector_secret)
-    try:
-        save_config(config)
-    except OSError as exc:
-        log.error("paired, but the config could not be saved: the connector runs now but must be paired "
-                  "again after a restart", path=config.path, error=str(exc))
-    log.info("Pairing successful", connector_id=config.connector_id,
-             printer_ids=",".join(str(p.printer_id) for p in config.moonraker))
-
-
-# --------------------------------------------------------------------------
 # Doctor
 # --------------------------------------------------------------------------
 # `--doctor` runs every check an owner would otherwise do by hand with curl
@@ -5337,6 +5344,46 @@ class Finding:
     check: str
     detail: str
     fix: str = ""
+
+
+def _run(argv: List[str]) -> Tuple[int, str]:
+    import subprocess
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return 127, str(exc)
+    return done.returncode, done.stdout.decode("utf-8", "replace").strip()
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _service_user(service: str) -> Optional[str]:
+    import shutil
+    if not shutil.which("systemctl"):
+        return None
+    code, output = _run(["systemctl", "show", "-p", "User", "--value", service])
+    return output if code == 0 and output else None
+
+
+def _install_folders(config_path: str) -> List[str]:
+    here = os.path.dirname(os.path.abspath(sys.executable if getattr(sys, "frozen", False) else sys.argv[0]))
+    return list(dict.fromkeys([here, os.path.dirname(os.path.abspath(config_path))]))
+
+
+def _moonraker_fix(exc: HttpError, printer: PrinterConfig) -> str:
+    if exc.status == 401:
+        if printer.api_key:
+            return "the api_key is wrong: copy Moonraker's key (Mainsail: Settings, General, API key)"
+        return ("Moonraker wants an API key: set api_key for this printer, or add 127.0.0.1 to "
+                "[authorization] trusted_clients in moonraker.conf")
+    return "start Moonraker (sudo systemctl start moonraker) and check base_url %s" % printer.base_url
 
 
 class Doctor:
@@ -5584,46 +5631,6 @@ class Doctor:
             click.echo("      latest log lines:")
             for line in lines[-5:]:
                 click.echo("        " + self._shown(line))
-
-
-def _run(argv: List[str]) -> Tuple[int, str]:
-    import subprocess
-    try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              timeout=10)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return 127, str(exc)
-    return done.returncode, done.stdout.decode("utf-8", "replace").strip()
-
-
-def _user_name(uid: int) -> str:
-    try:
-        import pwd
-        return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        return str(uid)
-
-
-def _service_user(service: str) -> Optional[str]:
-    import shutil
-    if not shutil.which("systemctl"):
-        return None
-    code, output = _run(["systemctl", "show", "-p", "User", "--value", service])
-    return output if code == 0 and output else None
-
-
-def _install_folders(config_path: str) -> List[str]:
-    here = os.path.dirname(os.path.abspath(sys.executable if getattr(sys, "frozen", False) else sys.argv[0]))
-    return list(dict.fromkeys([here, os.path.dirname(os.path.abspath(config_path))]))
-
-
-def _moonraker_fix(exc: HttpError, printer: PrinterConfig) -> str:
-    if exc.status == 401:
-        if printer.api_key:
-            return "the api_key is wrong: copy Moonraker's key (Mainsail: Settings, General, API key)"
-        return ("Moonraker wants an API key: set api_key for this printer, or add 127.0.0.1 to "
-                "[authorization] trusted_clients in moonraker.conf")
-    return "start Moonraker (sudo systemctl start moonraker) and check base_url %s" % printer.base_url
 
 
 # --------------------------------------------------------------------------
