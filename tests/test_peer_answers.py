@@ -265,7 +265,7 @@ def test_a_camera_list_of_thousands_costs_a_bounded_few_fetches(peers):
         peers.answer("moonraker", "/cam%d" % i, b"<html>", 200, "text/html")
     with TempDir() as state_dir:
         agent, clients = agent_with_clients(state_dir)
-        image, _ = agent._webcam_image(clients.moonraker(agent.config.moonraker[0]), quiet=True)
+        image, _ = agent.webcams.image(clients.moonraker(agent.config.moonraker[0]), quiet=True)
     assert image is None
     fetched = [s for s in peers.sent if s[2].startswith("/cam")]
     assert 0 < len(fetched) <= connector.WEBCAM_MAX_CANDIDATES
@@ -394,12 +394,9 @@ def test_a_date_header_of_year_99999999999_is_no_time_to_compare_with():
 # -- Moonraker: the status websocket ---------------------------------------
 
 
-class WatcherAgent:
-    def __init__(self):
-        self.log, self.stop, self.snapshots_requested = quiet(), threading.Event(), 0
-
-    def request_snapshot(self):
-        self.snapshots_requested += 1
+def new_watcher():
+    return connector.StatusWatcher(connector.PrinterConfig("http://127.0.0.1:7125", printer_id=1), quiet(),
+                                   threading.Event(), lambda: None)
 
 
 class SentFrames:
@@ -423,7 +420,7 @@ ws_messages = st.one_of(
 @SOME
 @given(messages=st.lists(ws_messages, max_size=5))
 def test_any_websocket_message_ends_at_most_the_connection(messages):
-    watcher = connector.StatusWatcher(WatcherAgent(), connector.PrinterConfig("http://127.0.0.1:7125", printer_id=1))
+    watcher = new_watcher()
     watcher.identify_id, ws = 1, SentFrames()
     for message in messages:
         try:
@@ -435,7 +432,7 @@ def test_any_websocket_message_ends_at_most_the_connection(messages):
 
 
 def test_a_binary_websocket_frame_is_ignored():
-    watcher = connector.StatusWatcher(WatcherAgent(), connector.PrinterConfig("http://127.0.0.1:7125", printer_id=1))
+    watcher = new_watcher()
     watcher._on_message(SentFrames(), b'{"method": "notify_klippy_shutdown"}')
     assert watcher.state is None
 
