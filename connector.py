@@ -2252,6 +2252,11 @@ def poll_wait_of(response: HttpResponse, asked: int) -> Optional[float]:
     return min(value, float(asked)) if value > 0 and value == value else None
 
 
+def long_poll_deadline(wait: float) -> float:
+    """A held poll's deadline: the hold, then an ordinary answer's time."""
+    return max(EXCHANGE_DEADLINE, CONNECT_TIMEOUT + wait + READ_TIMEOUT)
+
+
 class Cloud:
     def __init__(self, config: Config, log: Logger):
         self.config = config
@@ -2347,7 +2352,7 @@ class Cloud:
             return self.call("GET", self.connector_path(suffix), what, **kwargs)
         response = self.call("GET", self.connector_path("%s&wait=%d" % (suffix, wait)), what,
                              timeout=(CONNECT_TIMEOUT, wait + READ_TIMEOUT),
-                             deadline=max(EXCHANGE_DEADLINE, CONNECT_TIMEOUT + wait + READ_TIMEOUT), **kwargs)
+                             deadline=long_poll_deadline(wait), **kwargs)
         self.held = poll_wait_of(response, wait)
         return response
 
