@@ -64,6 +64,7 @@ class RawServer:
             threading.Thread(target=self._serve, args=(sock, index), daemon=True).start()
 
     def _serve(self, sock, index):
+        reader = None
         try:
             if self.tls_context is not None:
                 sock = self.tls_context.wrap_socket(sock, server_side=True)
@@ -98,6 +99,11 @@ class RawServer:
         except (OSError, ssl.SSLError):
             return
         finally:
+            # The reader holds a reference to the socket: until it is closed
+            # too, sock.close() leaves the descriptor open and the client
+            # would still find the connection alive after `closed` is set.
+            if reader is not None:
+                reader.close()
             sock.close()
             self.closed.set()
 
