@@ -1403,6 +1403,11 @@ class DeadlineWatch:
             watched.entry = (deadline, watched.entry[1], watched)
             heapq.heappush(self._heap, watched.entry)
 
+    def remaining(self) -> Optional[float]:
+        """Seconds left to the calling thread's exchange, None outside one."""
+        watched = getattr(self._local, "current", None)
+        return None if watched is None else watched.remaining()
+
     def finish(self, watched: WatchedExchange) -> None:
         self._local.current = None
         with self._lock:
@@ -1428,6 +1433,102 @@ class DeadlineWatch:
 
 
 DEADLINES = DeadlineWatch()
+
+
+# Name lookups. getaddrinfo cannot be interrupted, and a slow or hostile
+# resolver holds it far past any deadline (glibc waits up to 30 s a try, five
+# tries a nameserver), with no socket of ours for the watchdog to shut down.
+# So a name (not an address, which needs no resolver) is looked up in a
+# thread of its own, and the connect waits for it no longer than its connect
+# timeout and its exchange's deadline allow. A lookup that outlives the wait
+# ends when the resolver gives up; callers that want the same name meanwhile
+# wait on it rather than start another, and while MAX_STUCK_LOOKUPS names
+# have no answer a new one fails at once: a resolver that never answers costs
+# a few idle threads, not one per try.
+
+MAX_STUCK_LOOKUPS = 4
+
+
+class NameLookupTimeout(OSError):
+    """A name lookup with no answer within the time its connect had."""
+
+
+class _Lookup:
+    __slots__ = ("done", "infos", "error")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.infos = []  # type: List[Tuple[Any, ...]]
+        self.error = None  # type: Optional[OSError]
+
+
+_LOOKUPS_LOCK = threading.Lock()
+_LOOKUPS = {}  # type: Dict[Tuple[str, Any], _Lookup]  # (host, port) -> its lookup in flight
+
+
+def _look_up(key: Tuple[str, Any], lookup: _Lookup) -> None:
+    try:
+        lookup.infos = socket.getaddrinfo(key[0], key[1], 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        lookup.error = exc
+    except Exception as exc:  # UnicodeError for a label over 63 characters
+        lookup.error = socket.gaierror(socket.EAI_NONAME, "bad host name: %s" % exc)
+    finally:
+        with _LOOKUPS_LOCK:
+            _LOOKUPS.pop(key, None)
+        lookup.done.set()
+
+
+def resolve(host: str, port, seconds: float) -> List[Tuple[Any, ...]]:
+    """getaddrinfo(host, port) for a TCP connection, waiting at most seconds
+    (and no longer than the calling thread's exchange has left)."""
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass  # a name, not an address
+    except (UnicodeError, ValueError) as exc:
+        raise socket.gaierror(socket.EAI_NONAME, "bad host name: %s" % exc) from None
+    left = DEADLINES.remaining()
+    seconds = max(0.001, seconds if left is None else min(seconds, left))
+    key = (host, port)
+    with _LOOKUPS_LOCK:
+        lookup = _LOOKUPS.get(key)
+        if lookup is None:
+            if len(_LOOKUPS) >= MAX_STUCK_LOOKUPS:
+                raise NameLookupTimeout(errno.ETIMEDOUT, "name lookup of %s: not tried, %d earlier lookups have no "
+                                        "answer yet" % (_short(host, 80), len(_LOOKUPS)))
+            lookup = _LOOKUPS[key] = _Lookup()
+            threading.Thread(target=_look_up, args=(key, lookup), name="name-lookup", daemon=True).start()
+    if not lookup.done.wait(seconds):
+        raise NameLookupTimeout(errno.ETIMEDOUT, "name lookup of %s: no answer within %g s"
+                                % (_short(host, 80), round(seconds, 1)))
+    if lookup.error is not None:
+        error = lookup.error  # shared by every waiter: each raises a copy of its own
+        raise type(error)(*error.args) if isinstance(error, socket.gaierror) else OSError(*error.args)
+    return lookup.infos
+
+
+def connect_to(infos: List[Tuple[Any, ...]], timeout: Optional[float], source_address=None) -> socket.socket:
+    """socket.create_connection to these addresses (resolve's), no others;
+    each socket is watched by DEADLINES while it connects."""
+    error = None  # type: Optional[OSError]
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            DEADLINES.attach(sock, connected=False)
+            sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError("no address to connect to")
+
+
+def connect_timeout(timeout: Optional[float]) -> float:
+    return CONNECT_TIMEOUT if timeout is None else timeout
 
 
 class _LocalFailure(Exception):
@@ -1470,6 +1571,7 @@ def _os_message(exc: BaseException) -> str:
 LOW_LEVEL_ERRORS = [
     (ssl.SSLError, TlsError, lambda exc: "TLS error: %s" % _short(str(exc), 160)),
     (socket.gaierror, TransportError, lambda exc: "host name not found"),
+    (NameLookupTimeout, ExchangeTimeout, lambda exc: exc.strerror),
     (ConnectionRefusedError, TransportError, lambda exc: "connection refused"),
     (http.client.RemoteDisconnected, TransportError, lambda exc: "connection closed without a response"),
     (ConnectionResetError, TransportError, lambda exc: "connection reset"),
@@ -1645,9 +1747,8 @@ class Transport:
 
 
 def _watched_create_connection(address, timeout=None, source_address=None):
-    sock = socket.create_connection(address, timeout, source_address)
-    DEADLINES.attach(sock, connected=False)  # a TLS handshake follows
-    return sock
+    """http.client's _create_connection: the name lookup shares the connect's timeout."""
+    return connect_to(resolve(address[0], address[1], connect_timeout(timeout)), timeout, source_address)
 
 
 def canonical_ip(address: str) -> str:
@@ -1688,11 +1789,11 @@ class AddressGuard:
             found = self.local_ports[port]
         return found
 
-    def addresses(self, host: str, port: int) -> List[Tuple[Any, ...]]:
-        """getaddrinfo's answer for host:port; DestinationRefused when any
+    def addresses(self, host: str, port: int, seconds: float = CONNECT_TIMEOUT) -> List[Tuple[Any, ...]]:
+        """resolve's answer for host:port; DestinationRefused when any
         address in it is refused."""
         found = self.names.get((host.lower().rstrip("."), port))
-        infos = [] if found else socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        infos = [] if found else resolve(host, port, seconds)
         for info in infos:
             found = found or self._reason(info[4][0], port)
         if found:
@@ -1701,18 +1802,7 @@ class AddressGuard:
 
     def create_connection(self, address, timeout=None, source_address=None):
         """socket.create_connection to the addresses checked, no others."""
-        error = None  # type: Optional[OSError]
-        for family, kind, proto, _, sockaddr in self.addresses(address[0], address[1]):
-            sock = socket.socket(family, kind, proto)
-            try:
-                DEADLINES.attach(sock, connected=False)
-                sock.settimeout(timeout)
-                sock.connect(sockaddr)
-                return sock
-            except OSError as exc:
-                sock.close()
-                error = exc
-        raise error or OSError("no address for %s" % address[0])
+        return connect_to(self.addresses(address[0], address[1], connect_timeout(timeout)), timeout, source_address)
 
 
 class KeptConnections(Transport):
@@ -1857,8 +1947,15 @@ def _watched_pool_classes():
 
     class Watched:
         def _new_conn(self):
-            sock = super()._new_conn()
-            DEADLINES.attach(sock, connected=False)
+            # urllib3's own would look the name up with no bound (resolve).
+            try:
+                sock = _watched_create_connection((self._dns_host, self.port), self.timeout, self.source_address)
+            except socket.timeout as exc:
+                raise urllib3.exceptions.ConnectTimeoutError(self, "connect timed out") from exc
+            except OSError as exc:
+                raise urllib3.exceptions.NewConnectionError(self, "connection failed: %s" % exc) from exc
+            for option in self.socket_options or ():
+                sock.setsockopt(*option)
             return sock
 
         def connect(self):
@@ -1927,7 +2024,7 @@ class RequestsTransport(Transport):
             origin = url_origin(url)
             try:
                 self.guard.addresses(origin[1], origin[2] or 0)
-            except socket.gaierror:
+            except (socket.gaierror, NameLookupTimeout):
                 pass  # a name only the proxy can resolve: no address of ours to compare
         if progress is not None and body is not None and not isinstance(body, bytes):
             body = _FileBody(body, int(headers.get("Content-Length", "0")), progress)
@@ -3339,8 +3436,7 @@ def transfer_guard(config: Config) -> AddressGuard:
             found = "%s's %s" % (label, what)
             names[(printer.host.lower().rstrip("."), port)] = found
             try:
-                addresses = {canonical_ip(info[4][0]) for info in socket.getaddrinfo(printer.host, port, 0,
-                                                                                   socket.SOCK_STREAM)}
+                addresses = {canonical_ip(info[4][0]) for info in resolve(printer.host, port, CONNECT_TIMEOUT)}
             except OSError:
                 addresses = set()  # its name, at least, is refused
             for address in addresses:
@@ -4919,13 +5015,16 @@ def go_arch(machine: Optional[str] = None) -> str:
 
 
 def local_ip(cloud_url: str) -> Optional[str]:
-    """The address this host uses towards the cloud (no packet is sent)."""
+    """The address this host uses towards the cloud (no packet is sent; the
+    name lookup has the connect's bound, see resolve)."""
     parts = urlsplit(cloud_url)
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        probe.connect((parts.hostname or "8.8.8.8", parts.port or 443))
+        infos = resolve(parts.hostname or "8.8.8.8", parts.port or 443, CONNECT_TIMEOUT)
+        address = next(info[4] for info in infos if info[0] == socket.AF_INET)
+        probe.connect(address)
         return probe.getsockname()[0]
-    except OSError:
+    except (OSError, StopIteration):
         return None
     finally:
         probe.close()
@@ -5512,8 +5611,8 @@ class Doctor:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
-            socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
-        except socket.gaierror as exc:
+            resolve(parts.hostname, port, CONNECT_TIMEOUT)
+        except OSError as exc:  # not found, or no answer in time
             self.note("fail", "cloud", "%s does not resolve: %s" % (parts.hostname, exc.strerror or exc),
                       "check cloud_url for typos, and the printer's DNS and internet connection")
             return
