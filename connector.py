@@ -120,6 +120,11 @@ FALLBACK_STATUS_POLL_SECONDS = 1.0
 WEBSOCKET_FRESH_SECONDS = 3.0
 WEBSOCKET_RECEIVE_TIMEOUT = 60.0
 WEBSOCKET_HANDSHAKE_DEADLINE = 15.0
+# What one websocket message from Moonraker may be. The watcher subscribes
+# to print_stats.state only; the largest message it meets is a job's history
+# entry or an announcement, a few kB. websocket-client itself takes a frame
+# of any length its header claims, in memory, twice.
+WEBSOCKET_MESSAGE_MAX_BYTES = 1024 * 1024
 FAILURE_SUMMARY_SECONDS = 300.0
 
 # The objects every snapshot carries; a printer without one simply omits it.
@@ -4785,6 +4790,47 @@ def websocket_url(base_url: str) -> str:
     return "%s://%s%s/websocket" % (scheme, parts.netloc, parts.path.rstrip("/"))
 
 
+class WebSocketMessageTooLarge(websocket.WebSocketPayloadException):
+    """A frame, or the fragments of one message, over WEBSOCKET_MESSAGE_MAX_BYTES."""
+
+
+class CappedFrames(websocket._abnf.frame_buffer):
+    """websocket-client's frame reader, refusing a message over
+    WEBSOCKET_MESSAGE_MAX_BYTES as soon as a frame's header says its length,
+    before any of it is read. Every later read fails the same way, close()'s
+    wait for Moonraker's close frame included (it would read the refused
+    payload otherwise): the connection is dropped. A control frame is at most
+    125 bytes (RFC 6455 5.5)."""
+
+    DATA_OPCODES = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY, websocket.ABNF.OPCODE_CONT)
+
+    def __init__(self, recv_fn: Callable[[int], bytes]):
+        super().__init__(recv_fn, True)
+        self.message_bytes = 0  # the fragments of the message so far
+        self.refused = None  # type: Optional[websocket.WebSocketException]
+
+    def recv_length(self) -> None:
+        super().recv_length()
+        if self.header[4] not in self.DATA_OPCODES:
+            if self.length > 125:
+                self.refused = websocket.WebSocketProtocolException("control frame of %d bytes (at most 125)"
+                                                                    % self.length)
+        elif self.message_bytes + self.length > WEBSOCKET_MESSAGE_MAX_BYTES:
+            self.refused = WebSocketMessageTooLarge("message of %d bytes or more from Moonraker, over the %d-byte "
+                                                    "limit" % (self.message_bytes + self.length,
+                                                               WEBSOCKET_MESSAGE_MAX_BYTES))
+        if self.refused is not None:
+            raise self.refused
+
+    def recv_frame(self) -> "websocket.ABNF":
+        if self.refused is not None:
+            raise type(self.refused)(*self.refused.args)
+        frame = super().recv_frame()
+        if frame.opcode in self.DATA_OPCODES:
+            self.message_bytes = 0 if frame.fin else self.message_bytes + len(frame.data)
+        return frame
+
+
 def open_websocket(base_url: str, headers: List[str]) -> "websocket.WebSocket":
     """websocket-client's connect and handshake under one deadline (its
     timeout bounds each wait for a byte, not the handshake): the socket is
@@ -4800,9 +4846,12 @@ def open_websocket(base_url: str, headers: List[str]) -> "websocket.WebSocket":
             if parts.scheme == "wss":
                 sock = tls_context().wrap_socket(sock, server_hostname=parts.hostname)
             DEADLINES.attach(sock, connected=True)
-        return websocket.create_connection(url, timeout=CONNECT_TIMEOUT, header=headers, socket=sock,
-                                           enable_multithread=True,  # interrupt() sends
-                                           skip_utf8_validation=True)  # json.loads checks it anyway
+        ws = websocket.WebSocket(enable_multithread=True,  # interrupt() sends
+                                 skip_utf8_validation=True)  # json.loads checks it anyway
+        ws.frame_buffer = CappedFrames(ws._recv)
+        ws.settimeout(CONNECT_TIMEOUT)
+        ws.connect(url, header=headers, socket=sock)
+        return ws
     except (websocket.WebSocketException, OSError):
         if watched.expired:
             raise ExchangeTimeout("websocket handshake: no complete answer within the %g s deadline"
