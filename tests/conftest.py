@@ -18,7 +18,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import ROOT, Connector, unpaired_config  # noqa: E402
+from harness import ROOT, Connector, start_paired, unpaired_config  # noqa: E402
 
 sys.path.insert(0, ROOT)
 
@@ -109,7 +109,4 @@ def make_connector(tmp_path):
 @pytest.fixture
 def paired(cloud, printer, make_connector):
     """A running connector, paired with the reference cloud, talking to the shared simulator."""
-    connector = make_connector(unpaired_config(cloud, printer)).start()
-    connector.wait_log("Pairing successful")
-    connector.wait_log("Connector running")
-    return connector
+    return start_paired(make_connector(unpaired_config(cloud, printer)))

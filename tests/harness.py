@@ -130,6 +130,54 @@ class Connector:
         return self.config["moonraker"][0]["printer_id"]
 
 
+def start_paired(connector):
+    """Starts CONNECTOR (unpaired, with a pairing token) and waits until it
+    has paired and runs."""
+    connector.start()
+    connector.wait_log("Pairing successful")
+    connector.wait_log("Connector running")
+    return connector
+
+
+# -- what reached the reference cloud ----------------------------------------
+
+def heartbeats_of(cloud, connector):
+    """The bodies of CONNECTOR's heartbeats, oldest first."""
+    return [h["body"] for h in cloud.heartbeats if h["connector_id"] == str(connector.connector_id)]
+
+
+def snapshots_of(cloud, connector, since=0):
+    """CONNECTOR's snapshots among the cloud's, from the cloud's SINCE-th on."""
+    return [s for s in cloud.snapshots[since:] if s["connector_id"] == str(connector.connector_id)]
+
+
+def completions(cloud, command_id):
+    """The bodies of COMMAND_ID's completions so far (no wait)."""
+    return [c["body"] for c in cloud.completions_for(command_id)]
+
+
+def enqueue(cloud, connector, action, params=None, printer_id=None):
+    """Queues a command for CONNECTOR's printer (or PRINTER_ID); returns its id."""
+    return cloud.enqueue_command(connector.connector_id, connector.printer_id if printer_id is None else printer_id,
+                                 action, params=params)
+
+
+def completions_of(cloud, command_id, timeout=20, message=None):
+    """Waits for the completions of COMMAND_ID and returns them all."""
+    return cloud.wait_for(lambda: cloud.completions_for(command_id), timeout, message=message)
+
+
+def completion(cloud, command_id, timeout=20):
+    """The body of COMMAND_ID's latest completion, once there is one."""
+    return completions_of(cloud, command_id, timeout)[-1]["body"]
+
+
+def run_command(cloud, connector, action, params=None, printer_id=None, timeout=20):
+    """Sends one command through the cloud; returns the completion body the cloud received."""
+    command_id = enqueue(cloud, connector, action, params, printer_id)
+    return completions_of(cloud, command_id, timeout, "completion of %s (%s)" % (command_id, action))[-1]["body"]
+
+
 # Intervals short enough for quick tests, long enough not to load the machine.
 FAST = {"poll_commands_seconds": 0.3, "heartbeat_seconds": 0.5, "push_snapshots_seconds": 2.0,
         "poll_webcam_seconds": 0.3, "poll_webcam_no_camera_seconds": 0.3}
@@ -147,3 +195,10 @@ def unpaired_config(cloud, printer, **overrides):
     config.update(FAST)
     config.update(overrides)
     return config
+
+
+def start(make_connector, cloud, printer, **overrides):
+    """A running connector of the test's own (make_connector), paired with CLOUD."""
+    connector = make_connector(unpaired_config(cloud, printer, **overrides)).start()
+    connector.wait_log("Connector running")
+    return connector

@@ -12,12 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-
-def run_command(cloud, connector, action, params=None, printer_id=None, timeout=20):
-    command_id = cloud.enqueue_command(connector.connector_id,
-                                       connector.printer_id if printer_id is None else printer_id,
-                                       action, params=params)
-    return cloud.wait_for(lambda: cloud.completions_for(command_id), timeout)[-1]["body"]
+from harness import run_command
 
 
 # -- print control ----------------------------------------------------------

@@ -11,25 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from harness import new_token, unpaired_config, wait_until
-
-
-def start(make_connector, cloud, printer, **overrides):
-    connector = make_connector(unpaired_config(cloud, printer, **overrides)).start()
-    connector.wait_log("Connector running")
-    return connector
-
-
-def enqueue(cloud, connector, action, params=None):
-    return cloud.enqueue_command(connector.connector_id, connector.printer_id, action, params=params)
-
-
-def completion(cloud, command_id, timeout=20):
-    return cloud.wait_for(lambda: cloud.completions_for(command_id), timeout)[-1]["body"]
-
-
-def run_command(cloud, connector, action, params=None, timeout=20):
-    return completion(cloud, enqueue(cloud, connector, action, params), timeout)
+from harness import completion, enqueue, new_token, run_command, start, wait_until
 
 
 def arrival(printer, path, since):

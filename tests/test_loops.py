@@ -11,20 +11,8 @@ import types
 
 import pytest
 
-from harness import FAST, unpaired_config, wait_until
+from harness import FAST, completion, heartbeats_of, snapshots_of, unpaired_config, wait_until
 from rawserver import RawServer, reply
-
-
-def heartbeats_of(cloud, connector):
-    return [h["body"] for h in cloud.heartbeats if h["connector_id"] == connector.connector_id]
-
-
-def snapshots_of(cloud, connector):
-    return [s for s in cloud.snapshots if s["printer_id"] == connector.printer_id]
-
-
-def completion(cloud, command_id, timeout=15):
-    return cloud.wait_for(lambda: cloud.completions_for(command_id), timeout)[-1]["body"]
 
 
 # -- heartbeat --------------------------------------------------------------
@@ -76,7 +64,7 @@ def test_heartbeats_go_on_while_a_command_runs_long(cloud, paired, printer):
     during = len(heartbeats_of(cloud, paired))
     cloud.wait_for(lambda: len(heartbeats_of(cloud, paired)) >= during + 3, 3.5)
     assert not cloud.completions_for(command_id)  # still running meanwhile
-    assert completion(cloud, command_id)["status"] == "succeeded"
+    assert completion(cloud, command_id, 15)["status"] == "succeeded"
 
 
 # -- snapshots --------------------------------------------------------------
@@ -135,7 +123,7 @@ def test_null_and_malformed_commands_are_skipped_or_failed(cloud, paired):
 @pytest.mark.parametrize("params", ["just a string", [1, 2], 7])
 def test_params_that_are_not_an_object_fail_the_command(cloud, paired, params):
     command_id = cloud.enqueue_command(paired.connector_id, paired.printer_id, "start_print", params=params)
-    body = completion(cloud, command_id)
+    body = completion(cloud, command_id, 15)
     assert body["status"] == "failed"
     assert "params" in body["error_message"]
 

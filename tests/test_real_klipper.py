@@ -8,6 +8,7 @@ cloud received and Klipper's own state as Moonraker reports it.
 """
 
 import base64
+import functools
 import io
 import os
 import tarfile
@@ -18,7 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from harness import Connector, unpaired_config, wait_until
+import harness
+from harness import Connector, snapshots_of, start_paired, unpaired_config, wait_until
 from sim.rig import KlipperRig
 
 COMMAND_TIMEOUT = 30.0
@@ -79,10 +81,7 @@ def wait_ready(rig, timeout=COMMAND_TIMEOUT):
 @pytest.fixture(scope="module")
 def rig_connector(cloud_server, klipper_rig, tmp_path_factory):
     config = unpaired_config(cloud_server, klipper_rig, printer_data_root=klipper_rig.data)
-    connector = Connector(tmp_path_factory.mktemp("rig-connector"), config)
-    connector.start()
-    connector.wait_log("Pairing successful")
-    connector.wait_log("Connector running")
+    connector = start_paired(Connector(tmp_path_factory.mktemp("rig-connector"), config))
     yield connector
     connector.kill()
 
@@ -113,14 +112,7 @@ def connector(cloud, rig_connector):
     return rig_connector
 
 
-def run_command(cloud, connector, action, params=None, timeout=COMMAND_TIMEOUT):
-    command_id = cloud.enqueue_command(connector.connector_id, connector.printer_id, action, params)
-    return cloud.wait_for(lambda: cloud.completions_for(command_id), timeout=timeout,
-                          message="completion of %s" % action)[-1]["body"]
-
-
-def snapshots_of(cloud, connector, since=0):
-    return [s for s in cloud.snapshots[since:] if s["connector_id"] == str(connector.connector_id)]
+run_command = functools.partial(harness.run_command, timeout=COMMAND_TIMEOUT)
 
 
 def wait_snapshot(cloud, connector, predicate, since=0, timeout=COMMAND_TIMEOUT, message="a snapshot"):

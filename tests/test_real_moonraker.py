@@ -27,7 +27,8 @@ import time
 
 import pytest
 
-from harness import Connector, unpaired_config, wait_until
+from harness import (Connector, completions_of, enqueue, heartbeats_of, snapshots_of, start_paired,
+                     unpaired_config, wait_until)
 from moonraker_real import FakeKlippy, ImageServer, RealMoonraker, requests_logged
 from sim.printer import make_jpeg
 
@@ -69,20 +70,15 @@ def start_connector(cloud, make_connector, moonraker, api_key=None, ui_port=None
         config["moonraker"][0]["api_key"] = api_key
     if ui_port is not None:
         config["moonraker"][0]["ui_port"] = ui_port
-    connector = make_connector(config).start()
-    connector.wait_log("Pairing successful")
-    connector.wait_log("Connector running")
-    return connector
+    return start_paired(make_connector(config))
 
 
 @pytest.fixture(scope="module")
 def shared_connector(cloud_server, moonraker, tmp_path_factory):
     """One connector for the tests that only send commands to the trusted
     Moonraker: starting one per test would double the module's run time."""
-    connector = Connector(tmp_path_factory.mktemp("shared-connector"), unpaired_config(cloud_server, moonraker))
-    connector.start()
-    connector.wait_log("Pairing successful")
-    connector.wait_log("Connector running")
+    connector = start_paired(Connector(tmp_path_factory.mktemp("shared-connector"),
+                                       unpaired_config(cloud_server, moonraker)))
     yield connector
     connector.kill()
 
@@ -96,15 +92,10 @@ def connector(cloud, shared_connector):
 
 def run_command(cloud, connector, action, params=None):
     """Sends one command through the cloud; returns the completion body the cloud received."""
-    command_id = cloud.enqueue_command(connector.connector_id, connector.printer_id, action, params)
-    completions = cloud.wait_for(lambda: cloud.completions_for(command_id), timeout=COMMAND_TIMEOUT,
-                                 message="completion of %s (%s)" % (command_id, action))
+    command_id = enqueue(cloud, connector, action, params)
+    completions = completions_of(cloud, command_id, COMMAND_TIMEOUT, "completion of %s (%s)" % (command_id, action))
     assert len(completions) == 1, completions
     return completions[0]["body"]
-
-
-def heartbeats_of(cloud, connector):
-    return [h["body"] for h in cloud.heartbeats if h["connector_id"] == str(connector.connector_id)]
 
 
 def wait_reachable_heartbeats(cloud, connector, reachable, count=2):
@@ -603,10 +594,6 @@ def klippy(klippy_moonraker):
 def print_state_of(moonraker):
     return moonraker.request("POST", "/printer/objects/query",
                              json={"objects": {"print_stats": ["state"]}})["status"]["print_stats"]["state"]
-
-
-def snapshots_of(cloud, connector):
-    return [s for s in cloud.snapshots if s["connector_id"] == str(connector.connector_id)]
 
 
 def states_seen(cloud, connector):

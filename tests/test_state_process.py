@@ -9,17 +9,7 @@ import time
 
 import pytest
 
-from harness import connector_cmd, unpaired_config, wait_until
-
-
-def start(make_connector, cloud, printer, **overrides):
-    connector = make_connector(unpaired_config(cloud, printer, **overrides)).start()
-    connector.wait_log("Connector running")
-    return connector
-
-
-def completions(cloud, command_id):
-    return [c["body"] for c in cloud.completions_for(command_id)]
+from harness import completions, connector_cmd, start, unpaired_config, wait_until
 
 
 def peak_rss_kib(pid):

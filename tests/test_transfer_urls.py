@@ -14,16 +14,12 @@ import socket
 import pytest
 
 import connector
-from harness import unpaired_config
+from harness import completion, enqueue, unpaired_config
 from rawserver import RawServer, reply
 
 
-def completion(cloud, command_id, timeout=20):
-    return cloud.wait_for(lambda: cloud.completions_for(command_id), timeout)[-1]["body"]
-
-
 def run(cloud, running, action, params):
-    return completion(cloud, cloud.enqueue_command(running.connector_id, running.printer_id, action, params))
+    return completion(cloud, enqueue(cloud, running, action, params))
 
 
 def guard_for(base_url="http://127.0.0.1:7125", ui_port=80):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import unpaired_config, wait_until
+from harness import completions, snapshots_of, start, unpaired_config, wait_until
 from sim.cloud import ReferenceCloud
 from sim.printer import PrinterSimulator
 
@@ -24,10 +24,6 @@ def own_cloud():
     server.stop()
 
 
-def completions(cloud, command_id):
-    return [c["body"] for c in cloud.completions_for(command_id)]
-
-
 def pauses(printer):
     return [r for r in printer.requests if r["path"].startswith("/printer/print/pause")]
 
@@ -37,12 +33,6 @@ def printing(printer):
     without calling Moonraker and so could not show a re-run."""
     printer.add_file("part.gcode")
     printer.set_state("printing", filename="part.gcode")
-
-
-def start(make_connector, cloud, printer, **overrides):
-    connector = make_connector(unpaired_config(cloud, printer, **overrides)).start()
-    connector.wait_log("Connector running")
-    return connector
 
 
 # -- command completions ----------------------------------------------------
@@ -214,10 +204,6 @@ def test_a_state_dir_lost_later_fails_commands_unrun_and_the_agent_goes_on(cloud
 
 
 # -- snapshots --------------------------------------------------------------
-
-def snapshots_of(cloud, connector):
-    return [s for s in cloud.snapshots if s["printer_id"] == connector.printer_id]
-
 
 def outbox_segments(connector):
     return sorted(glob.glob(os.path.join(str(connector.state_dir), "snapshots-*.jsonl")))
