@@ -28,6 +28,7 @@ import errno
 import hashlib
 import heapq
 import http.client
+import ipaddress
 import json
 import math
 import os
@@ -468,6 +469,8 @@ class Config:
     printer_data_root: Optional[str] = None
     allow_gcode: bool = True
     idle_after_seconds: float = IDLE_AFTER_SECONDS
+    # (host, port or None for any) a transfer URL may reach at a private address
+    transfer_allow_hosts: List[Tuple[str, Optional[int]]] = field(default_factory=list)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -515,6 +518,25 @@ def _is_str(value) -> bool:
 
 def _is_credential(value) -> bool:
     return isinstance(value, str) and not UNSAFE_CHARACTER.search(value)
+
+
+def parse_host_port(value) -> Optional[Tuple[str, Optional[int]]]:
+    """("host", port or None) of "host", "host:port" or "[v6]:port"; None
+    when value is not one of those."""
+    if not isinstance(value, str) or not value or UNSAFE_CHARACTER.search(value) or any(c in value for c in "/?#@ "):
+        return None
+    try:
+        parts = urlsplit("//" + value)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is no number, "[x"
+        return None
+    if not host or (port is not None and not 0 < port < 65536):
+        return None
+    return host.lower().rstrip("."), port
+
+
+def _is_host_list(value) -> bool:
+    return isinstance(value, list) and len(value) <= 256 and all(parse_host_port(v) for v in value)
 
 
 def _is_plain_folder(value) -> bool:
@@ -604,6 +626,8 @@ def parse_config(path: str, data: Any, environ=os.environ) -> Config:
         allow_gcode=f.get("allow_gcode", lambda v: isinstance(v, bool), True, "true or false"),
         idle_after_seconds=float(f.get("idle_after_seconds", lambda v: _is_number(v) and v >= 0, IDLE_AFTER_SECONDS,
                                        "a number of seconds >= 0 (0: never relax)")),
+        transfer_allow_hosts=[parse_host_port(v) for v in f.get(
+            "transfer_allow_hosts", _is_host_list, [], 'a list of "host" or "host:port" strings')],
         raw=data,
         **intervals,
     )
@@ -1775,17 +1799,56 @@ def is_local_address(address: str) -> bool:
         return False
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def is_public_address(address: str) -> bool:
+    """Whether an address is on the public internet: not this host, not a
+    private, link-local, unique-local, shared (CGNAT), reserved or multicast
+    one, nor an IPv6 address that carries one (6to4, NAT64)."""
+    try:
+        ip = ipaddress.ip_address(canonical_ip(address))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local:
+            return False
+        if ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.is_global and not ip.is_multicast
+
+
 class AddressGuard:
     """Destinations a client must not connect to, judged on the addresses the
     connection really uses: every spelling of an address (localhost,
     127.0.0.2, [::1], 2130706433, 0x7f000001) and a name that resolves there,
     now or only at the connect, are refused alike. refused: (address, port)
     -> what is there; local_ports: port -> what is there, for every address
-    of this host; names: (host name, port) -> what is there."""
+    of this host; names: (host name, port) -> what is there. allowed: when
+    given, every address that is not public is refused too, except for the
+    (host, port) in it (port None: any port)."""
 
     def __init__(self, refused: Dict[Tuple[str, int], str], local_ports: Dict[int, str],
-                 names: Dict[Tuple[str, int], str]):
+                 names: Dict[Tuple[str, int], str], allowed: Optional[Iterable[Tuple[str, Optional[int]]]] = None):
         self.refused, self.local_ports, self.names = refused, local_ports, names
+        self.allowed = None if allowed is None else frozenset(allowed)
+
+    def _allows(self, host: str, port: int) -> bool:
+        """Whether any address is fine for host:port (no private-address rule, or the host is allowed)."""
+        name = host.lower().rstrip(".")
+        return self.allowed is None or (name, port) in self.allowed or (name, None) in self.allowed
+
+    def _private(self, host: str, port: int, infos: List[Tuple[Any, ...]]) -> Optional[str]:
+        """What a non-public address among infos is, unless host:port is allowed."""
+        if self._allows(host, port):
+            return None
+        private = next((canonical_ip(info[4][0]) for info in infos if not is_public_address(info[4][0])), None)
+        if private is None:
+            return None
+        return ("%s, a private address (a transfer URL may reach only public addresses unless the config's "
+                "transfer_allow_hosts names its host)" % private)
 
     def _reason(self, address: str, port: int) -> Optional[str]:
         address = canonical_ip(address)
@@ -1801,9 +1864,22 @@ class AddressGuard:
         infos = [] if found else resolve(host, port, seconds)
         for info in infos:
             found = found or self._reason(info[4][0], port)
+        found = found or self._private(host, port, infos)
         if found:
             raise DestinationRefused("refused: %s port %d leads to %s" % (_short(host, 80), port, found))
         return infos
+
+    def check_for_proxy(self, host: str, port: int) -> None:
+        """The check before a request through a proxy, which looks the name
+        up again itself: a name this host cannot resolve is refused under the
+        private-address rule (it may be one only the proxy's network knows)."""
+        try:
+            self.addresses(host, port)
+        except (socket.gaierror, NameLookupTimeout) as exc:
+            if not self._allows(host, port):
+                raise DestinationRefused("refused: %s port %d does not resolve here (%s), so it cannot be shown "
+                                         "to be a public address" % (_short(host, 80), port,
+                                                                     exc.strerror or exc)) from None
 
     def create_connection(self, address, timeout=None, source_address=None):
         """socket.create_connection to the addresses checked, no others."""
@@ -2027,10 +2103,7 @@ class RequestsTransport(Transport):
         if self.guard is not None:
             # Checked here, before urllib3 (or the proxy) resolves the name again.
             origin = url_origin(url)
-            try:
-                self.guard.addresses(origin[1], origin[2] or 0)
-            except (socket.gaierror, NameLookupTimeout):
-                pass  # a name only the proxy can resolve: no address of ours to compare
+            self.guard.check_for_proxy(origin[1], origin[2] or 0)
         if progress is not None and body is not None and not isinstance(body, bytes):
             body = _FileBody(body, int(headers.get("Content-Length", "0")), progress)
         response = self.session.request(method, url, data=body, headers=headers,
@@ -3427,9 +3500,15 @@ class ActionContext:
 # cloud's to choose, so it must not lead to a printer's own Moonraker or web
 # UI: a GET of http://127.0.0.1:7125/server/files/config/moonraker.conf
 # would put the printer's config in gcodes, where the next backup carries it
-# to the cloud, and Moonraker trusts this host without an API key. The
-# comparison is on resolved addresses (AddressGuard); a printer on this host
-# is refused on every local address, since Moonraker often listens on all.
+# to the cloud, and Moonraker trusts this host without an API key. Nor to
+# anything else on the owner's network (a router's admin page, a NAS): a URL
+# may reach only public addresses, except the cloud's own host and port and
+# the hosts the owner names in transfer_allow_hosts (a MinIO on the LAN);
+# the printers stay refused even there. The comparison is on the addresses
+# the connection uses (AddressGuard), so a name that resolves elsewhere at
+# the connect is judged by where it leads then; redirects are not followed.
+# A printer on this host is refused on every local address, since Moonraker
+# often listens on all.
 
 def transfer_guard(config: Config) -> AddressGuard:
     refused = {}  # type: Dict[Tuple[str, int], str]
@@ -3448,7 +3527,8 @@ def transfer_guard(config: Config) -> AddressGuard:
                 refused[(address, port)] = found
             if any(is_local_address(address) for address in addresses):
                 local_ports[port] = found
-    return AddressGuard(refused, local_ports, names)
+    cloud = url_origin(config.cloud_url)
+    return AddressGuard(refused, local_ports, names, [(cloud[1], cloud[2])] + config.transfer_allow_hosts)
 
 
 def gcodes_folder(ctx: ActionContext, filename: str) -> Optional[str]:

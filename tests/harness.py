@@ -190,8 +190,11 @@ def new_token(cloud, polling=None):
 
 
 def unpaired_config(cloud, printer, **overrides):
+    """A config to pair with; its owner lets transfer URLs reach loopback,
+    where the tests' storage servers are (transfer_allow_hosts)."""
     config = {"cloud_url": cloud.url, "pairing_token": new_token(cloud), "site_name": "Test bench",
-              "moonraker": [{"printer_id": 0, "name": "Sim", "base_url": printer.url, "ui_port": printer.ui_port}]}
+              "moonraker": [{"printer_id": 0, "name": "Sim", "base_url": printer.url, "ui_port": printer.ui_port}],
+              "transfer_allow_hosts": ["127.0.0.1"]}
     config.update(FAST)
     config.update(overrides)
     return config

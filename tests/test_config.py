@@ -56,6 +56,12 @@ def test_optional_api_key_is_read(tmp_path):
     (dict(PAIRED, moonraker=[{"printer_id": -1}]), "moonraker[0].printer_id: must be an integer >= 0"),
     (dict(PAIRED, moonraker=[{"printer_id": True}]), "moonraker[0].printer_id: must be an integer >= 0"),
     (dict(PAIRED, heartbeat_seconds=0), "heartbeat_seconds: must be a number of seconds > 0"),
+    (dict(PAIRED, transfer_allow_hosts="nas.lan"), 'transfer_allow_hosts: must be a list of "host" or "host:port"'),
+    (dict(PAIRED, transfer_allow_hosts=["http://nas.lan"]), "transfer_allow_hosts: must be a list of"),
+    (dict(PAIRED, transfer_allow_hosts=["nas.lan:http"]), "transfer_allow_hosts: must be a list of"),
+    (dict(PAIRED, transfer_allow_hosts=["nas.lan:0"]), "transfer_allow_hosts: must be a list of"),
+    (dict(PAIRED, transfer_allow_hosts=[""]), "transfer_allow_hosts: must be a list of"),
+    (dict(PAIRED, transfer_allow_hosts=[7]), "transfer_allow_hosts: must be a list of"),
     (dict(PAIRED, poll_commands_seconds="3"), "poll_commands_seconds: must be a number of seconds > 0"),
     (dict(PAIRED, pairing_token="PAIR_x"), "pairing_token: set together with connector credentials"),
     ({"moonraker": [{}]}, "pairing_token: missing"),
@@ -68,6 +74,13 @@ def test_invalid_config_names_the_file_and_the_field(tmp_path, data, expected):
         connector.load_config(path, environ={})
     assert str(error.value).startswith(path + ": ")
     assert expected in str(error.value)
+
+
+def test_transfer_allow_hosts_are_read_as_host_and_optional_port(tmp_path):
+    config = connector.load_config(write(tmp_path, dict(PAIRED, transfer_allow_hosts=[
+        "NAS.lan.", "minio.lan:9000", "192.168.1.20:9000", "[fd00::5]:9000", "[fd00::6]"])), environ={})
+    assert config.transfer_allow_hosts == [("nas.lan", None), ("minio.lan", 9000), ("192.168.1.20", 9000),
+                                           ("fd00::5", 9000), ("fd00::6", None)]
 
 
 def test_bad_cloud_url_from_the_environment_says_so(tmp_path):

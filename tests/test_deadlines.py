@@ -49,6 +49,7 @@ def test_a_backup_upload_to_a_trickling_presigned_url_ends_at_its_size_deadline(
     printer = agent.PrinterConfig(base_url="http://127.0.0.1:1", printer_id=1)
     log = agent.Logger("debug", stream=io.StringIO())
     config = agent.Config(path=str(tmp_path / "c.json"), cloud_url="http://127.0.0.1:1", moonraker=[printer],
+                          transfer_allow_hosts=[("127.0.0.1", None)],
                           state_dir=str(tmp_path))
     ctx = agent.ActionContext(agent.Moonraker(printer, log, "ua"), printer, config, log, threading.Event())
     started = time.monotonic()

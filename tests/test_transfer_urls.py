@@ -10,6 +10,7 @@ reference cloud and the printer simulator."""
 
 import io
 import socket
+import threading
 
 import pytest
 
@@ -22,9 +23,12 @@ def run(cloud, running, action, params):
     return completion(cloud, enqueue(cloud, running, action, params))
 
 
-def guard_for(base_url="http://127.0.0.1:7125", ui_port=80):
-    config = connector.Config(path="/nonexistent/c.json", cloud_url="https://cloud.test",
-                              moonraker=[connector.PrinterConfig(base_url=base_url, name="K1", ui_port=ui_port)])
+def guard_for(base_url="http://127.0.0.1:7125", ui_port=80, allow=(("127.0.0.1", None),),
+              cloud_url="https://cloud.test"):
+    """The guard of a config whose owner lets transfers reach `allow`."""
+    config = connector.Config(path="/nonexistent/c.json", cloud_url=cloud_url,
+                              moonraker=[connector.PrinterConfig(base_url=base_url, name="K1", ui_port=ui_port)],
+                              transfer_allow_hosts=list(allow))
     return connector.transfer_guard(config)
 
 
@@ -42,34 +46,130 @@ def test_the_web_ui_port_is_refused_too():
         guard_for(ui_port=8080).addresses("localhost", 8080)
 
 
-def test_another_port_on_this_host_is_allowed():
+def test_another_port_on_this_host_is_allowed_when_the_owner_allows_this_host():
     assert guard_for().addresses("127.0.0.1", 7126)
 
 
 def test_a_remote_printer_is_refused_on_its_address_not_this_hosts():
-    guard = guard_for(base_url="http://192.0.2.10:7125")
+    guard = guard_for(base_url="http://192.0.2.10:7125", allow=(("127.0.0.1", None), ("192.0.2.10", None)))
     with pytest.raises(connector.DestinationRefused):
         guard.addresses("192.0.2.10", 7125)
     assert guard.addresses("127.0.0.1", 7125)
 
 
+def rebinding_client(monkeypatch, guard):
+    """A client whose resolver answers loopback for bucket.test, at the connect
+    (DNS rebinding: the addresses the connection uses are the ones checked)."""
+    resolve = socket.getaddrinfo
+
+    def rebinding(host, *args, **kwargs):
+        return resolve("127.0.0.1" if host == "bucket.test" else host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    log = connector.Logger("debug", stream=io.StringIO())
+    return connector.HttpClient("http://bucket.test", {}, connector.generic_error_message, log, "url", guard)
+
+
 def test_a_name_that_resolves_to_the_printer_only_at_the_connect_is_refused_then(monkeypatch):
-    """DNS rebinding: the addresses the connection uses are the ones checked."""
     moonraker = RawServer()
     try:
-        resolve = socket.getaddrinfo
-
-        def rebinding(host, *args, **kwargs):
-            return resolve("127.0.0.1" if host == "bucket.test" else host, *args, **kwargs)
-        monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-        log = connector.Logger("debug", stream=io.StringIO())
-        client = connector.HttpClient("http://bucket.test", {}, connector.generic_error_message, log, "url",
-                                      guard_for(base_url=moonraker.url().rstrip("/")))
+        client = rebinding_client(monkeypatch, guard_for(base_url=moonraker.url().rstrip("/")))
         with pytest.raises(connector.DestinationRefused):
             client.request("GET", "http://bucket.test:%d/server/files/config/moonraker.conf" % moonraker.port)
         assert moonraker.connections == 0
     finally:
         moonraker.stop()
+
+
+# -- the owner's network: private addresses ------------------------------------------
+
+@pytest.mark.parametrize("address", [
+    "10.1.2.3", "172.16.5.4", "192.168.1.1", "127.0.0.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
+    "224.0.0.251", "255.255.255.255", "198.18.0.1", "::1", "::", "fe80::1", "fe80::1%2", "fc00::1", "fd12:3456::1",
+    "fec0::1", "ff02::1", "::ffff:192.168.1.1", "2002:c0a8:101::1", "64:ff9b::a00:1"])
+def test_an_address_on_this_host_the_lan_or_a_carrier_nat_is_not_public(address):
+    assert not connector.is_public_address(address)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "52.95.110.1", "2606:4700:4700::1111",
+                                     "::ffff:8.8.8.8", "2002:808:808::1", "64:ff9b::808:808"])
+def test_an_address_on_the_internet_is_public(address):
+    assert connector.is_public_address(address)
+
+
+@pytest.mark.parametrize("host", ["192.168.1.1", "10.0.0.1", "169.254.169.254", "localhost", "127.0.0.1", "[::1]",
+                                  "fd00::1"])
+def test_a_transfer_url_to_a_private_address_is_refused_by_default(host):
+    with pytest.raises(connector.DestinationRefused, match="a private address .*transfer_allow_hosts"):
+        guard_for(allow=()).addresses(host.strip("[]"), 8080)
+
+
+def test_a_host_the_owner_allows_may_be_reached_on_any_port_or_only_the_one_named():
+    guard = guard_for(allow=(("127.0.0.1", None), ("localhost", 9000)))
+    assert guard.addresses("127.0.0.1", 8080)
+    assert guard.addresses("localhost", 9000)
+    with pytest.raises(connector.DestinationRefused, match="a private address"):
+        guard.addresses("localhost", 9001)
+
+
+def test_the_clouds_own_host_and_port_may_be_private():
+    """A self-hosted cloud on the LAN serves its downloads itself."""
+    guard = guard_for(allow=(), cloud_url="http://127.0.0.1:8000")
+    assert guard.addresses("127.0.0.1", 8000)
+    with pytest.raises(connector.DestinationRefused, match="a private address"):
+        guard.addresses("127.0.0.1", 8001)
+
+
+def test_the_printers_stay_refused_on_a_host_the_owner_allows():
+    with pytest.raises(connector.DestinationRefused, match="leads to printer K1's Moonraker"):
+        guard_for(allow=(("127.0.0.1", None),)).addresses("127.0.0.1", 7125)
+
+
+def test_a_name_that_resolves_to_a_private_address_at_the_connect_is_refused_then(monkeypatch):
+    lan = RawServer()
+    try:
+        client = rebinding_client(monkeypatch, guard_for(allow=()))
+        with pytest.raises(connector.DestinationRefused, match="bucket.test port %d leads to 127.0.0.1, a private"
+                           % lan.port):
+            client.request("GET", "http://bucket.test:%d/router/admin" % lan.port)
+        assert lan.connections == 0
+    finally:
+        lan.stop()
+
+
+def test_behind_a_proxy_a_name_this_host_cannot_resolve_is_refused_before_the_proxy_is_asked(monkeypatch):
+    proxy = RawServer()
+    try:
+        monkeypatch.setenv("http_proxy", proxy.url("").rstrip("/"))
+        log = connector.Logger("debug", stream=io.StringIO())
+        client = connector.HttpClient("http://intranet.invalid", {}, connector.generic_error_message, log, "url",
+                                      guard_for(allow=()))
+        with pytest.raises(connector.DestinationRefused, match="does not resolve here"):
+            client.request("GET", "http://intranet.invalid/admin")
+        assert proxy.connections == 0
+    finally:
+        proxy.stop()
+
+
+def download_context(tmp_path, allow):
+    printer = connector.PrinterConfig(base_url="http://127.0.0.1:1", printer_id=1)
+    log = connector.Logger("debug", stream=io.StringIO())
+    config = connector.Config(path=str(tmp_path / "c.json"), cloud_url="https://cloud.test", moonraker=[printer],
+                              state_dir=str(tmp_path), transfer_allow_hosts=list(allow))
+    return connector.ActionContext(connector.Moonraker(printer, log, "ua"), printer, config, log, threading.Event())
+
+
+def test_a_redirect_from_an_allowed_host_to_a_private_one_is_not_followed(tmp_path):
+    lan = RawServer(lambda exchange: reply(200, b"router config"))
+    storage = RawServer(lambda exchange: reply(302, b"", (("Location", lan.url("/config.bin")),)))
+    ctx = download_context(tmp_path, [("127.0.0.1", storage.port)])
+    try:
+        with connector.TransferFile(str(tmp_path), "download") as local:
+            with pytest.raises(connector.CommandFailed, match="answered 302 .*redirects are not followed"):
+                connector._download_file(ctx, {"url": storage.url("/f.gcode")}, local, {})
+    finally:
+        lan.stop()
+        storage.stop()
+    assert len(storage.exchanges) == 1 and lan.connections == 0
 
 
 # -- against the real process -----------------------------------------------------
@@ -134,3 +234,23 @@ def test_a_failed_download_reports_only_its_status_and_s3_error_code(cloud, pair
     assert body["status"] == "failed"
     assert body["error_message"] == "download failed: " + message
     assert "hunter2" not in paired.log
+
+
+def test_a_connector_refuses_a_download_from_its_owners_network_and_takes_one_from_the_cloud(
+        cloud, printer, make_connector, tmp_path):
+    lan = RawServer(lambda exchange: reply(200, b"G28 ; a router's config page\n"))
+    try:
+        strict = make_connector(unpaired_config(cloud, printer, transfer_allow_hosts=[])).start()
+        strict.wait_log("Connector running")
+        body = run(cloud, strict, "upload_file", {"filename": "lan.gcode", "url": lan.url("/admin/config")})
+        assert body["status"] == "failed", body
+        assert body["error_message"] == ("download failed: url refused: 127.0.0.1 port %d leads to 127.0.0.1, a "
+                                         "private address (a transfer URL may reach only public addresses unless "
+                                         "the config's transfer_allow_hosts names its host)" % lan.port)
+        assert lan.connections == 0 and "lan.gcode" not in printer.files
+        source = tmp_path / "from-cloud.gcode"
+        source.write_bytes(b"G28\n")
+        body = run(cloud, strict, "upload_file", {"filename": "cloud.gcode", "url": cloud.add_download(str(source))})
+        assert body["status"] == "succeeded", body
+    finally:
+        lan.stop()
