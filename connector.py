@@ -5327,7 +5327,10 @@ def pair(config: Config, log: Logger, stop: threading.Event, attempts: Optional[
 # --once and the installers' pairing check. The agent builds the parts
 # (ledger, snapshot outbox, command runner, webcams, status watchers, loops)
 # and hands each what it needs; it owns only the loop steps, the pace of
-# the polls (idle or not, held or not) and the stop event.
+# the polls (idle or not, held or not) and the stop event. SIGTERM and
+# SIGINT reach request_stop through a thread of their own (stop_on_signals).
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Agent:
@@ -5541,7 +5544,7 @@ class Agent:
         self.log.info("one round done", loops=",".join(sorted(results)))
         return EXIT_OK
 
-    def request_stop(self, *_args) -> None:
+    def request_stop(self) -> None:
         self.stop.set()
         arriving = self.answer is not None and self.answer.done > 0  # a commands answer is being read
         for loop in self.loops:
@@ -5549,6 +5552,43 @@ class Agent:
             if not (loop.step == self.poll_commands and arriving):
                 loop.interrupt()
         self.commands.wake()
+
+
+def _stop_signal_arrived(_signum, _frame) -> None:
+    """Nothing to do in the main thread: the pipe has the signal (stop_on_signals)."""
+
+
+def _relay_stop_signals(read_end: int, request_stop: Callable[[], None]) -> None:
+    while True:
+        arrived = os.read(read_end, 64)  # one byte per signal, its number
+        if not arrived:
+            return
+        if any(signum in arrived for signum in STOP_SIGNALS):
+            request_stop()
+
+
+def stop_on_signals(request_stop: Callable[[], None]) -> None:
+    """From now on each SIGTERM or SIGINT calls request_stop in a thread of
+    its own, "stop-signals".
+
+    A Python signal handler runs in the main thread between two bytecodes,
+    wherever that thread is: inside the stop event's lock (Event.wait holds
+    it on the way into and out of its sleep), or inside the handler itself
+    when another signal follows. Stopping from there waits for a lock its
+    own thread holds, for ever. It happens: one systemd stop gives the
+    onefile binary's Python process three SIGTERMs at once, its own and the
+    two its launchers forward. So the handler does nothing; the C-level
+    handler under it writes the signal's number to a pipe
+    (signal.set_wakeup_fd), and the thread reading the pipe stops the agent
+    as any other thread would, waiting for such a lock its turn. Must be
+    called from the main thread."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # the C handler must never block; a full pipe has said enough
+    threading.Thread(target=_relay_stop_signals, args=(read_end, request_stop), name="stop-signals",
+                     daemon=True).start()
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop_signal_arrived)
 
 
 # --------------------------------------------------------------------------
@@ -5885,8 +5925,7 @@ def run_agent(config: Config, log: Logger, once: bool) -> int:
     except StateDirError as exc:
         log.error(str(exc))
         return EXIT_FAILURE
-    signal.signal(signal.SIGTERM, agent.request_stop)
-    signal.signal(signal.SIGINT, agent.request_stop)
+    stop_on_signals(agent.request_stop)
     try:
         return agent.run_once() if once else agent.run()
     except PairingRejected as exc:

@@ -6,12 +6,14 @@ import base64
 import datetime
 import hashlib
 import json
+import subprocess
+import sys
 import time
 import types
 
 import pytest
 
-from harness import FAST, completion, heartbeats_of, snapshots_of, unpaired_config, wait_until
+from harness import FAST, ROOT, completion, heartbeats_of, snapshots_of, unpaired_config, wait_until
 from rawserver import RawServer, reply
 
 
@@ -300,6 +302,42 @@ def test_sigterm_during_a_slow_cloud_request_stops_within_5_seconds(cloud, paire
     started = time.monotonic()
     assert paired.stop(timeout=6) == 0
     assert time.monotonic() - started < 5
+
+
+# Agent.run replaced by one that takes a SIGTERM where the main thread stands
+# inside the stop event's own lock, as Event.wait does on the way into and out
+# of its sleep (and a handler inside Event.set does when a second signal comes).
+HOLDING_THE_STOP_LOCK = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import connector
+
+def run(agent):
+    with agent.stop._cond:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10000):  # Python runs signal handlers between bytecodes
+            pass
+    return connector.EXIT_OK if agent.stop.wait(10) else connector.EXIT_FAILURE
+
+connector.Agent.run = run
+sys.exit(connector.run_agent(connector.load_config(sys.argv[2]), connector.Logger("info"), once=False))
+"""
+
+
+def test_a_stop_signal_while_the_main_thread_holds_the_stop_events_lock_still_stops(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"cloud_url": "http://127.0.0.1:9", "pairing_token": "PAIR_x",
+                                  "state_dir": str(tmp_path / "state"),
+                                  "moonraker": [{"printer_id": 0, "name": "t", "base_url": "http://127.0.0.1:9"}]}))
+    proc = subprocess.Popen([sys.executable, "-c", HOLDING_THE_STOP_LOCK, ROOT, str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail("deadlocked: the SIGTERM handler waited for a lock its own thread held")
+    assert proc.returncode == 0, output.decode(errors="replace")
 
 
 def test_once_fails_with_exit_1_when_the_cloud_is_down(cloud, printer, make_connector):
