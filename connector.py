@@ -3622,16 +3622,48 @@ def _field(status: Dict[str, Any], name: str, key: str) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _require_ready(status: Dict[str, Any], doing: str, result: Dict[str, Any]) -> None:
+def _not_ready(status: Dict[str, Any]) -> Optional[str]:
+    """"Klipper is shutdown: <why>" when Klipper is not ready, else None."""
     state = _field(status, "webhooks", "state")
     if state in (None, "ready"):
-        return
+        return None
     lines = (_field(status, "webhooks", "state_message") or "").strip().splitlines()
-    why = ": " + _short(lines[0], 160) if lines else ""
-    raise CommandFailed("cannot %s: Klipper is %s%s" % (doing, state, why), result)
+    return "Klipper is %s%s" % (state, ": " + _short(lines[0], 160) if lines else "")
 
 
-def _send_control(ctx: ActionContext, result: Dict[str, Any], path: str, wait: float,
+def _require_ready(status: Dict[str, Any], doing: str, result: Dict[str, Any]) -> None:
+    why = _not_ready(status)
+    if why is not None:
+        raise CommandFailed("cannot %s: %s" % (doing, why), result)
+
+
+# What Moonraker answers when Klipper refuses a request says little: HTTP 400
+# "Unknown" for anything sent while Klipper is shut down (Moonraker 0.11),
+# "SD busy" for a print start while a print runs. Either may come although
+# the state read just before allowed the request: Klipper shut down (a lost
+# MCU), or someone started a print from the web UI, in between. The state
+# read after the refusal says which, and the command fails saying so.
+
+def _refusal(ctx: ActionContext, doing: str, exc: HttpError, result: Dict[str, Any],
+             keep_state: bool = True) -> CommandFailed:
+    """The failure of a request Moonraker refused, explained by Klipper's
+    state now; keep_state: the print state that explains it goes into result."""
+    status = _klipper_state(ctx) if isinstance(exc, HttpStatusError) and 400 <= exc.status < 500 else None
+    if status is None:
+        return CommandFailed(str(exc), result)
+    state = _field(status, "print_stats", "state")
+    why = _not_ready(status)
+    if keep_state and state is not None and (why is not None or state in PRINT_RUNNING):
+        result["state"] = state
+    if why is not None:
+        return CommandFailed("cannot %s: %s (%s)" % (doing, why, exc), result)
+    if state in PRINT_RUNNING and "SD busy" in str(exc):
+        return CommandFailed("cannot %s: a print is %s (%s), started since this command was checked; cancel it "
+                             "first (%s)" % (doing, state, _field(status, "print_stats", "filename"), exc), result)
+    return CommandFailed(str(exc), result)
+
+
+def _send_control(ctx: ActionContext, result: Dict[str, Any], doing: str, path: str, wait: float,
                   **kwargs) -> Optional[Dict[str, Any]]:
     """POSTs a control; returns Klipper's state after the answer ({} if it
     cannot be read), or None with result marked pending when Klipper is busy
@@ -3646,7 +3678,7 @@ def _send_control(ctx: ActionContext, result: Dict[str, Any], path: str, wait: f
         result.update(pending=True, state=_field(status, "print_stats", "state"))
         return None
     except HttpError as exc:
-        raise CommandFailed(str(exc), result) from None
+        raise _refusal(ctx, doing, exc, result) from None
     status = _klipper_state(ctx) or {}
     result["state"] = _field(status, "print_stats", "state")
     return status
@@ -3675,7 +3707,7 @@ def _print_control(action: str):
             if state not in control.applies_in:
                 raise CommandFailed("nothing to %s: Klipper's print state is %s" % (action, state),
                                     {"state": state})
-        after = _send_control(ctx, result, control.path, CONTROL_WAIT_SECONDS)
+        after = _send_control(ctx, result, action, control.path, CONTROL_WAIT_SECONDS)
         if after and result["state"] not in control.takes_effect_as:
             raise CommandFailed("Klipper answered the %s, but its print state is %s" % (action, result["state"]),
                                 result)
@@ -3693,7 +3725,8 @@ def action_start_print(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, 
         if state in PRINT_RUNNING:
             raise CommandFailed("cannot start a print: one is %s (%s); cancel it first"
                                 % (state, _field(before, "print_stats", "filename")), dict(result, state=state))
-    _send_control(ctx, result, "/printer/print/start", CONTROL_WAIT_SECONDS, params={"filename": result["filename"]})
+    _send_control(ctx, result, "start a print", "/printer/print/start", CONTROL_WAIT_SECONDS,
+                  params={"filename": result["filename"]})
     return result
 
 
@@ -3714,7 +3747,7 @@ def action_homing(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
         _require_ready(before, "home", result)
         if _field(before, "print_stats", "state") == "printing":
             raise CommandFailed("cannot home while a print is printing: pause or cancel it first", result)
-    after = _send_control(ctx, result, "/printer/gcode/script", HOMING_WAIT_SECONDS,
+    after = _send_control(ctx, result, "home", "/printer/gcode/script", HOMING_WAIT_SECONDS,
                           json_body={"script": "G28 " + " ".join(ordered or ["X", "Y", "Z"])})
     if after and "toolhead" in after:
         homed = _field(after, "toolhead", "homed_axes") or ""
@@ -4217,16 +4250,16 @@ def run_gcode(ctx: ActionContext, script: str, result: Dict[str, Any]) -> Dict[s
     result, on failure as well."""
     console = ctx.console or Console()
     console.begin()
-    error = None
+    error = None  # type: Optional[HttpError]
     try:
         ctx.moonraker.call("POST", "/printer/gcode/script", json_body={"script": script},
                            timeout=(CONNECT_TIMEOUT, GCODE_READ_TIMEOUT))
     except HttpError as exc:
-        error = str(exc)
+        error = exc
     finally:
         result.update(console.end())
     if error is not None:
-        raise CommandFailed(error, result)
+        raise _refusal(ctx, "run the script", error, result, keep_state=False)
     return result
 
 

@@ -35,7 +35,16 @@ else:  # run as a script: python sim/printer.py
 
 VERBOSE = os.environ.get("SIM_VERBOSE") == "1"
 GCODES_DIR = "/home/pi/printer_data/gcodes"
-FAULT_MODES = ("html", "500", "notjson", "drop", "wrongtypes", "trickle")
+# "late_sd_busy": a print is started from elsewhere (the web UI) just as the
+# request arrives; "late_shutdown": Klipper shuts down just then. Either way
+# the answer is the real Moonraker's for the state Klipper is then in.
+FAULT_MODES = ("html", "500", "notjson", "drop", "wrongtypes", "trickle", "late_sd_busy", "late_shutdown")
+# What Klipper refuses while it is shut down: Moonraker 0.11 answers each with
+# HTTP 400 and the message "Unknown" (recorded against the real Klipper and
+# Moonraker of sim/rig.py after an M112); queries and emergency_stop still work.
+REFUSED_WHEN_SHUT_DOWN = frozenset({"_print_pause", "_print_resume", "_print_cancel", "_print_start",
+                                    "_gcode_script"})
+OTHER_CLIENTS_FILE = "from-the-web-ui.gcode"
 AMBIENT = {"extruder": 24.0, "heater_bed": 23.0}
 PRINT_TARGETS = {"extruder": 210.0, "heater_bed": 60.0}
 HEATER_RANGES = {"extruder": (0.0, 250.0), "heater_bed": (0.0, 120.0)}
@@ -233,6 +242,11 @@ class _HttpHandler(tornado.web.RequestHandler):
                 return self._send_fault(fault)
             elif fault == "trickle":
                 return await self._trickle()
+            elif fault == "late_sd_busy":
+                sim._print_started_elsewhere()
+            elif fault == "late_shutdown":
+                with sim._lock:
+                    sim._shut_down("Lost communication with MCU 'mcu'")
         if self.port_name == "ui":
             return self._send_ui()
         status, body = sim._dispatch_api(self.request)
@@ -567,6 +581,18 @@ class PrinterSimulator(Recorder):
         with self._lock:
             return self._klippy
 
+    @property
+    def klippy_shut_down(self):
+        """Klipper connected but shut down (an emergency stop, a lost MCU)."""
+        with self._lock:
+            return self._klippy and self._status["webhooks"]["state"] == "shutdown"
+
+    def _print_started_elsewhere(self):
+        with self._lock:
+            if self._status["print_stats"]["state"] not in ("printing", "paused"):
+                self._files.setdefault(OTHER_CLIENTS_FILE, {"data": b"G28\n", "modified": time.time()})
+                self._begin_job(OTHER_CLIENTS_FILE)
+
     def set_state(self, state, filename=None):
         """Moves print_stats.state (and what goes with it) like a real printer would."""
         with self._lock:
@@ -785,6 +811,8 @@ class PrinterSimulator(Recorder):
                 if gate and not self.klippy_connected:
                     raise (MoonrakerError(404, "Not Found") if gate == "route"
                            else MoonrakerError(503, "Klippy Host not connected"))
+                if handler_name in REFUSED_WHEN_SHUT_DOWN and self.klippy_shut_down:
+                    raise MoonrakerError(400, "Unknown")
                 return getattr(self, handler_name)(request, **found.groupdict())
             except MoonrakerError as exc:
                 return exc.code, exc.body()

@@ -118,6 +118,9 @@ def test_a_failing_script_keeps_its_console_lines_in_the_result(ctx):
         return {"error": {"code": 400, "message": 'Unknown command:"FOO"'}}
     with rm.Mocker() as mock:
         mock.post(MOON + "/printer/gcode/script", json=answer)
+        # The refusal is explained by Klipper's state (ready: Moonraker's message stands).
+        mock.register_uri(rm.ANY, MOON + "/printer/objects/query",
+                          json={"result": {"status": {"webhooks": {"state": "ready"}}}})
         with pytest.raises(connector.CommandFailed, match="Unknown command") as failure:
             connector.ACTIONS["gcode"](ctx, {"script": "FOO"})
     assert failure.value.result == {"console": ['!! Unknown command:"FOO"']}

@@ -427,6 +427,12 @@ def test_after_an_emergency_stop_controls_fail_with_klippers_reason_until_a_firm
     assert "hutdown" in body["error_message"][len("cannot pause: Klipper is shutdown: "):]
     wait_snapshot(cloud, connector, lambda s: s["print_stats"]["state"] == "error", since,
                   message="the print's end in error")
+    # G-code has no check before it goes: the real Moonraker answers 400
+    # "Unknown" (what sim/printer.py models), and the state says why.
+    script = run_command(cloud, connector, "gcode", {"script": "G28"})
+    assert script["status"] == "failed"
+    assert script["error_message"].startswith("cannot run the script: Klipper is shutdown: ")
+    assert script["error_message"].endswith(" (moonraker http 400: Unknown)")
     rig_call(klipper, "POST", "/printer/firmware_restart")
     wait_ready(klipper)
     assert print_state(klipper) == "standby"
