@@ -12,7 +12,7 @@ BUILD_VENV  := .venv-build
 # libusb-dev: pip builds klippy's C helper (chelper), which includes usb.h.
 DEB_PACKAGES := busybox shellcheck dash gcc libc6-dev libusb-dev
 
-.PHONY: all demo printer test test-fast fuzz fixtures lint binary pyz binary-all binary-mipsle bench soak clean venv deb-deps
+.PHONY: all demo printer test test-fast fuzz fixtures lint binary pyz installers binary-all binary-mipsle bench soak clean venv deb-deps
 
 all: test
 
@@ -49,13 +49,13 @@ demo: venv $(if $(filter klipper,$(PRINTER)),$(MR_VENV)/.stamp $(KL_VENV)/.stamp
 printer: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp
 	$(PY) sim/rig.py
 
-# Everything CI checks. The host binary and the zipapp are built first so
-# the tests can run them in place of connector.py.
-test: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp deb-deps pyz binary
+# Everything CI checks. The host binary, the zipapp and the standalone
+# installers are built first so the tests can run them.
+test: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp deb-deps pyz binary installers
 	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q tests
 
 # The tests without the artifacts (quick loop while editing connector.py).
-test-fast: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp deb-deps
+test-fast: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp deb-deps installers
 	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q tests -m "not artifacts"
 
 # Coverage-guided fuzzing of the readers of peer answers (tests/fuzz/, atheris):
@@ -76,6 +76,12 @@ fixtures: venv $(MR_VENV)/.stamp
 
 pyz: venv
 	sh build/build-pyz.sh
+
+# The four standalone installers (install-klipper.sh, install-k1.sh,
+# update.sh, uninstall.sh) from installers/src/ and installers/lib/, into
+# dist/installers/; a release makes them pinned to its version, in dist/.
+installers:
+	sh build/build-installers.sh
 
 binary: deb-deps
 	sh build/build-binary.sh host

@@ -5,6 +5,9 @@
 #   printer-connector-linux-mipsle                  static, NaN2008, cross-built
 #                                                   with zig (build-mipsle.sh)
 #   printer-connector.pyz                           zipapp for Python >= 3.8
+#   install-klipper.sh, install-k1.sh, update.sh,   the standalone installers,
+#   uninstall.sh                                    pinned to this release
+#                                                   (build-installers.sh --release)
 #   SHA256SUMS, VERSION                             of the above
 # then smoke-tests them (build/smoke-test.sh) and runs tests/test_artifacts.py
 # on each binary. Needs root (debootstrap, chroot); foreign architectures run
@@ -46,7 +49,8 @@ write_sums() {
     cd "$repo/dist"
     set --
     for name in printer-connector-linux-amd64 printer-connector-linux-arm64 \
-        printer-connector-linux-armv7 printer-connector-linux-mipsle printer-connector.pyz; do
+        printer-connector-linux-armv7 printer-connector-linux-mipsle printer-connector.pyz \
+        install-klipper.sh install-k1.sh update.sh uninstall.sh; do
         if [ -f "$name" ]; then
             set -- "$@" "$name"
         else
@@ -90,6 +94,7 @@ main() {
     for target in "$@"; do
         build_target "$repo" "$target"
     done
+    sh "$repo/build/build-installers.sh" --release "$repo/dist"
     write_sums "$repo"
     sh "$repo/build/smoke-test.sh" "$repo/dist"
     test_artifacts "$repo" "$@"

@@ -51,6 +51,17 @@ check_binary() {
     say "ok: $file ($(wc -c <"$file") bytes, static, ${runner:-native}) prints $version"
 }
 
+# A standalone installer parses and (but uninstall.sh) installs its own release.
+check_installer() { # FILE VERSION
+    [ -f "$1" ] || err "$1 not found"
+    sh -n "$1" || err "$1 does not parse"
+    case $1 in
+        */uninstall.sh) ;;
+        *) grep -qx "RELEASE_VERSION=$2" "$1" || err "$1 is not pinned to release $2 (build-installers.sh --release)" ;;
+    esac
+    say "ok: $1"
+}
+
 main() {
     dist=${1:-$(cd "$(dirname "$0")/.." && pwd)/dist}
     need_cmd sha256sum
@@ -67,6 +78,9 @@ main() {
         [ "$printed" = "printer-connector $version" ] || err "the zipapp printed '$printed'"
         say "ok: $dist/printer-connector.pyz under $(python3 --version 2>&1) prints $version"
     fi
+    for script in install-klipper.sh install-k1.sh update.sh uninstall.sh; do
+        check_installer "$dist/$script" "$version"
+    done
 }
 
 main "$@"

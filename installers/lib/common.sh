@@ -1,42 +1,20 @@
 # Shared part of the printer-connector installers (install-klipper.sh,
-# install-k1.sh, update.sh, uninstall.sh). Each of those is piped straight
-# from the web into sh, so each must stand alone: installers/lib/sync.sh
-# copies this file between the markers in each script, and a test fails when
-# a copy differs from this file. Edit this file, then run sync.sh.
+# install-k1.sh, update.sh, uninstall.sh). build/build-installers.sh (make
+# installers) puts it, after the download functions of installers/bootstrap.sh,
+# into each script of installers/src/: one standalone script each, a release
+# asset, since each is piped straight from the web into sh.
 #
 # Only function definitions live here: nothing runs until the script's
 # `main "$@"` on its last line, so a download cut off half-way runs nothing.
 
-# ---------------------------------------------------------------- messages
-say() { printf '%s: %s\n' "$PROG" "$*"; }
-warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
-err() {
-    printf '%s: error: %s\n' "$PROG" "$*" >&2
-    exit 1
-}
-
-need_cmd() {
-    command -v "$1" >/dev/null 2>&1 || err "'$1' is needed but was not found on PATH"
-}
-
+# ------------------------------------------------------------- arguments
 need_arg() { [ $# -ge 2 ] || err "$1 needs a value (see --help)"; }
 
 # -------------------------------------------------------------- settings
 # Everything set from the environment, once, by every script's main.
 init_settings() {
-    ROOT=${PRINTER_CONNECTOR_ROOT:-}
-    ROOT=${ROOT%/}
-    REPO=${PRINTER_CONNECTOR_REPO:-$DEFAULT_REPO}
-    RELEASE_URL=${PRINTER_CONNECTOR_RELEASE_URL:-https://github.com/$REPO/releases}
-    RELEASE_URL=${RELEASE_URL%/}
-    PY=${PRINTER_CONNECTOR_PYTHON:-python3}
+    fetch_settings
     HEALTH_TIMEOUT=${PRINTER_CONNECTOR_HEALTH_TIMEOUT:-90}
-    # Every download: two tries, DOWNLOAD_TIMEOUT seconds in all (16 MB at
-    # 64 KiB/s), and a try ends after STALL_TIMEOUT seconds without data.
-    DOWNLOAD_TIMEOUT=${PRINTER_CONNECTOR_DOWNLOAD_TIMEOUT:-300}
-    STALL_TIMEOUT=${PRINTER_CONNECTOR_STALL_TIMEOUT:-30}
-    ALLOW_UNVERIFIED_TLS=0
-    CA_BUNDLE=${PRINTER_CONNECTOR_CA_BUNDLE:-}
     SERVICE=printer-connector
     K1_INIT=$ROOT/etc/init.d/S99printer-connector
     LEGACY_INIT=""
@@ -186,49 +164,17 @@ python_path() {
 # JSON, HTTP and zip work is done by the host's python3 (Klipper, Moonraker
 # and the K1 firmware all ship one); this is the one place it is written.
 PYHELPER='
-import hashlib, json, os, shlex, ssl, sys, time, urllib.error, urllib.request, zipfile
+import json, os, shlex, sys, urllib.error, urllib.request, zipfile
 
 def die(msg, code=1):
     sys.stderr.write(msg + "\n")
     sys.exit(code)
 
-def opener(url, timeout, cafile="", insecure=False):
-    ctx = None
-    if url.startswith("https:"):
-        if insecure:
-            ctx = ssl._create_unverified_context()
-        else:
-            ctx = ssl.create_default_context(cafile=cafile or None)
-    req = urllib.request.Request(url, headers={"User-Agent": "printer-connector-installer"})
-    return urllib.request.urlopen(req, timeout=timeout, context=ctx)
-
-def download(url, out, cafile, mode, stall, total):
-    deadline = time.monotonic() + float(total)
-    try:
-        with opener(url, float(stall), cafile, mode == "insecure") as resp, open(out, "wb") as f:
-            length, got = resp.getheader("Content-Length"), 0
-            while True:
-                if time.monotonic() > deadline:
-                    die("%s: not complete after %s s" % (url, total))
-                block = resp.read(65536)
-                if not block:
-                    break
-                f.write(block)
-                got += len(block)
-            if length and length.isdigit() and got != int(length):
-                die("%s: cut short after %d of %s bytes" % (url, got, length))
-    except ssl.SSLCertVerificationError as e:
-        die("%s: TLS certificate could not be verified (%s)" % (url, e), 3)
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, ssl.SSLCertVerificationError):
-            die("%s: TLS certificate could not be verified (%s)" % (url, e.reason), 3)
-        die("%s: %s" % (url, e))
-    except (OSError, ValueError) as e:
-        die("%s: %s" % (url, e))
-
 def get_json(url):
-    with opener(url, 5) as resp:
+    req = urllib.request.Request(url, headers={"User-Agent": "printer-connector-installer"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
         return json.loads(resp.read().decode("utf-8"))
+
 
 def write_json(path, data):
     tmp = path + ".tmp"
@@ -333,15 +279,7 @@ def init_var(path, name):
 
 def main(argv):
     cmd, args = argv[0], argv[1:]
-    if cmd == "download":
-        download(*args)
-    elif cmd == "sha256":
-        h = hashlib.sha256()
-        with open(args[0], "rb") as f:
-            for block in iter(lambda: f.read(65536), b""):
-                h.update(block)
-        print(h.hexdigest())
-    elif cmd == "write-config":
+    if cmd == "write-config":
         out, cloud_url, token, state_dir, printers = args
         if not cloud_url.startswith(("http://", "https://")):
             die("the cloud URL must start with http:// or https://, got: %s" % cloud_url, 2)
@@ -422,157 +360,6 @@ main(sys.argv[1:])
 
 pyhelp() {
     "$PY" -c "$PYHELPER" "$@"
-}
-
-# --------------------------------------------------------------- downloads
-# The one downloader: curl, else a wget that verifies TLS (GNU wget; BusyBox
-# wget checks no certificate), else the host's python3. Certificate checks
-# are never turned off silently: only install-k1.sh allows it
-# (ALLOW_UNVERIFIED_TLS=1), and it says so loudly. Whichever it is, a
-# download gets two tries and DOWNLOAD_TIMEOUT seconds in all, and a try
-# that receives nothing for STALL_TIMEOUT seconds ends.
-download() { # URL OUT
-    case $1 in
-        https://* | http://*) ;;
-        *) err "not an http(s) URL: $1" ;;
-    esac
-    started=$(date +%s)
-    for try in 1 2; do
-        left=$((DOWNLOAD_TIMEOUT - ($(date +%s) - started)))
-        [ "$left" -gt 0 ] || break
-        rm -f "$2"
-        # (sh has no locals: download_once sets rc of its own.)
-        try_status=0
-        download_once "$1" "$2" "$left" || try_status=$?
-        [ "$try_status" -ne 0 ] || return 0
-        # A certificate that does not verify will not verify on a second try.
-        [ "$try_status" -ne 3 ] || break
-        [ "$try" -eq 2 ] || warn "download of $1 failed; trying once more (${left}s left)"
-    done
-    rm -f "$2"
-    [ "${1#https:}" = "$1" ] || clock_hint
-    return 1
-}
-
-# TLS certificates are valid from a date on: a clock far in the past (a
-# board without a battery, no NTP yet) fails every https download.
-clock_hint() {
-    year=$(date -u +%Y)
-    [ "$year" -lt 2025 ] || return 0
-    warn "this machine's clock says $(date -u '+%Y-%m-%d %H:%M') UTC, so no TLS certificate is valid yet and https downloads fail; set the clock (NTP, or date -s) and run this again"
-}
-
-# Runs COMMAND for at most SECONDS (where there is a timeout command).
-with_deadline() { # SECONDS COMMAND...
-    if command -v timeout >/dev/null 2>&1; then
-        timeout "$@"
-    else
-        shift
-        "$@"
-    fi
-}
-
-download_once() { # URL OUT SECONDS
-    url=$1
-    out=$2
-    seconds=$3
-    if command -v curl >/dev/null 2>&1; then
-        set -- --max-time "$seconds" --connect-timeout "$STALL_TIMEOUT" --speed-limit 1 --speed-time "$STALL_TIMEOUT"
-        [ -z "$CA_BUNDLE" ] || set -- "$@" --cacert "$CA_BUNDLE"
-        curl -fsSL "$@" -o "$out" "$url"
-        return
-    fi
-    if wget_verifies_tls; then
-        # GNU wget tries 20 times by default, silently; --timeout is per read.
-        set -- -q --tries=1 --timeout="$STALL_TIMEOUT"
-        [ -z "$CA_BUNDLE" ] || set -- "$@" --ca-certificate="$CA_BUNDLE"
-        with_deadline "$seconds" wget "$@" -O "$out" "$url"
-        return
-    fi
-    if [ "${url#http://}" != "$url" ] && command -v wget >/dev/null 2>&1; then
-        # Plain http (a local mirror): no TLS to verify, any wget will do.
-        # (BusyBox 1.35's wget crashes with -T: the deadline is timeout's.)
-        with_deadline "$seconds" wget -q -O "$out" "$url"
-        return
-    fi
-    command -v "$PY" >/dev/null 2>&1 || err "no way to download: install curl, GNU wget or python3"
-    rc=0
-    pyhelp download "$url" "$out" "$CA_BUNDLE" verify "$STALL_TIMEOUT" "$seconds" || rc=$?
-    [ "$rc" -eq 0 ] && return 0
-    [ "$rc" -eq 3 ] && [ "$ALLOW_UNVERIFIED_TLS" = 1 ] || return "$rc"
-    warn "*** TLS NOT VERIFIED: this device has no usable certificate store, so $url"
-    warn "*** is fetched without checking who answers. The SHA256 check below still"
-    warn "*** refuses any file that does not match the release's SHA256SUMS."
-    pyhelp download "$url" "$out" "" insecure "$STALL_TIMEOUT" "$seconds"
-}
-
-wget_verifies_tls() {
-    command -v wget >/dev/null 2>&1 && wget --version 2>/dev/null | grep -q 'GNU Wget'
-}
-
-# From stdin: sha256sum marks a name with a backslash or newline by a
-# leading backslash on the digest.
-sha256_of() {
-    if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum <"$1" | cut -d ' ' -f 1
-    elif command -v shasum >/dev/null 2>&1; then
-        shasum -a 256 <"$1" | cut -d ' ' -f 1
-    else
-        pyhelp sha256 "$1"
-    fi
-}
-
-asset_url() { # VERSION ASSET
-    printf '%s/download/v%s/%s\n' "$RELEASE_URL" "$1" "$2"
-}
-
-latest_version() { # DIR: prints the version named by the latest release
-    download "$RELEASE_URL/latest/download/VERSION" "$1/VERSION" \
-        || err "could not read the latest version from $RELEASE_URL/latest/download/VERSION"
-    v=$(tr -d ' \r\n' <"$1/VERSION")
-    v=${v#v}
-    valid_version "$v" || err "the release's VERSION file holds '$v', not a version"
-    printf '%s\n' "$v"
-}
-
-valid_version() {
-    case $1 in
-        '' | *[!0-9A-Za-z.+-]*) return 1 ;;
-        [0-9]*) return 0 ;;
-        *) return 1 ;;
-    esac
-}
-
-# Whether SHA256SUMS (in DIR) lists ASSET.
-sums_list() { # DIR ASSET
-    awk -v a="$2" '$2 == a || $2 == "*" a { found = 1 } END { exit !found }' "$1/SHA256SUMS"
-}
-
-# Download ASSET of VERSION and SHA256SUMS into DIR and verify; dies unless
-# the file is exactly the one the release lists.
-fetch_asset() { # DIR VERSION ASSET
-    if [ ! -s "$1/SHA256SUMS" ]; then
-        download "$(asset_url "$2" SHA256SUMS)" "$1/SHA256SUMS" \
-            || err "could not download SHA256SUMS of version $2 from $RELEASE_URL"
-    fi
-    sums_list "$1" "$3" || err "release $2 has no $3 (not in its SHA256SUMS)"
-    say "downloading $3 $2 from $RELEASE_URL (giving up after ${DOWNLOAD_TIMEOUT}s, or ${STALL_TIMEOUT}s without data)"
-    download "$(asset_url "$2" "$3")" "$1/$3" || err "could not download $(asset_url "$2" "$3")"
-    verify_sha256 "$1/$3" "$3" "$1/SHA256SUMS"
-    # Downloaders write 0644; a native binary must run for its --version
-    # check (and later as the service) before it is swapped in.
-    chmod 755 "$1/$3" || err "could not make $1/$3 executable"
-}
-
-verify_sha256() { # FILE ASSET SUMS
-    expected=$(awk -v a="$2" '$2 == a || $2 == "*" a { print $1; exit }' "$3")
-    actual=$(sha256_of "$1")
-    [ -n "$expected" ] || err "no checksum for $2 in SHA256SUMS"
-    if [ "$expected" != "$actual" ]; then
-        rm -f "$1"
-        err "checksum mismatch for $2: SHA256SUMS says $expected, the download is $actual; nothing was changed"
-    fi
-    say "checksum of $2 verified"
 }
 
 # ----------------------------------------------------------- the binary
@@ -706,23 +493,17 @@ svc_stop() {
     fi
 }
 
-svc_start() {
-    if [ "$LAYOUT" = systemd ]; then
-        systemctl start "$SERVICE"
-    else
-        LOG_MARK=0
-        [ -f "$LOG" ] && LOG_MARK=$(wc -c <"$LOG" | tr -d ' ')
-        "$K1_INIT" start
-    fi
-}
+svc_start() { svc_run start; }
+svc_restart() { svc_run restart; }
 
-svc_restart() {
+# On a K1 the log is a file: svc_log reads what comes after LOG_MARK.
+svc_run() { # start | restart
     if [ "$LAYOUT" = systemd ]; then
-        systemctl restart "$SERVICE"
+        systemctl "$1" "$SERVICE"
     else
         LOG_MARK=0
         [ -f "$LOG" ] && LOG_MARK=$(wc -c <"$LOG" | tr -d ' ')
-        "$K1_INIT" restart
+        "$K1_INIT" "$1"
     fi
 }
 
@@ -1013,13 +794,33 @@ confirm() { # QUESTION
 }
 
 # ------------------------------------------------------- installing
+# The flags both installers take; install-klipper.sh adds its own.
+install_usage() { # DEFAULT_PRINTER DEFAULT_CONFIG
+    printf 'usage: %s [options]\n' "$PROG"
+    cat <<'EOT'
+  --cloud-url URL          the cloud to pair with (asked on a terminal)
+  --pairing-token TOKEN    the one-time pairing token (asked on a terminal)
+  --printer "ID|Name|URL"  a printer: 0 (not paired yet), a name, its Moonraker
+EOT
+    printf '                           URL; repeat for several (default "%s")\n' "$1"
+    cat <<'EOT'
+  --version X.Y.Z          install this release instead of the latest
+  --bin PATH               install this local file (the binary, or the .pyz) instead of downloading
+EOT
+    printf '  --config PATH            the config file (default %s)\n' "$2"
+    cat <<'EOT'
+  --log-level LEVEL        debug, info, warn or error (default info)
+  --force                  upgrade even while a print is running
+EOT
+}
+
 # The installers' flags (install-k1.sh refuses the systemd-only ones).
 # shellcheck disable=SC2034  # the values are read by the installers' main only
 parse_install_args() {
     CLOUD_URL=""
     TOKEN=""
     PRINTERS=""
-    OPT_VERSION=""
+    OPT_VERSION=$RELEASE_VERSION
     OPT_BIN=""
     OPT_CONFIG=""
     OPT_USER=""

@@ -34,7 +34,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 from harness import new_token, wait_until  # noqa: E402,F401  (the shared test harness)
 
-INSTALLERS = REPO / "installers"
+SOURCES = REPO / "installers"
+# The standalone scripts the tests run, as a release publishes them: made
+# from SOURCES by build/build-installers.sh (make installers), and made again
+# here, so a test never runs scripts older than their source.
+INSTALLERS = REPO / "dist" / "installers"
+subprocess.run(["sh", str(REPO / "build" / "build-installers.sh"), str(INSTALLERS)], check=True,
+               stdout=subprocess.DEVNULL)
 STUBS = Path(__file__).resolve().parent / "stubs"
 TLS_DIR = Path(__file__).resolve().parent / "tls"
 SCRIPTS = ["install-klipper.sh", "install-k1.sh", "update.sh", "uninstall.sh"]
@@ -104,6 +110,9 @@ class Release:
         self.dir.mkdir(parents=True)
         self.latest = None
         self.requests = []
+        # Files served at BASE/raw/NAME, as raw.githubusercontent.com serves
+        # the repository's main branch (installers/bootstrap.sh).
+        self.raw = {"bootstrap.sh": (SOURCES / "bootstrap.sh").read_bytes()}
         # Asset name -> "stall" (half the body, then silence until the
         # client gives up) or "truncate" (half the body, then the end).
         self.faults = {}
@@ -114,6 +123,13 @@ class Release:
             def do_GET(self):
                 release.requests.append(self.path)
                 path = self.path.split("?")[0]
+                if path.startswith("/raw/") and path[len("/raw/"):] in release.raw:
+                    data = release.raw[path[len("/raw/"):]]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if path.startswith("/latest/download/") and release.latest:
                     path = "/download/v%s/%s" % (release.latest, path[len("/latest/download/"):])
                 parts = path.strip("/").split("/")
@@ -389,10 +405,22 @@ def odd_sandbox(tmp_path, release):
     box.cleanup()
 
 
-def publish_connector(release, version, tmp_path, latest=True, pyz=False, **kwargs):
+def installer_assets():
+    """The four standalone scripts, as release assets."""
+    return {name: (INSTALLERS / name).read_bytes() for name in SCRIPTS}
+
+
+def bootstrap_env(release):
+    """Where an entry script (installers/NAME.sh) fetches the bootstrap from."""
+    return {"PRINTER_CONNECTOR_BOOTSTRAP_URL": release.url + "/raw/bootstrap.sh"}
+
+
+def publish_connector(release, version, tmp_path, latest=True, pyz=False, installers=False, **kwargs):
     assets = {host_asset(): connector_source(version)}
     if pyz:
         assets[PYZ] = make_pyz(version, tmp_path)
+    if installers:
+        assets.update(installer_assets())
     return release.publish(version, assets, latest=latest, **kwargs)
 
 

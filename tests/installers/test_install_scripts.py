@@ -4,12 +4,13 @@ properties every script shares (shellcheck, the shared block, cut-off)."""
 import os
 import pwd
 import re
+import shutil
 import stat
 import subprocess
 
 import pytest
 
-from installer_fixtures import (INSTALLERS, PYZ, SCRIPTS, SERVICE, SHELLS, config_of, connector_source,
+from installer_fixtures import (INSTALLERS, PYZ, REPO, SCRIPTS, SOURCES, SERVICE, SHELLS, config_of, connector_source,
                                 crashing_binary, heartbeats_of, host_asset, install_args, make_pyz, new_token,
                                 publish_connector, stock_k1_path, wait_until)
 
@@ -27,28 +28,53 @@ def owner(path):
 # ------------------------------------------------------------ the scripts
 
 def test_shellcheck_clean():
-    scripts = [str(INSTALLERS / s) for s in SCRIPTS] + [str(INSTALLERS / "lib" / s)
-                                                         for s in ("common.sh", "sync.sh")]
+    committed = [str(SOURCES / s) for s in SCRIPTS + ["bootstrap.sh", "lib/common.sh"]]
+    scripts = [str(INSTALLERS / s) for s in SCRIPTS] + committed
     result = subprocess.run(["shellcheck", "-s", "sh"] + scripts, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, timeout=120)
     assert result.returncode == 0, result.stdout.decode()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_shared_block_is_a_copy_of_common_sh(script):
+def test_a_produced_script_is_its_source_with_the_fetch_part_and_common_sh(script):
     text = (INSTALLERS / script).read_text()
-    start = text.index("\n", text.index("# >>> common.sh")) + 1
-    end = text.index("# <<< common.sh")
-    assert text[start:end] == (INSTALLERS / "lib/common.sh").read_text(), \
-        "%s is out of date: run sh installers/lib/sync.sh" % script
+    fetch = (SOURCES / "bootstrap.sh").read_text().split("# >>> fetch")[1].split("# <<< fetch")[0]
+    fetch = fetch[fetch.index("\n") + 1:]
+    assert fetch in text and (SOURCES / "lib/common.sh").read_text() in text
+    source = (SOURCES / "src" / script).read_text()
+    head, tail = source.split("# >>> installers/bootstrap.sh\n")[0], source.split("# >>> installers/lib/common.sh\n")[1]
+    assert text.startswith(head) and text.endswith(tail)
+
+
+def test_a_source_without_its_marker_is_refused(tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(SOURCES, tree / "installers")
+    shutil.copytree(REPO / "build", tree / "build", ignore=shutil.ignore_patterns("work"))
+    shutil.copy(REPO / "connector.py", tree)
+    source = tree / "installers/src/update.sh"
+    source.write_text(source.read_text().replace("# >>> installers/lib/common.sh\n", ""))
+    result = subprocess.run(["sh", str(tree / "build/build-installers.sh"), str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert result.returncode == 1 and b"update.sh lacks a marker line" in result.stdout, result.stdout
+    assert not (tmp_path / "out/update.sh").exists()
+
+
+def test_release_scripts_are_pinned_to_the_release(tmp_path):
+    version = re.search(r'^__version__ = "([^"]+)"', (REPO / "connector.py").read_text(), re.M).group(1)
+    subprocess.run(["sh", str(REPO / "build/build-installers.sh"), "--release", str(tmp_path)], check=True,
+                   stdout=subprocess.DEVNULL)
+    for script in ("install-klipper.sh", "install-k1.sh", "update.sh"):
+        assert "\nRELEASE_VERSION=%s\n" % version in (tmp_path / script).read_text()
+        assert '\nRELEASE_VERSION=""\n' in (INSTALLERS / script).read_text()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_are_functions_and_end_with_main(script):
-    lines = (INSTALLERS / script).read_text().rstrip("\n").splitlines()
-    assert lines[-1] == 'main "$@"'
-    assert lines[0] == "#!/bin/sh"
-    assert "set -eu" in lines
+    for path in (INSTALLERS / script, SOURCES / script, SOURCES / "bootstrap.sh"):
+        lines = path.read_text().rstrip("\n").splitlines()
+        assert lines[-1] == 'main "$@"', path
+        assert lines[0] == "#!/bin/sh", path
+    assert "set -eu" in (INSTALLERS / script).read_text().splitlines()
 
 
 @ALL_SHELLS

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from installer_fixtures import (PYZ, SHELLS, TLS_DIR, Release, config_of, heartbeats_of, host_asset,
-                                install_args, new_token, path_of, publish_connector, stock_k1_path)
+from installer_fixtures import (PYZ, SHELLS, SOURCES, TLS_DIR, Release, bootstrap_env, config_of, heartbeats_of,
+                                host_asset, install_args, new_token, publish_connector, stock_k1_path)
 
 CA = str(TLS_DIR / "cert.pem")
 
@@ -98,7 +98,7 @@ def read_until(fd, text, output, timeout=30.0):
 @pytest.mark.parametrize("shell", ["dash", "busybox"])
 def test_installer_asks_on_the_terminal_while_stdin_is_the_pipe(sandbox, shell, tmp_path, cloud, printer,
                                                                  release):
-    publish_connector(release, "1.0.0", tmp_path)
+    publish_connector(release, "1.0.0", tmp_path, installers=True)
     token = new_token(cloud)
     master, slave = os.openpty()
 
@@ -106,9 +106,11 @@ def test_installer_asks_on_the_terminal_while_stdin_is_the_pipe(sandbox, shell, 
         os.setsid()
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
-    script = (path_of("install-klipper.sh")).read_bytes()
+    # The committed entry, which runs the release's install-klipper.sh.
+    script = (SOURCES / "install-klipper.sh").read_bytes()
     proc = subprocess.Popen(SHELLS[shell], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=sandbox.env, preexec_fn=controlling_terminal,
+                            stderr=subprocess.STDOUT, env=dict(sandbox.env, **bootstrap_env(release)),
+                            preexec_fn=controlling_terminal,
                             pass_fds=(slave,))
     os.close(slave)
     try:
