@@ -75,6 +75,10 @@ DEFAULT_INTERVALS = {
     # While no printer has a camera that answers, a webcam request cannot be
     # answered anyway: polling for them every 2 s would only cost bytes.
     "poll_webcam_no_camera_seconds": 30.0,
+    # While the cloud holds the command poll (extension long_poll) it sees the
+    # connector through that poll: heartbeats then come at most this often,
+    # still twice a minute for the cloud's ~60 s offline mark.
+    "heartbeat_held_seconds": 30.0,
 }
 # The range a polling interval from the register answer must be in, or the
 # configured one is kept: faster would be a busy loop, slower than a day is
@@ -172,7 +176,22 @@ CAPABILITIES = (
     "set_temperature",      # action set_temperature {heater, target}
     "emergency_stop",       # action emergency_stop
     "print_state",          # print controls report state, pending, homed_axes; fail at once when they cannot apply
+    "capabilities_ack",     # X-Capabilities in the heartbeat answer: this list is sent until acknowledged
+    "quiet_snapshots",      # X-Snapshot-Keepalive in the batch answer: an unchanged status is pushed that seldom
 )
+# capabilities_ack: the cloud answers every heartbeat with the digest of the
+# list it holds for this connector; the list goes out again whenever that is
+# not the digest of ours (the cloud forgot it, or ours changed).
+CAPABILITIES_HEADER = "X-Capabilities"
+# quiet_snapshots: a cloud that names a keepalive gets a periodic snapshot
+# only when its status says something new (SNAPSHOT_CLOCKS aside, and a
+# temperature within QUIET_TEMPERATURE_DELTA of the one last pushed counts as
+# the same: an idle thermistor's noise), or when that many seconds (at most
+# SNAPSHOT_KEEPALIVE_MAX) passed since the last.
+SNAPSHOT_KEEPALIVE_HEADER = "X-Snapshot-Keepalive"
+SNAPSHOT_KEEPALIVE_MAX = 3600.0
+SNAPSHOT_CLOCKS = frozenset({"eventtime", "estimated_print_time"})  # advance with time, say nothing
+QUIET_TEMPERATURE_DELTA = 1.0
 
 # Long-poll (extension "long_poll"): the polls ask the cloud to hold an empty
 # answer this long; a cloud that does says so in X-Poll-Wait.
@@ -463,6 +482,7 @@ class Config:
     heartbeat_seconds: float = DEFAULT_INTERVALS["heartbeat_seconds"]
     poll_webcam_seconds: float = DEFAULT_INTERVALS["poll_webcam_seconds"]
     poll_webcam_no_camera_seconds: float = DEFAULT_INTERVALS["poll_webcam_no_camera_seconds"]
+    heartbeat_held_seconds: float = DEFAULT_INTERVALS["heartbeat_held_seconds"]
     state_dir: str = DEFAULT_STATE_DIR
     outbox_max_snapshots: int = SPILL_MAX_SNAPSHOTS
     outbox_max_bytes: int = SPILL_MAX_BYTES
@@ -492,6 +512,12 @@ class Config:
 
     def capabilities(self) -> List[str]:
         return [name for name in CAPABILITIES if name != "gcode" or self.allow_gcode]
+
+
+def capabilities_digest(names: List[str]) -> str:
+    """What a cloud that speaks capabilities_ack answers for this list: the
+    first 16 hex digits of the SHA-256 of the names, sorted, joined by commas."""
+    return hashlib.sha256(",".join(sorted(names)).encode("utf-8")).hexdigest()[:16]
 
 
 def _is_number(value) -> bool:
@@ -2427,6 +2453,17 @@ def poll_wait_of(response: HttpResponse, asked: int) -> Optional[float]:
     return min(value, float(asked)) if value > 0 and value == value else None
 
 
+def snapshot_keepalive_of(response: HttpResponse) -> Optional[float]:
+    """The seconds a batch answer's X-Snapshot-Keepalive names, at most
+    SNAPSHOT_KEEPALIVE_MAX; None when absent or not a positive number."""
+    text = response.headers.get(SNAPSHOT_KEEPALIVE_HEADER)
+    try:
+        value = float(text) if text is not None and len(text) <= 16 else 0.0
+    except ValueError:
+        return None
+    return min(value, SNAPSHOT_KEEPALIVE_MAX) if value > 0 else None
+
+
 def long_poll_deadline(wait: float) -> float:
     """A held poll's deadline: the hold, then an ordinary answer's time."""
     return max(EXCHANGE_DEADLINE, CONNECT_TIMEOUT + wait + READ_TIMEOUT)
@@ -2474,8 +2511,12 @@ class Cloud:
             raise
         return response.json("register")  # read_registration checks it
 
-    def heartbeat(self, body: Dict[str, Any]) -> None:
-        self.call("POST", self.connector_path("/heartbeat"), "heartbeat", json_body=body)
+    def heartbeat(self, body: Dict[str, Any]) -> Optional[str]:
+        """The digest of the capabilities the cloud holds for this connector
+        (extension capabilities_ack), or None."""
+        response = self.call("POST", self.connector_path("/heartbeat"), "heartbeat", json_body=body)
+        digest = response.headers.get(CAPABILITIES_HEADER)
+        return digest if digest is not None and len(digest) <= 64 else None
 
     def poll_commands(self, splitter: JsonSplitter, progress: Optional[Callable[[int], None]] = None,
                       wait: Optional[int] = None) -> List[Any]:
@@ -2509,8 +2550,11 @@ class Cloud:
             raise
         return True
 
-    def push_snapshots(self, snapshots: List[Dict[str, Any]]) -> None:
-        self.call("POST", "/api/v1/snapshots/batch", "snapshots", json_body={"snapshots": snapshots})
+    def push_snapshots(self, snapshots: List[Dict[str, Any]]) -> Optional[float]:
+        """The keepalive the cloud names (extension quiet_snapshots), or None
+        (push every time)."""
+        response = self.call("POST", "/api/v1/snapshots/batch", "snapshots", json_body={"snapshots": snapshots})
+        return snapshot_keepalive_of(response)
 
     def poll_webcam_requests(self, wait: Optional[int] = None) -> List[Any]:
         what = "webcam requests"
@@ -3254,7 +3298,7 @@ class SnapshotSpill:
                 if index > skip:
                     yield seq, index, record
 
-    def drain(self, send: Callable[[List[Dict[str, Any]]], None]) -> int:
+    def drain(self, send: Callable[[List[Dict[str, Any]]], Any]) -> int:
         """Send pending snapshots oldest first, in batches; returns how many went.
 
         Progress is recorded after every batch but the last, so an
@@ -4367,6 +4411,19 @@ def capture_snapshot(moonraker: Moonraker) -> Dict[str, Any]:
     return {"printer_id": moonraker.printer.printer_id, "captured_at": now_rfc3339(), "payload": status}
 
 
+def says_nothing_new(old: Any, new: Any, key: Optional[str] = None) -> bool:
+    """Whether a status (a snapshot's payload) holds nothing `old` did not:
+    the clocks aside, equal, with a temperature within QUIET_TEMPERATURE_DELTA
+    (a thermistor's noise on an idle printer)."""
+    if key in SNAPSHOT_CLOCKS:
+        return True
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(says_nothing_new(old[k], new[k], k) for k in new)
+    if key == "temperature" and _is_number(old) and _is_number(new):
+        return abs(new - old) < QUIET_TEMPERATURE_DELTA
+    return type(old) is type(new) and old == new
+
+
 def snapshot_print_state(snapshot: Dict[str, Any]) -> Optional[str]:
     status = snapshot.get("payload", {}).get("status")
     stats = status.get("print_stats") if isinstance(status, dict) else None
@@ -4377,7 +4434,9 @@ def snapshot_print_state(snapshot: Dict[str, Any]) -> Optional[str]:
 class SnapshotOutbox:
     """Pushes snapshots; while the cloud is failing, keeps capturing but only
     spills, and tries the cloud again after a backoff of its own. So an outage
-    costs no snapshots, and a long one costs no requests."""
+    costs no snapshots, and a long one costs no requests. With a cloud that
+    names a keepalive (quiet_snapshots), a periodic push leaves out what says
+    nothing new since the last delivered snapshot of that printer."""
 
     def __init__(self, spill: SnapshotSpill, log: Logger, interval: Callable[[], float]):
         self.spill, self.log, self.interval = spill, log, interval
@@ -4385,6 +4444,21 @@ class SnapshotOutbox:
         self.failures = 0
         self.retry_at = 0.0
         self.last_error = None  # type: Optional[ConnectorError]
+        self.keepalive = None  # type: Optional[float]  # the cloud's, from its last batch answer
+        self.delivered = {}  # type: Dict[Any, Tuple[float, Any]]  # printer_id -> (when, payload) last delivered
+
+    def newsworthy(self, fresh: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """The periodic snapshots to push: all of them, or with a keepalive
+        those that say something new or whose printer's is due."""
+        keepalive, now = self.keepalive, time.monotonic()
+        if keepalive is None:
+            return fresh
+        kept = []
+        for snapshot in fresh:
+            last = self.delivered.get(snapshot.get("printer_id"))
+            if last is None or now - last[0] >= keepalive or not says_nothing_new(last[1], snapshot.get("payload")):
+                kept.append(snapshot)
+        return kept
 
     def push(self, cloud: Cloud, fresh: List[Dict[str, Any]]) -> None:
         for snapshot in fresh:
@@ -4398,7 +4472,9 @@ class SnapshotOutbox:
                 if drained:
                     self.log.info("Delivered snapshots kept while the cloud was unreachable", count=drained)
                 if fresh:
-                    cloud.push_snapshots(fresh)
+                    self.keepalive = cloud.push_snapshots(fresh)
+                    now = time.monotonic()
+                    self.delivered.update((snap.get("printer_id"), (now, snap.get("payload"))) for snap in fresh)
             except (HttpError, CredentialsRejected) as exc:
                 self._keep(fresh)
                 self.failures += 1
@@ -5382,8 +5458,9 @@ class Agent:
         self.webcams = Webcams(config, log)
         self.snapshot_loop = Loop("snapshots", self.push_snapshots, lambda: config.push_snapshots_seconds,
                                   self.stop, config, log, backoff=False)
+        self.heartbeat_loop = Loop("heartbeat", self.heartbeat, self.heartbeat_interval, self.stop, config, log)
         self.loops = [
-            Loop("heartbeat", self.heartbeat, lambda: config.heartbeat_seconds, self.stop, config, log),
+            self.heartbeat_loop,
             Loop("commands", self.poll_commands, lambda: self.relaxed("poll_commands_seconds"), self.stop, config, log),
             self.snapshot_loop,
             Loop("webcam", self.serve_webcam, self.webcam_interval, self.stop, config, log),
@@ -5394,6 +5471,8 @@ class Agent:
         self.idle = False  # polling relaxed (relaxed())
         self.answer = None  # type: Optional[TransferProgress]  # of the commands poll in progress
         self.poll_wait = LONG_POLL_WAIT_SECONDS  # type: Optional[int]  # None under --once: one round, at once
+        self.polls_held = False  # the cloud held the last commands poll (heartbeat_interval)
+        self.capabilities_held = None  # type: Optional[str]  # the digest the cloud last answered (capabilities_ack)
 
     # -- loop steps -------------------------------------------------------
 
@@ -5401,14 +5480,23 @@ class Agent:
         printers = [{"printer_id": p.printer_id, "reachable": self._reachable(clients, p)}
                     for p in self.config.active_printers()]
         body = {"status": {"uptime_seconds": int(time.monotonic() - self.started), "version": __version__},
-                "printers": printers, "capabilities": self.config.capabilities()}
-        clients.cloud.heartbeat(body)
+                "printers": printers}  # type: Dict[str, Any]
+        capabilities = self.config.capabilities()
+        if self.capabilities_held != capabilities_digest(capabilities):
+            body["capabilities"] = capabilities
+        self.capabilities_held = clients.cloud.heartbeat(body)
         try:  # a completion a lane could not deliver need not wait for a held poll to end
             self.commands.flush(clients.cloud)
         except (HttpError, CredentialsRejected) as exc:
             self.log.debug("completions kept for later", error=str(exc))
         self._noted("Heartbeat sent", "heartbeat", printers=len(printers),
                     reachable=sum(1 for p in printers if p["reachable"]))
+
+    def heartbeat_interval(self) -> float:
+        """The configured interval; while the cloud holds the command poll,
+        heartbeat_held_seconds if that is longer (the cloud sees the poll)."""
+        configured = self.config.heartbeat_seconds
+        return max(configured, self.config.heartbeat_held_seconds) if self.polls_held else configured
 
     def _reachable(self, clients: PrinterClients, printer: PrinterConfig) -> bool:
         watcher = self.watchers.get(printer.printer_id)
@@ -5430,13 +5518,25 @@ class Agent:
             # names them all.
             progress = self.answer = TransferProgress(self.log, "commands answer")
             asked = time.monotonic()
-            commands = clients.cloud.poll_commands(splitter, lambda done: self._answer_arriving(progress, done),
-                                                   self.poll_wait)
+            try:
+                commands = clients.cloud.poll_commands(splitter, lambda done: self._answer_arriving(progress, done),
+                                                       self.poll_wait)
+            except (HttpError, CredentialsRejected):
+                self._held(False)
+                raise
+            self._held(clients.cloud.held is not None)
             progress.finished(splitter.size)
             fresh = sum(1 for raw in commands if self.commands.dispatch(clients, raw, files))
         finally:
             files.release()  # the commands that use them hold them till they are done
         return self._paced(clients.cloud.held, asked, len(commands), fresh)
+
+    def _held(self, held: bool) -> None:
+        """Whether the cloud holds the command poll; when it stops, a
+        heartbeat goes out now rather than at the end of the held pace."""
+        was, self.polls_held = self.polls_held, held
+        if was and not held:
+            self.heartbeat_loop.wake.set()
 
     @staticmethod
     def _answer_arriving(progress: TransferProgress, done: int) -> None:
@@ -5478,16 +5578,19 @@ class Agent:
         return watcher.console if watcher is not None else None
 
     def push_snapshots(self, clients: PrinterClients) -> None:
-        fresh, errors = [], []
+        captured, errors = [], []
         for printer in self.config.active_printers():
             try:
-                fresh.append(capture_snapshot(clients.moonraker(printer)))
+                captured.append(capture_snapshot(clients.moonraker(printer)))
             except HttpError as exc:
                 errors.append(str(exc))
+        fresh = self.snapshots.newsworthy(captured)
         self.snapshots.push(clients.cloud, fresh)
         if fresh:
             self._noted("Snapshot pushed", "snapshots", count=len(fresh))
-        if errors and not fresh:
+        elif captured:
+            self.log.debug("status unchanged; no snapshot pushed", count=len(captured))
+        if errors and not captured:
             raise HttpError("no printer status to push: %s" % "; ".join(errors))
 
     def serve_webcam(self, clients: PrinterClients) -> Optional[float]:

@@ -56,6 +56,7 @@ from sim.printer import PrinterSimulator  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 PYTHON38 = os.environ.get("PYTHON38", "/root/.pyenv/versions/3.8.18/bin/python3.8")
+QEMU_MIPSEL = shutil.which("qemu-mipsel-static") or "/usr/bin/qemu-mipsel-static"
 CLOUD_ENDPOINTS = ("heartbeat", "commands", "snapshots", "webcam_requests", "complete", "webcam_upload", "register")
 # Requests per hour at the default intervals: 3 s, 2 s, 10 s, 30 s.
 NOMINAL_PER_HOUR = {"commands": 1200, "webcam_requests": 1800, "heartbeat": 360, "snapshots": 120}
@@ -122,6 +123,7 @@ class Subject:
 def all_subjects(python, connector=None):
     connector = connector or os.path.join(ROOT, "connector.py")
     binary = os.path.join(ROOT, "dist", "printer-connector-linux-amd64")
+    mipsle = os.path.join(ROOT, "dist", "printer-connector-linux-mipsle")
     pyz = os.path.join(ROOT, "dist", "printer-connector.pyz")
     version = ".".join(platform.python_version_tuple()[:2])
     return {
@@ -139,6 +141,10 @@ def all_subjects(python, connector=None):
         # so it may ask for heartbeats every 30 s (register's polling).
         "lp30": Subject("lp30", "%s, long-poll, 30 s heartbeats" % os.path.basename(connector),
                         [python, connector], connector, python, config={"heartbeat_seconds": 30}),
+        # The K1's binary (NaN2008 mipsle) under QEMU user mode: the emulator's
+        # CPU and memory count (docs/benchmarks.md, "K1").
+        "mipsle": Subject("mipsle", "binary (mipsle, QEMU)", [QEMU_MIPSEL, "-cpu", "P5600", mipsle], mipsle,
+                          QEMU_MIPSEL),
     }
 
 
@@ -776,7 +782,7 @@ def main(argv=None):
     parser.add_argument("--targets", default="py,binary,pyz,nocam,oldcloud",
                         help="comma list of py, binary, pyz, nocam (connector.py with a printer without camera), "
                              "oldcloud (connector.py against today's cloud: no long-poll), lp30 (long-poll cloud "
-                             "asking for 30 s heartbeats)")
+                             "asking for 30 s heartbeats), mipsle (the K1 binary under qemu-mipsel-static)")
     parser.add_argument("--sequential", action="store_true", help="one subject at a time (default: side by side)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for connector.py")
     parser.add_argument("--connector", help="measure this copy of connector.py instead (a proposed change)")

@@ -45,6 +45,9 @@ VERBOSE = os.environ.get("SIM_VERBOSE") == "1"
 ACTION_CAPABILITIES = {"gcode": "gcode", "list_macros": "list_macros", "set_temperature": "set_temperature",
                        "emergency_stop": "emergency_stop"}
 LONG_POLL_MAX_SECONDS = 25
+# quiet_snapshots: how long this cloud accepts no snapshot for a status that
+# did not change (X-Snapshot-Keepalive).
+SNAPSHOT_KEEPALIVE_SECONDS = 300
 
 
 DOWNLOAD_MODES = ("truncate", "redirect")  # and "trickle:BYTES_PER_SECOND"
@@ -488,6 +491,12 @@ def capabilities_of(body):
     return sorted({n for n in names if isinstance(n, str)}) if isinstance(names, list) else []
 
 
+def capabilities_digest(names):
+    """capabilities_ack (docs/PROTOCOL.md): the first 16 hex digits of the
+    SHA-256 of the names, sorted, joined by commas."""
+    return hashlib.sha256(",".join(sorted(names)).encode("utf-8")).hexdigest()[:16]
+
+
 def fault_response(mode, endpoint):
     """(status, body bytes, content type) of a canned misbehaving answer."""
     as_json = "application/json; charset=utf-8"
@@ -557,12 +566,14 @@ class ReferenceCloud(Recorder):
         with self._lock:
             return self._refused_batches
 
-    def __init__(self, host="127.0.0.1", port=0, extensions=True):
+    def __init__(self, host="127.0.0.1", port=0, extensions=True, snapshot_keepalive=SNAPSHOT_KEEPALIVE_SECONDS):
         """extensions False: today's cloud, which knows none of the protocol
-        extensions (no long-poll, capabilities ignored)."""
+        extensions (no long-poll, capabilities ignored). snapshot_keepalive:
+        the X-Snapshot-Keepalive it answers (quiet_snapshots; None: none)."""
         self.host = host
         self.port = port
         self.extensions = extensions
+        self.snapshot_keepalive = snapshot_keepalive
         super().__init__()
         self._server = None
         self._thread = None
@@ -685,6 +696,12 @@ class ReferenceCloud(Recorder):
     def connector(self, connector_id):
         with self._lock:
             return dict(self._connectors[str(connector_id)])
+
+    def forget_capabilities(self, connector_id):
+        """A cloud that lost what the connector announced (a restored
+        database): it holds none until the connector sends them again."""
+        with self._lock:
+            self._connectors[str(connector_id)]["capabilities"] = []
 
     @property
     def connectors(self):
@@ -879,6 +896,9 @@ class ReferenceCloud(Recorder):
             self._heartbeats.append({"connector_id": request["params"]["cid"], "body": body,
                                     "time": time.time()})
             self._notify()
+            held = self._connectors[str(request["params"]["cid"])]["capabilities"]
+            if self.extensions and "capabilities_ack" in held:
+                return 200, {"status": "ok"}, {"X-Capabilities": capabilities_digest(held)}
             return 200, {"status": "ok"}
 
     def _ep_commands(self, request):
@@ -963,6 +983,8 @@ class ReferenceCloud(Recorder):
                     "captured_at": snap.get("captured_at"), "payload": snap.get("payload"),
                     "received_at": received_at})
             self._notify()
+            if self.extensions and self.snapshot_keepalive and "quiet_snapshots" in connector["capabilities"]:
+                return 200, {"inserted": len(batch)}, {"X-Snapshot-Keepalive": str(self.snapshot_keepalive)}
             return 200, {"inserted": len(batch)}
 
     def _ep_webcam_requests(self, request):

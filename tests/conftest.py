@@ -34,7 +34,9 @@ RIG_HEAT_SECONDS = 15.0
 
 @pytest.fixture(scope="session")
 def cloud_server():
-    with ReferenceCloud() as server:
+    # The specs count periodic snapshots: this cloud names no keepalive
+    # (quiet_snapshots has its own clouds in tests/test_wire.py).
+    with ReferenceCloud(snapshot_keepalive=None) as server:
         yield server
 
 

@@ -179,8 +179,8 @@ def run_command(cloud, connector, action, params=None, printer_id=None, timeout=
 
 
 # Intervals short enough for quick tests, long enough not to load the machine.
-FAST = {"poll_commands_seconds": 0.3, "heartbeat_seconds": 0.5, "push_snapshots_seconds": 2.0,
-        "poll_webcam_seconds": 0.3, "poll_webcam_no_camera_seconds": 0.3}
+FAST = {"poll_commands_seconds": 0.3, "heartbeat_seconds": 0.5, "heartbeat_held_seconds": 0.5,
+        "push_snapshots_seconds": 2.0, "poll_webcam_seconds": 0.3, "poll_webcam_no_camera_seconds": 0.3}
 
 
 def new_token(cloud, polling=None):

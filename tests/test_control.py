@@ -27,11 +27,11 @@ def polls(cloud, connector, what="commands"):
 
 # -- capabilities -----------------------------------------------------------
 
-def test_register_and_every_heartbeat_announce_the_capabilities(cloud, paired):
+def test_register_and_the_first_heartbeat_announce_the_capabilities(cloud, paired):
     announced = cloud.connector(paired.connector_id)["capabilities"]
     assert {"long_poll", "gcode", "list_macros", "set_temperature", "emergency_stop", "control_lane"} <= set(announced)
     beats = cloud.wait_for(lambda: [h["body"] for h in cloud.heartbeats if h["connector_id"] == paired.connector_id])
-    assert all(sorted(b["capabilities"]) == announced for b in beats)
+    assert sorted(beats[0]["capabilities"]) == announced  # later ones only until acknowledged: tests/test_wire.py
 
 
 def test_remote_gcode_turned_off_is_not_announced_and_the_cloud_does_not_send_it(cloud, printer, make_connector):

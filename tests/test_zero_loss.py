@@ -19,7 +19,7 @@ from sim.printer import PrinterSimulator
 @pytest.fixture
 def own_cloud():
     """A cloud of the test's own, for tests that stop it (connection refused)."""
-    server = ReferenceCloud().start()
+    server = ReferenceCloud(snapshot_keepalive=None).start()  # the specs count periodic snapshots
     yield server
     server.stop()
 
