@@ -1925,6 +1925,7 @@ class KeptConnections(Transport):
 
     def __init__(self):
         self.connections = {}  # type: Dict[Tuple[str, str], http.client.HTTPConnection]
+        self.interrupted = False  # interrupt() was called: nothing is sent again or connected anew
 
     def _exchange(self, method, url, headers, body, timeout, watched, max_bytes, sink, progress) -> HttpResponse:
         parts = urlsplit(url)
@@ -1944,7 +1945,10 @@ class KeptConnections(Transport):
             except self.DEAD:
                 conn.close()
                 replayable = body is None or isinstance(body, bytes)
-                if watched.expired or not (reused and replayable and (method in self.IDEMPOTENT or not sent)):
+                # An interrupted exchange looks like a dead kept connection:
+                # sent again, a held poll would hold up the stop.
+                if self.interrupted or watched.expired or \
+                        not (reused and replayable and (method in self.IDEMPOTENT or not sent)):
                     raise
                 reused = False  # once more, on a fresh connection
             except BaseException:
@@ -1976,6 +1980,8 @@ class KeptConnections(Transport):
         self.connections[key] = conn
         try:
             conn.connect()
+            if self.interrupted:  # interrupt() came while connecting: it found no socket to shut down
+                raise TransportError("not sent, the connection was interrupted")
         except BaseException:
             conn.close()
             raise
@@ -2020,7 +2026,8 @@ class KeptConnections(Transport):
 
     def interrupt(self) -> None:
         """Ends an exchange another thread has in progress (a held long-poll
-        at stop): its read fails at once."""
+        at stop): its read fails at once, and it is not sent again."""
+        self.interrupted = True
         for conn in list(self.connections.values()):
             sock = conn.sock
             if sock is not None:

@@ -490,3 +490,29 @@ def test_an_interrupt_from_another_thread_ends_a_tls_read_as_a_transport_error(t
     thread.join(5)
     assert not thread.is_alive() and len(raised) == 1
     assert isinstance(raised[0], connector.TransportError), repr(raised[0])
+
+
+def test_an_interrupted_exchange_on_a_kept_connection_is_not_sent_again(server, client):
+    """The interrupt looks like a dead kept connection to the reading thread;
+    sent again, a held poll would hold up the stop."""
+    import threading
+    peer = server(lambda exchange: RawServer.HANG if exchange.request_line.startswith("GET /held") else reply())
+    http = client(peer.url())
+    http.request("GET", "/quick")
+    raised = []
+
+    def poll():
+        try:
+            http.request("GET", "/held", timeout=(2.0, 20.0))
+        except connector.HttpError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    wait_until(lambda: len(peer.exchanges) == 2, timeout=5, message="the held request arrived")
+    http.interrupt()
+    thread.join(5)
+    assert not thread.is_alive() and len(raised) == 1
+    assert isinstance(raised[0], connector.TransportError), repr(raised[0])
+    assert [e.request_line.split()[1] for e in peer.exchanges] == ["/quick", "/held"]
+    assert peer.connections == 1
