@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import click
@@ -88,7 +88,6 @@ MAX_POLL_SECONDS = 24 * 3600.0
 CAMERA_RECHECK_SECONDS = 300.0  # how often to look again for a camera that did not answer
 WEBCAM_REQUEST_MAX_AGE = 30.0
 WEBCAM_MAX_BYTES = 10 * 1024 * 1024
-WEBCAM_FETCH_DEADLINE = 10.0  # a camera on this host or LAN answers in well under a second
 MAX_JSON_BODY = 4 * 1024 * 1024
 # A commands answer is read whatever its size up to this (its long strings
 # go to disk while there is room, see Large transfers), so that every command
@@ -99,23 +98,43 @@ COMMANDS_PER_POLL = 20
 WEBCAM_REQUESTS_PER_POLL = 10
 SNAPSHOT_BATCH = 50
 
-CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 15.0
-PROBE_TIMEOUT = 3.0
-UPLOAD_READ_TIMEOUT = 300.0
-REGISTER_READ_TIMEOUT = 60.0  # the cloud may take its time to create a connector; register is not retried blindly
-# A wall-clock bound on a whole exchange (connect, send, headers, body): a
-# peer that trickles a byte at a time never trips a read timeout. An
-# ordinary call has EXCHANGE_DEADLINE; a transfer, TRANSFER_BASE_SECONDS
-# plus its size at MIN_TRANSFER_RATE (transfer_deadline).
-EXCHANGE_DEADLINE = 30.0
-TRANSFER_BASE_SECONDS = 60.0
+
+
+class ExchangeLimits(NamedTuple):
+    connect: float  # the TCP connect, its name lookup included (HTTP, resolve)
+    read: float  # the longest wait for a byte
+    deadline: Optional[float]  # the whole exchange on the wall clock; None: by size
+
+
+# How long each kind of exchange may take: the one table (exchange_limits,
+# HTTP section, reads it). A read timeout bounds each wait for a byte, not
+# the exchange: a peer that trickles a byte at a time never trips it, so
+# every exchange has a wall-clock deadline too. A held poll adds its hold to
+# both; a transfer's deadline is TRANSFER_BASE_SECONDS plus its size at
+# MIN_TRANSFER_RATE (transfer_deadline), and grows to the Content-Length of
+# a body read into a file (read_body). A call that names no kind gets
+# "call"'s, or connect + read when its own timeouts are longer.
+EXCHANGES = {
+    "call": ExchangeLimits(5.0, 15.0, 30.0),  # an API call of the cloud or Moonraker not named below
+    "probe": ExchangeLimits(3.0, 3.0, 30.0),  # a quick look at Moonraker: server info, the webcam list
+    # The cloud may take its time to create a connector; register is not retried blindly.
+    "register": ExchangeLimits(5.0, 60.0, 65.0),
+    "held_poll": ExchangeLimits(5.0, 15.0, 20.0),  # commands and webcam polls, plus the hold they ask for
+    # Klipper answers a print control only once it has run it, after the
+    # G-code running now (a heat-up: minutes): the read timeout is how long a
+    # command waits for that answer (Actions, "Print control", says what then).
+    "print_control": ExchangeLimits(5.0, 10.0, 30.0),
+    "homing": ExchangeLimits(5.0, 60.0, 65.0),
+    "gcode": ExchangeLimits(5.0, 600.0, 605.0),  # a script may heat up (M109) or home
+    "webcam_fetch": ExchangeLimits(5.0, 10.0, 10.0),  # a camera on this host or LAN answers in well under a second
+    "webcam_upload": ExchangeLimits(5.0, 60.0, None),
+    "transfer": ExchangeLimits(5.0, 300.0, None),  # a file or a backup, either way (Moonraker takes its time)
+    "websocket_handshake": ExchangeLimits(5.0, 5.0, 15.0),  # connect, TLS, the upgrade
+}
+TRANSFER_BASE_SECONDS = 60.0  # a transfer's handshakes and the peer's work
 MIN_TRANSFER_RATE = 50 * 1024  # bytes per second
-# Klipper answers a print control only once it has run it, after the G-code
-# running now (a heat-up: minutes). How long a command waits for that answer
-# (the Actions section, "Print control", says what is reported after).
-CONTROL_WAIT_SECONDS = 10.0
-HOMING_WAIT_SECONDS = 60.0
+CONNECT_TIMEOUT = EXCHANGES["call"].connect
+READ_TIMEOUT = EXCHANGES["call"].read
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
@@ -123,8 +142,7 @@ CREDENTIALS_RETRY_SECONDS = 120.0
 SHUTDOWN_GRACE = 4.0
 FALLBACK_STATUS_POLL_SECONDS = 1.0
 WEBSOCKET_FRESH_SECONDS = 3.0
-WEBSOCKET_RECEIVE_TIMEOUT = 60.0
-WEBSOCKET_HANDSHAKE_DEADLINE = 15.0
+WEBSOCKET_RECEIVE_TIMEOUT = 60.0  # the subscription's idle wait, not an exchange: interrupt() ends it
 # What one websocket message from Moonraker may be. The watcher subscribes
 # to print_stats.state only; the largest message it meets is a job's history
 # entry or an announcement, a few kB. websocket-client itself takes a frame
@@ -210,7 +228,6 @@ GCODE_SCRIPT_MAX_BYTES = 16 * 1024
 CONSOLE_MAX_LINES = 200
 CONSOLE_MAX_BYTES = 32 * 1024
 CONSOLE_SETTLE_SECONDS = 1.0  # at most this long for the websocket to catch up with a script's answer
-GCODE_READ_TIMEOUT = 600.0  # a script may heat up (M109) or home
 MACROS_MAX = 1000
 
 BACKUP_FOLDERS = ("config", "database", "gcodes", "logs")
@@ -1366,15 +1383,23 @@ class HttpResponse:
 
 
 def default_deadline(timeout: Tuple[float, float]) -> float:
-    """The deadline of a call that names none: EXCHANGE_DEADLINE, or longer
-    for a call whose own timeouts are longer (a G28 may take two minutes)."""
-    return max(EXCHANGE_DEADLINE, timeout[0] + timeout[1])
+    """The deadline of a call that names none: an ordinary call's, or longer
+    for a call whose own timeouts are longer."""
+    return max(EXCHANGES["call"].deadline or 0.0, timeout[0] + timeout[1])
 
 
 def transfer_deadline(nbytes: int) -> float:
     """The deadline of an upload or download of nbytes: a base for the
     handshakes and the peer's work, plus the time at MIN_TRANSFER_RATE."""
     return TRANSFER_BASE_SECONDS + max(0, nbytes) / MIN_TRANSFER_RATE
+
+
+def exchange_limits(kind: str, size: int = 0, hold: float = 0.0) -> Dict[str, Any]:
+    """timeout= and deadline= for HttpClient.request, from EXCHANGES[kind]:
+    a held poll's hold is added to both, a transfer's deadline is its size's."""
+    limits = EXCHANGES[kind]
+    deadline = transfer_deadline(size) if limits.deadline is None else limits.deadline + hold
+    return {"timeout": (limits.connect, limits.read + hold), "deadline": deadline}
 
 
 class WatchedExchange:
@@ -2414,8 +2439,8 @@ class Moonraker:
             return body["result"]
         return body
 
-    def server_info(self, timeout=PROBE_TIMEOUT) -> Dict[str, Any]:
-        result = self.call("GET", "/server/info", timeout=(timeout, timeout))
+    def server_info(self) -> Dict[str, Any]:
+        result = self.call("GET", "/server/info", **exchange_limits("probe"))
         if not isinstance(result, dict):
             raise BadResponse("moonraker /server/info: unexpected answer")
         return result
@@ -2473,7 +2498,7 @@ def snapshot_keepalive_of(response: HttpResponse) -> Optional[float]:
 
 def long_poll_deadline(wait: float) -> float:
     """A held poll's deadline: the hold, then an ordinary answer's time."""
-    return max(EXCHANGE_DEADLINE, CONNECT_TIMEOUT + wait + READ_TIMEOUT)
+    return exchange_limits("held_poll", hold=wait)["deadline"]
 
 
 class Cloud:
@@ -2511,7 +2536,7 @@ class Cloud:
         try:
             response = self.http.request("POST", "/api/v1/connectors/register", json_body=body,
                                          headers={"Idempotency-Key": idempotency_key},
-                                         timeout=(CONNECT_TIMEOUT, REGISTER_READ_TIMEOUT))
+                                         **exchange_limits("register"))
         except HttpError as exc:
             if isinstance(exc, HttpStatusError) and 400 <= exc.status < 500 and exc.status not in (408, 429):
                 raise PairingRejected(str(exc)) from None
@@ -2577,15 +2602,14 @@ class Cloud:
         if wait is None:
             return self.call("GET", self.connector_path(suffix), what, **kwargs)
         response = self.call("GET", self.connector_path("%s&wait=%d" % (suffix, wait)), what,
-                             timeout=(CONNECT_TIMEOUT, wait + READ_TIMEOUT),
-                             deadline=long_poll_deadline(wait), **kwargs)
+                             **exchange_limits("held_poll", hold=wait), **kwargs)
         self.held = poll_wait_of(response, wait)
         return response
 
     def upload_webcam(self, request_id: str, printer_id: int, image: bytes, content_type: str) -> None:
         self.call("PUT", "/api/v1/webcam_requests/%s/upload" % quote(request_id, safe=""), "webcam upload",
                   data=image, headers={"Content-Type": content_type, "X-Printer-Id": str(printer_id)},
-                  timeout=(CONNECT_TIMEOUT, 60.0), deadline=transfer_deadline(len(image)))
+                  **exchange_limits("webcam_upload", size=len(image)))
 
     @staticmethod
     def _array(response: HttpResponse, what: str) -> List[Any]:
@@ -3631,8 +3655,8 @@ def _moonraker(ctx: ActionContext, result: Dict[str, Any], method: str, path: st
 #     at once, sending nothing, when it cannot apply: pause with nothing
 #     printing, start while a print runs, Klipper shut down. An unreadable
 #     state is no verdict: the command goes and Moonraker's answer says why;
-#  2. waits up to a stated bound for the answer (CONTROL_WAIT_SECONDS,
-#     HOMING_WAIT_SECONDS), then reads the state again and reports it as
+#  2. waits up to a stated bound for the answer (the read timeouts of
+#     EXCHANGES "print_control" and "homing"), then reads the state again and reports it as
 #     "state" (and "homed_axes" after homing); an answer whose state shows
 #     the control did not take effect fails the command;
 #  3. when no answer came in time but Moonraker still answers a state
@@ -3714,13 +3738,13 @@ def _refusal(ctx: ActionContext, doing: str, exc: HttpError, result: Dict[str, A
     return CommandFailed(str(exc), result)
 
 
-def _send_control(ctx: ActionContext, result: Dict[str, Any], doing: str, path: str, wait: float,
+def _send_control(ctx: ActionContext, result: Dict[str, Any], doing: str, path: str, kind: str,
                   **kwargs) -> Optional[Dict[str, Any]]:
     """POSTs a control; returns Klipper's state after the answer ({} if it
     cannot be read), or None with result marked pending when Klipper is busy
-    past `wait`."""
+    past the read timeout of EXCHANGES[kind]."""
     try:
-        ctx.moonraker.call("POST", path, timeout=(CONNECT_TIMEOUT, wait), **kwargs)
+        ctx.moonraker.call("POST", path, **exchange_limits(kind), **kwargs)
     except AnswerTimeout as exc:
         status = _klipper_state(ctx)
         if status is None:
@@ -3758,7 +3782,7 @@ def _print_control(action: str):
             if state not in control.applies_in:
                 raise CommandFailed("nothing to %s: Klipper's print state is %s" % (action, state),
                                     {"state": state})
-        after = _send_control(ctx, result, action, control.path, CONTROL_WAIT_SECONDS)
+        after = _send_control(ctx, result, action, control.path, "print_control")
         if after and result["state"] not in control.takes_effect_as:
             raise CommandFailed("Klipper answered the %s, but its print state is %s" % (action, result["state"]),
                                 result)
@@ -3776,7 +3800,7 @@ def action_start_print(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, 
         if state in PRINT_RUNNING:
             raise CommandFailed("cannot start a print: one is %s (%s); cancel it first"
                                 % (state, _field(before, "print_stats", "filename")), dict(result, state=state))
-    _send_control(ctx, result, "start a print", "/printer/print/start", CONTROL_WAIT_SECONDS,
+    _send_control(ctx, result, "start a print", "/printer/print/start", "print_control",
                   params={"filename": result["filename"]})
     return result
 
@@ -3798,7 +3822,7 @@ def action_homing(ctx: ActionContext, params: Dict[str, Any]) -> Dict[str, Any]:
         _require_ready(before, "home", result)
         if _field(before, "print_stats", "state") == "printing":
             raise CommandFailed("cannot home while a print is printing: pause or cancel it first", result)
-    after = _send_control(ctx, result, "home", "/printer/gcode/script", HOMING_WAIT_SECONDS,
+    after = _send_control(ctx, result, "home", "/printer/gcode/script", "homing",
                           json_body={"script": "G28 " + " ".join(ordered or ["X", "Y", "Z"])})
     if after and "toolhead" in after:
         homed = _field(after, "toolhead", "homed_axes") or ""
@@ -3913,7 +3937,7 @@ def _download_file(ctx: ActionContext, params: Dict[str, Any], local: TransferFi
     try:
         # Without a size, the download's Content-Length extends the deadline.
         downloader.request("GET", url, sink=writer, max_bytes=limit if size is None else size,
-                           deadline=transfer_deadline(size or 0), progress=progress)
+                           **exchange_limits("transfer", size=size or 0), progress=progress)
     except HttpError as exc:
         if exc.status is not None and 300 <= exc.status < 400:
             raise CommandFailed("download failed: the url answered %d (a redirect); redirects are not "
@@ -3941,7 +3965,7 @@ def _upload_to_moonraker(ctx: ActionContext, filename: str, local: TransferFile,
     body = MultipartFile(form, "file", base, local.file, size)
     progress = TransferProgress(ctx.log, "upload to moonraker", body.length, ctx.stop)
     _moonraker(ctx, result, "POST", "/server/files/upload", data=body, headers=body.headers(),
-               timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT), deadline=transfer_deadline(body.length),
+               **exchange_limits("transfer", size=body.length),
                progress=progress)
     progress.finished(body.length)
 
@@ -4219,8 +4243,7 @@ def _upload_backup(ctx: ActionContext, url: str, archive: str, size: int) -> Non
                           transfer_guard(ctx.config))
     try:
         with open(archive, "rb") as body:
-            uploader.request("PUT", url, data=body, timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT),
-                             deadline=transfer_deadline(size),
+            uploader.request("PUT", url, data=body, **exchange_limits("transfer", size=size),
                              headers={"Content-Type": "application/gzip", "Content-Length": str(size)})
     except HttpError as exc:
         raise CommandFailed("backup upload failed: %s" % exc) from None
@@ -4304,7 +4327,7 @@ def run_gcode(ctx: ActionContext, script: str, result: Dict[str, Any]) -> Dict[s
     error = None  # type: Optional[HttpError]
     try:
         ctx.moonraker.call("POST", "/printer/gcode/script", json_body={"script": script},
-                           timeout=(CONNECT_TIMEOUT, GCODE_READ_TIMEOUT))
+                           **exchange_limits("gcode"))
     except HttpError as exc:
         error = exc
     finally:
@@ -4866,7 +4889,7 @@ def webcam_candidates(moonraker: Moonraker) -> List[str]:
     printer = moonraker.printer
     found = []
     try:
-        listing = moonraker.call("GET", "/server/webcams/list", timeout=(PROBE_TIMEOUT, PROBE_TIMEOUT))
+        listing = moonraker.call("GET", "/server/webcams/list", **exchange_limits("probe"))
         cams = listing.get("webcams") if isinstance(listing, dict) else None
         for cam in cams if isinstance(cams, list) else []:
             if isinstance(cam, dict) and cam.get("enabled", True) and isinstance(cam.get("snapshot_url"), str) \
@@ -4883,8 +4906,7 @@ def webcam_candidates(moonraker: Moonraker) -> List[str]:
 
 
 def fetch_webcam_image(moonraker: Moonraker, url: str) -> Tuple[bytes, str]:
-    response = moonraker.http.request("GET", url, timeout=(CONNECT_TIMEOUT, 10.0), max_bytes=WEBCAM_MAX_BYTES,
-                                      deadline=WEBCAM_FETCH_DEADLINE,
+    response = moonraker.http.request("GET", url, max_bytes=WEBCAM_MAX_BYTES, **exchange_limits("webcam_fetch"),
                                       headers={"Accept": "image/*"})
     ctype = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
     if not response.content:
@@ -5033,25 +5055,26 @@ def open_websocket(base_url: str, headers: List[str]) -> "websocket.WebSocket":
     ours, watched by DEADLINES. Behind a proxy websocket-client connects."""
     url = websocket_url(base_url)
     parts = urlsplit(url)
-    watched = DEADLINES.start(WEBSOCKET_HANDSHAKE_DEADLINE)
+    limits = EXCHANGES["websocket_handshake"]
+    watched = DEADLINES.start(limits.deadline or limits.connect + limits.read)
     try:
         sock = None
         if not environ_proxy(base_url):
             address = (parts.hostname, parts.port or (443 if parts.scheme == "wss" else 80))
-            sock = _watched_create_connection(address, min(CONNECT_TIMEOUT, watched.remaining()))
+            sock = _watched_create_connection(address, min(limits.connect, watched.remaining()))
             if parts.scheme == "wss":
                 sock = tls_context().wrap_socket(sock, server_hostname=parts.hostname)
             DEADLINES.attach(sock, connected=True)
         ws = websocket.WebSocket(enable_multithread=True,  # interrupt() sends
                                  skip_utf8_validation=True)  # json.loads checks it anyway
         ws.frame_buffer = CappedFrames(ws._recv)
-        ws.settimeout(CONNECT_TIMEOUT)
+        ws.settimeout(limits.read)
         ws.connect(url, header=headers, socket=sock)
         return ws
     except (websocket.WebSocketException, OSError):
         if watched.expired:
             raise ExchangeTimeout("websocket handshake: no complete answer within the %g s deadline"
-                                  % WEBSOCKET_HANDSHAKE_DEADLINE) from None
+                                  % watched.seconds) from None
         raise
     finally:
         DEADLINES.finish(watched)

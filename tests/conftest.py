@@ -27,7 +27,7 @@ from sim.printer import PrinterSimulator  # noqa: E402
 from sim.rig import KlipperRig  # noqa: E402
 
 # The simulated MCU's full-power heat-up time (ambient to 60 C bed / 210 C
-# hotend): longer than the connector's CONTROL_WAIT_SECONDS, so a command sent
+# hotend): longer than the connector's print-control wait (EXCHANGES["print_control"].read), so a command sent
 # during a heat-up meets a Klipper that is really busy.
 RIG_HEAT_SECONDS = 15.0
 

@@ -37,8 +37,8 @@ def test_a_trickling_camera_holds_the_webcam_loop_only_until_the_deadline(cloud,
     trickle_started = time.monotonic()
     second = cloud.enqueue_webcam_request(paired.connector_id, paired.printer_id)
     cloud.wait_for(lambda: [u for u in cloud.webcam_uploads if u["id"] in (first, second)],
-                   timeout=agent.WEBCAM_FETCH_DEADLINE + 2 * MARGIN)
-    assert time.monotonic() - trickle_started < agent.WEBCAM_FETCH_DEADLINE + MARGIN
+                   timeout=agent.EXCHANGES["webcam_fetch"].deadline + 2 * MARGIN)
+    assert time.monotonic() - trickle_started < agent.EXCHANGES["webcam_fetch"].deadline + MARGIN
 
 
 def test_a_backup_upload_to_a_trickling_presigned_url_ends_at_its_size_deadline(tmp_path, monkeypatch):
@@ -63,7 +63,7 @@ def test_a_backup_upload_to_a_trickling_presigned_url_ends_at_its_size_deadline(
 
 
 def test_a_websocket_handshake_trickled_a_byte_at_a_time_ends_at_its_deadline(monkeypatch):
-    monkeypatch.setattr(agent, "WEBSOCKET_HANDSHAKE_DEADLINE", 1.0)
+    monkeypatch.setitem(agent.EXCHANGES, "websocket_handshake", agent.ExchangeLimits(5.0, 5.0, 1.0))
     handshake = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
     moonraker = RawServer(lambda exchange: Trickle(handshake, interval=0.2))
     started = time.monotonic()

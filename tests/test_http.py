@@ -5,6 +5,7 @@ it are specified in test_units.py."""
 
 import io
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -427,8 +428,36 @@ def test_a_transfer_deadline_grows_with_the_size_at_the_minimum_rate():
 
 def test_an_ordinary_call_gets_the_exchange_deadline_and_a_long_one_its_timeouts():
     assert connector.default_deadline((connector.CONNECT_TIMEOUT, connector.READ_TIMEOUT)) == \
-        connector.EXCHANGE_DEADLINE
+        connector.EXCHANGES["call"].deadline
     assert connector.default_deadline((5.0, 120.0)) == 125.0
+
+
+# -- the table of exchange limits ---------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(connector.EXCHANGES))
+def test_every_kind_of_exchange_has_a_finite_deadline_no_shorter_than_its_connect(kind):
+    limits = connector.exchange_limits(kind, size=10 ** 6)
+    connect, read = limits["timeout"]
+    assert 0 < connect <= limits["deadline"] < 3600 and 0 < read
+
+
+def test_a_held_poll_gets_its_hold_on_its_read_timeout_and_its_deadline():
+    plain, held = connector.exchange_limits("held_poll"), connector.exchange_limits("held_poll", hold=25)
+    assert held["timeout"][1] == plain["timeout"][1] + 25 and held["deadline"] == plain["deadline"] + 25
+    assert connector.long_poll_deadline(25) == held["deadline"]
+
+
+def test_a_transfer_gets_the_deadline_of_its_size():
+    assert connector.exchange_limits("transfer", size=5 * 10 ** 6)["deadline"] == connector.transfer_deadline(5 * 10 ** 6)
+    assert connector.exchange_limits("webcam_upload", size=0)["deadline"] == connector.TRANSFER_BASE_SECONDS
+
+
+def test_no_exchange_outside_the_table_names_its_own_timeouts():
+    """One place says how long each kind of exchange may take (EXCHANGES)."""
+    with open(connector.__file__, encoding="utf-8") as handle:
+        source = handle.read()
+    assert re.findall(r"timeout=\((?!min\()", source) == ["timeout=("]  # HttpClient.request's default only
+    assert not re.findall(r"deadline=(?!None|deadline)[a-z_]+\(", source)
 
 
 # -- credentials stay with their origin -------------------------------------------

@@ -124,7 +124,7 @@ def test_the_lookup_of_a_proxy_has_the_same_bound(stuck_resolver, server, monkey
 
 
 def test_the_lookup_of_moonrakers_websocket_has_the_handshakes_bound(stuck_resolver, monkeypatch):
-    monkeypatch.setattr(agent, "CONNECT_TIMEOUT", 0.5)
+    monkeypatch.setitem(agent.EXCHANGES, "websocket_handshake", agent.ExchangeLimits(0.5, 5.0, 15.0))
     started = time.monotonic()
     with pytest.raises(agent.ExchangeTimeout, match="name lookup of k1.test"):
         try:

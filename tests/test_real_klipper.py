@@ -24,7 +24,7 @@ from harness import Connector, snapshots_of, start_paired, unpaired_config, wait
 from sim.rig import KlipperRig
 
 COMMAND_TIMEOUT = 30.0
-# A command sent while Klipper is busy waits CONTROL_WAIT_SECONDS (connector.py).
+# A command sent while Klipper is busy waits the print_control read timeout (connector.py, EXCHANGES).
 CONTROL_WAIT_SECONDS = 10.0
 
 # Moves with imaginary filament (the rig's min_extrude_temp is 0): no heat-up

@@ -258,7 +258,7 @@ def test_a_body_read_into_a_sink_gets_the_time_its_content_length_needs(cloud, t
     # A commands answer or a download of unknown size starts with the usual
     # deadline (here 1 s) and gets, once its Content-Length is known, the
     # time that size takes at the minimum rate (here 1 s + 120 kB at 50 KiB/s).
-    monkeypatch.setattr(connector, "EXCHANGE_DEADLINE", 1.0)
+    monkeypatch.setitem(connector.EXCHANGES, "call", connector.ExchangeLimits(0.5, 0.5, 1.0))
     monkeypatch.setattr(connector, "TRANSFER_BASE_SECONDS", 1.0)
     source = tmp_path / "answer.gcode"
     source.write_bytes(b"G1 X1\n" * 20000)
