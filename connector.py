@@ -1522,9 +1522,11 @@ DEADLINES = DeadlineWatch()
 # thread of its own, and the connect waits for it no longer than its connect
 # timeout and its exchange's deadline allow. A lookup that outlives the wait
 # ends when the resolver gives up; callers that want the same name meanwhile
-# wait on it rather than start another, and while MAX_STUCK_LOOKUPS names
-# have no answer a new one fails at once: a resolver that never answers costs
-# a few idle threads, not one per try.
+# wait on it rather than start another. The names a cloud chooses (transfer
+# URLs) are countless: while MAX_STUCK_LOOKUPS of those have no answer, a
+# new one fails at once, so a resolver that never answers them costs a few
+# idle threads, not one per try, and the configured names (the cloud's,
+# Moonraker's, a proxy's), which are few, are looked up all the same.
 
 MAX_STUCK_LOOKUPS = 4
 
@@ -1544,6 +1546,7 @@ class _Lookup:
 
 _LOOKUPS_LOCK = threading.Lock()
 _LOOKUPS = {}  # type: Dict[Tuple[str, Any], _Lookup]  # (host, port) -> its lookup in flight
+_CAPPED_LOOKUPS = set()  # type: set  # the keys of those for names a cloud chose
 
 
 def _look_up(key: Tuple[str, Any], lookup: _Lookup) -> None:
@@ -1556,12 +1559,14 @@ def _look_up(key: Tuple[str, Any], lookup: _Lookup) -> None:
     finally:
         with _LOOKUPS_LOCK:
             _LOOKUPS.pop(key, None)
+            _CAPPED_LOOKUPS.discard(key)
         lookup.done.set()
 
 
-def resolve(host: str, port, seconds: float) -> List[Tuple[Any, ...]]:
+def resolve(host: str, port, seconds: float, capped: bool = False) -> List[Tuple[Any, ...]]:
     """getaddrinfo(host, port) for a TCP connection, waiting at most seconds
-    (and no longer than the calling thread's exchange has left)."""
+    (and no longer than the calling thread's exchange has left). capped: a
+    name a cloud chose, refused at once while MAX_STUCK_LOOKUPS of those hang."""
     try:
         return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
     except socket.gaierror:
@@ -1574,9 +1579,11 @@ def resolve(host: str, port, seconds: float) -> List[Tuple[Any, ...]]:
     with _LOOKUPS_LOCK:
         lookup = _LOOKUPS.get(key)
         if lookup is None:
-            if len(_LOOKUPS) >= MAX_STUCK_LOOKUPS:
+            if capped and len(_CAPPED_LOOKUPS) >= MAX_STUCK_LOOKUPS:
                 raise NameLookupTimeout(errno.ETIMEDOUT, "name lookup of %s: not tried, %d earlier lookups have no "
-                                        "answer yet" % (_short(host, 80), len(_LOOKUPS)))
+                                        "answer yet" % (_short(host, 80), len(_CAPPED_LOOKUPS)))
+            if capped:
+                _CAPPED_LOOKUPS.add(key)
             lookup = _LOOKUPS[key] = _Lookup()
             threading.Thread(target=_look_up, args=(key, lookup), name="name-lookup", daemon=True).start()
     if not lookup.done.wait(seconds):
@@ -1912,7 +1919,7 @@ class AddressGuard:
         """resolve's answer for host:port; DestinationRefused when any
         address in it is refused."""
         found = self.names.get((host.lower().rstrip("."), port))
-        infos = [] if found else resolve(host, port, seconds)
+        infos = [] if found else resolve(host, port, seconds, capped=True)
         for info in infos:
             found = found or self._reason(info[4][0], port)
         found = found or self._private(host, port, infos)
@@ -3577,8 +3584,9 @@ class ActionContext:
 # would put the printer's config in gcodes, where the next backup carries it
 # to the cloud, and Moonraker trusts this host without an API key. Nor to
 # anything else on the owner's network (a router's admin page, a NAS): a URL
-# may reach only public addresses, except the cloud's own host and port and
-# the hosts the owner names in transfer_allow_hosts (a MinIO on the LAN);
+# may reach only public addresses, except the cloud's own address and port
+# (when cloud_url names an address, not a name) and the hosts the owner
+# names in transfer_allow_hosts (a MinIO on the LAN);
 # the printers stay refused even there. The comparison is on the addresses
 # the connection uses (AddressGuard), so a name that resolves elsewhere at
 # the connect is judged by where it leads then; redirects are not followed.
@@ -3602,8 +3610,17 @@ def transfer_guard(config: Config) -> AddressGuard:
                 refused[(address, port)] = found
             if any(is_local_address(address) for address in addresses):
                 local_ports[port] = found
+    # The cloud's own host and port only when cloud_url gives an address: a
+    # name is the cloud's to point anywhere (192.168.1.1 for the port), so a
+    # self-hosted cloud named on the LAN is listed in transfer_allow_hosts.
+    allowed = list(config.transfer_allow_hosts)
     cloud = url_origin(config.cloud_url)
-    return AddressGuard(refused, local_ports, names, [(cloud[1], cloud[2])] + config.transfer_allow_hosts)
+    try:
+        ipaddress.ip_address(cloud[1])
+        allowed.append((cloud[1], cloud[2]))
+    except ValueError:
+        pass
+    return AddressGuard(refused, local_ports, names, allowed)
 
 
 def gcodes_folder(ctx: ActionContext, filename: str) -> Optional[str]:

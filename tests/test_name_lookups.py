@@ -94,16 +94,34 @@ def test_callers_of_a_name_in_lookup_wait_on_that_lookup_instead_of_starting_ano
     assert stuck_resolver.asked == ["slow.test"]
 
 
-def test_while_several_names_have_no_answer_a_new_lookup_fails_at_once_without_a_thread(stuck_resolver):
-    for index in range(agent.MAX_STUCK_LOOKUPS):
+def stick_cloud_chosen_names(count):
+    for index in range(count):
         with pytest.raises(agent.NameLookupTimeout):
-            agent.resolve("stuck%d.test" % index, 80, 0.05)
+            agent.resolve("stuck%d.test" % index, 80, 0.05, capped=True)
+
+
+def test_while_several_names_a_cloud_chose_have_no_answer_a_new_one_fails_at_once_without_a_thread(stuck_resolver):
+    stick_cloud_chosen_names(agent.MAX_STUCK_LOOKUPS)
     threads = threading.active_count()
     started = time.monotonic()
     with pytest.raises(agent.NameLookupTimeout, match="not tried, %d earlier lookups" % agent.MAX_STUCK_LOOKUPS):
-        agent.resolve("another.test", 80, 5.0)
+        agent.resolve("another.test", 80, 5.0, capped=True)
     assert time.monotonic() - started < SLACK
     assert threading.active_count() == threads and "another.test" not in stuck_resolver.asked
+
+
+def test_stuck_names_a_cloud_chose_do_not_stop_the_lookup_of_a_configured_name(stuck_resolver):
+    stick_cloud_chosen_names(agent.MAX_STUCK_LOOKUPS)
+    with pytest.raises(agent.NameLookupTimeout, match="no answer within"):
+        agent.resolve("moonraker.test", 7125, 0.05)
+    assert "moonraker.test" in stuck_resolver.asked
+
+
+def test_transfer_urls_are_looked_up_as_names_a_cloud_chose(stuck_resolver):
+    stick_cloud_chosen_names(agent.MAX_STUCK_LOOKUPS)
+    guard = agent.AddressGuard({}, {}, {}, allowed=())
+    with pytest.raises(agent.NameLookupTimeout, match="not tried"):
+        guard.addresses("bucket.test", 443)
 
 
 def test_an_address_is_connected_to_while_the_resolver_is_stuck(stuck_resolver, server):

@@ -119,6 +119,15 @@ def test_the_clouds_own_host_and_port_may_be_private():
         guard.addresses("127.0.0.1", 8001)
 
 
+def test_a_cloud_named_by_a_name_gets_no_exception_for_its_host(monkeypatch):
+    """Whoever runs the cloud's DNS could point its name at the owner's router."""
+    resolve = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: resolve(
+        "127.0.0.1" if host == "cloud.test" else host, *args, **kwargs))
+    with pytest.raises(connector.DestinationRefused, match="cloud.test port 443 leads to 127.0.0.1, a private"):
+        guard_for(allow=(), cloud_url="https://cloud.test").addresses("cloud.test", 443)
+
+
 def test_the_printers_stay_refused_on_a_host_the_owner_allows():
     with pytest.raises(connector.DestinationRefused, match="leads to printer K1's Moonraker"):
         guard_for(allow=(("127.0.0.1", None),)).addresses("127.0.0.1", 7125)
