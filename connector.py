@@ -1858,6 +1858,12 @@ def is_local_address(address: str) -> bool:
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 ranges that are not public whatever Python's version says: IPv4-
+# compatible (::/96, deprecated) and IPv4-translated (::ffff:0:0:0/96)
+# addresses, and local-use NAT64 (64:ff9b:1::/48, RFC 8215), whose
+# translator may well lead into the LAN.
+_NOT_PUBLIC_V6 = tuple(ipaddress.ip_network(net) for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48",
+                                                              "fec0::/10"))
 
 
 def is_public_address(address: str) -> bool:
@@ -1869,7 +1875,7 @@ def is_public_address(address: str) -> bool:
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.is_site_local:
+        if any(ip in net for net in _NOT_PUBLIC_V6):
             return False
         if ip.sixtofour is not None:
             ip = ip.sixtofour

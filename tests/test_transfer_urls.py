@@ -85,7 +85,8 @@ def test_a_name_that_resolves_to_the_printer_only_at_the_connect_is_refused_then
 @pytest.mark.parametrize("address", [
     "10.1.2.3", "172.16.5.4", "192.168.1.1", "127.0.0.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
     "224.0.0.251", "255.255.255.255", "198.18.0.1", "::1", "::", "fe80::1", "fe80::1%2", "fc00::1", "fd12:3456::1",
-    "fec0::1", "ff02::1", "::ffff:192.168.1.1", "2002:c0a8:101::1", "64:ff9b::a00:1"])
+    "fec0::1", "ff02::1", "::ffff:192.168.1.1", "2002:c0a8:101::1", "64:ff9b::a00:1", "::a00:1", "::8.8.8.8",
+    "::ffff:0:a00:1", "64:ff9b:1::808:808"])
 def test_an_address_on_this_host_the_lan_or_a_carrier_nat_is_not_public(address):
     assert not connector.is_public_address(address)
 
