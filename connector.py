@@ -148,6 +148,11 @@ WEBSOCKET_RECEIVE_TIMEOUT = 60.0  # the subscription's idle wait, not an exchang
 # entry or an announcement, a few kB. websocket-client itself takes a frame
 # of any length its header claims, in memory, twice.
 WEBSOCKET_MESSAGE_MAX_BYTES = 1024 * 1024
+# What the answer to the websocket upgrade may be (Moonraker's is ~200
+# bytes): websocket-client reads it a byte at a time into a list, some 40
+# bytes of memory a byte, with no bound of its own (334 MiB in the 15 s of
+# the handshake's deadline from a header line that never ends).
+WEBSOCKET_HANDSHAKE_MAX_BYTES = 16 * 1024
 FAILURE_SUMMARY_SECONDS = 300.0
 
 # The objects every snapshot carries; a printer without one simply omits it.
@@ -5072,10 +5077,35 @@ class CappedFrames(websocket._abnf.frame_buffer):
         return frame
 
 
+class HandshakeBudget:
+    """The socket given to websocket-client: what it reads counts against
+    WEBSOCKET_HANDSHAKE_MAX_BYTES until `budget` is set to None (the upgrade
+    done); everything else is the socket's own."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.budget = WEBSOCKET_HANDSHAKE_MAX_BYTES  # type: Optional[int]
+
+    def recv(self, size: int) -> bytes:
+        data = self._sock.recv(size)
+        if self.budget is not None:
+            self.budget -= len(data)
+            if self.budget < 0:
+                raise websocket.WebSocketException("websocket handshake: Moonraker's answer is over %d bytes"
+                                                   % WEBSOCKET_HANDSHAKE_MAX_BYTES)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 def open_websocket(base_url: str, headers: List[str]) -> "websocket.WebSocket":
     """websocket-client's connect and handshake under one deadline (its
     timeout bounds each wait for a byte, not the handshake): the socket is
-    ours, watched by DEADLINES. Behind a proxy websocket-client connects."""
+    ours, watched by DEADLINES, and the answer is bounded (HandshakeBudget).
+    A redirect is refused, not followed: websocket-client would connect to
+    wherever it points itself and send it our headers, the API key among
+    them. Behind a proxy websocket-client connects."""
     url = websocket_url(base_url)
     parts = urlsplit(url)
     limits = EXCHANGES["websocket_handshake"]
@@ -5092,7 +5122,14 @@ def open_websocket(base_url: str, headers: List[str]) -> "websocket.WebSocket":
                                  skip_utf8_validation=True)  # json.loads checks it anyway
         ws.frame_buffer = CappedFrames(ws._recv)
         ws.settimeout(limits.read)
-        ws.connect(url, header=headers, socket=sock)
+        budget = HandshakeBudget(sock) if sock is not None else None
+        ws.connect(url, header=headers, socket=budget, redirect_limit=0)
+        if ws.handshake_response is None or ws.handshake_response.status != 101:
+            ws.shutdown()  # no close frame: this is no websocket
+            raise websocket.WebSocketException("websocket handshake: Moonraker answered %s, not 101 (redirects are "
+                                               "not followed)" % getattr(ws.handshake_response, "status", None))
+        if budget is not None:
+            budget.budget = None
         return ws
     except (websocket.WebSocketException, OSError):
         if watched.expired:

@@ -1,14 +1,19 @@
-"""What one websocket message from Moonraker may cost: websocket-client
+"""What Moonraker's websocket may cost the connector. One message: websocket-client
 takes a frame of any length its header claims, in memory (twice, as it
 joins the pieces), so a broken or hostile Moonraker could exhaust a K1's
 ~200 MB with one frame. The connector refuses a message over
 WEBSOCKET_MESSAGE_MAX_BYTES as soon as its header says so, before reading
-it, drops the connection and carries on (HTTP polling, reconnects).
+it, drops the connection and carries on (HTTP polling, reconnects). The
+upgrade's answer: websocket-client reads it a byte at a time into a list,
+with no bound, so it is capped at WEBSOCKET_HANDSHAKE_MAX_BYTES; and a
+redirect is refused, since websocket-client would follow it itself, with
+the API key.
 
 Checked on a raw websocket server on loopback, and with the connector as a
 real process whose peak RSS (VmHWM) is read from /proc."""
 
 import threading
+import time
 
 import pytest
 import websocket
@@ -19,6 +24,7 @@ from wsserver import WebSocketServer, frame, frame_header
 
 TEXT, CONT, PING = 0x1, 0x0, 0x9
 LIMIT = agent.WEBSOCKET_MESSAGE_MAX_BYTES
+HANDSHAKE_LIMIT = agent.WEBSOCKET_HANDSHAKE_MAX_BYTES
 
 
 @pytest.fixture
@@ -99,6 +105,38 @@ def test_a_control_frame_longer_than_the_protocol_allows_is_refused(serve):
         receive(server)
 
 
+def endless_header(send):
+    """An upgrade answer whose one header line never ends."""
+    if send(b"HTTP/1.1 101 Switching Protocols\r\nX-Padding: "):
+        chunk = b"a" * 65536
+        while send(chunk):
+            pass
+
+
+def test_an_upgrade_answer_over_its_budget_is_refused_at_once(serve):
+    server = WebSocketServer(upgrade=endless_header)
+    try:
+        started = time.monotonic()
+        with pytest.raises(websocket.WebSocketException, match="answer is over %d bytes" % HANDSHAKE_LIMIT):
+            agent.open_websocket(server.url, ["User-Agent: t"])
+        assert time.monotonic() - started < 2.0
+    finally:
+        server.stop()
+
+
+def test_a_redirect_of_the_upgrade_is_refused_and_its_target_never_gets_the_api_key(serve):
+    elsewhere = serve(lambda send: None)
+    moved = "HTTP/1.1 301 Moved\r\nLocation: ws://127.0.0.1:%d/websocket\r\nContent-Length: 0\r\n\r\n" % elsewhere.port
+    moonraker = WebSocketServer(upgrade=lambda send: send(moved.encode("ascii")))
+    try:
+        with pytest.raises(websocket.WebSocketException, match="answered 301, not 101"):
+            agent.open_websocket(moonraker.url, ["User-Agent: t", "X-Api-Key: MOONRAKER_KEY_123"])
+    finally:
+        moonraker.stop()
+    assert moonraker.requests[0]["x-api-key"] == "MOONRAKER_KEY_123"
+    assert elsewhere.requests == []
+
+
 # -- against the real process ---------------------------------------------------------
 
 def peak_rss(pid):
@@ -136,6 +174,23 @@ def test_a_moonraker_sending_a_huge_frame_costs_the_connector_no_memory_and_it_c
               % (before / 1048576.0, rise / 1048576.0, moonraker.sent))
         assert rise < 4 * 1024 * 1024
         wait_until(lambda: moonraker.upgrades >= 2, timeout=15, message="the connector's next websocket")
+        assert running.proc.poll() is None
+    finally:
+        moonraker.stop()
+
+
+def test_a_moonraker_whose_upgrade_answer_never_ends_costs_the_connector_no_memory(cloud, make_connector):
+    moonraker = WebSocketServer(upgrade=endless_header)
+    try:
+        running = make_connector(unpaired_config(cloud, moonraker)).start()
+        running.wait_log("Connector running")
+        running.wait_log("answer is over %d bytes" % HANDSHAKE_LIMIT)
+        pid = worker_pid(running)
+        with open("/proc/%d/status" % pid) as status:
+            rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+        peak = peak_rss(pid)
+        print("peak RSS %.1f MiB, RSS now %.1f MiB" % (peak / 1048576.0, rss / 1048576.0))
+        assert peak - rss < 4 * 1024 * 1024  # no 15 s of header bytes held at 40 bytes each
         assert running.proc.poll() is None
     finally:
         moonraker.stop()

@@ -28,10 +28,13 @@ def frame(opcode, payload, fin=True):
 class WebSocketServer:
     """After the handshake, `script(send)` runs: send(bytes) sends on the
     connection and returns False once the client has gone. `sent` counts the
-    bytes the script got out; `done` is set when it ended."""
+    bytes the script got out; `done` is set when it ended. With `upgrade`,
+    upgrade(send) answers the upgrade request instead (no 101 of ours, no
+    script). `requests` holds each request's headers."""
 
-    def __init__(self, script):
-        self.script = script
+    def __init__(self, script=lambda send: None, upgrade=None):
+        self.script, self.upgrade = script, upgrade
+        self.requests = []
         self.sent = 0
         self.upgrades = 0
         self.done = threading.Event()
@@ -62,26 +65,32 @@ class WebSocketServer:
             lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
             headers = {line.split(":", 1)[0].strip().lower(): line.split(":", 1)[1].strip()
                        for line in lines[1:] if ":" in line}
+            self.requests.append(headers)
             if " /websocket " not in lines[0] or "sec-websocket-key" not in headers:
                 sock.sendall(b"HTTP/1.1 503 X\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
                              b"Connection: close\r\n\r\n{}")
+                return
+            if self.upgrade is not None:
+                self._run(self.upgrade, sock)
                 return
             accept = base64.b64encode(hashlib.sha1(headers["sec-websocket-key"].encode("ascii") + GUID).digest())
             sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
             self.upgrades += 1
+            self._run(self.script, sock)
 
-            def send(data):
-                try:
-                    sock.sendall(data)
-                except OSError:
-                    return False
-                self.sent += len(data)
-                return True
+    def _run(self, script, sock):
+        def send(data):
             try:
-                self.script(send)
-            finally:
-                self.done.set()
+                sock.sendall(data)
+            except OSError:
+                return False
+            self.sent += len(data)
+            return True
+        try:
+            script(send)
+        finally:
+            self.done.set()
 
     def stop(self):
         self.listener.close()
