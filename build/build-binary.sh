@@ -23,8 +23,9 @@
 # the spec, the pins, this script) are unchanged is skipped.
 #
 # The binary unpacks itself into $TMPDIR (default /tmp) at each start and
-# removes what it unpacked on exit; the service sets TMPDIR to a folder on the
-# install's disk.
+# removes what it unpacked on exit (what a killed one left, the next start
+# removes: specs/rthook_sweep_unpacked.py); the service sets TMPDIR to a
+# folder on the install's disk.
 set -eu
 
 SUITE=bookworm
@@ -78,7 +79,8 @@ source_version() {
 inputs_hash() {
     repo=$1
     src=$2
-    cat "$src" "$repo/specs/printer-connector.spec" "$repo/specs/rthook_stop_with_launcher.py" "$repo/build/requirements-build.txt" \
+    cat "$src" "$repo/specs/printer-connector.spec" "$repo/specs/rthook_stop_with_launcher.py" \
+        "$repo/specs/rthook_sweep_unpacked.py" "$repo/build/requirements-build.txt" \
         "$repo/requirements/runtime.txt" "$repo/build/build-binary.sh" | sha256sum | cut -d ' ' -f 1
 }
 
@@ -294,7 +296,8 @@ build_in_root() {
     # The sources the build reads, at the same places under /src.
     mkdir -p "$root/src/build" "$root/src/specs" "$root/src/requirements" "$root/src/dist"
     cp "$src" "$root/src/connector.py"
-    cp "$repo/specs/printer-connector.spec" "$repo/specs/rthook_stop_with_launcher.py" "$root/src/specs/"
+    cp "$repo/specs/printer-connector.spec" "$repo/specs/rthook_stop_with_launcher.py" \
+        "$repo/specs/rthook_sweep_unpacked.py" "$root/src/specs/"
     cp "$repo/requirements/runtime.txt" "$root/src/requirements/"
     cp "$repo/build/build-binary.sh" "$repo/build/ensure-debian-packages.sh" \
         "$repo/build/requirements-build.txt" "$root/src/build/"

@@ -264,6 +264,129 @@ def test_binary_stops_and_cleans_up_when_its_main_process_is_killed(arch, tmp_pa
             proc.wait()
 
 
+def start_pairing(arch, folder, unpack):
+    """The binary started as a service would be (a process group of its
+    own), retrying to pair with a closed port."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([binary(arch), "--config", unreachable_config(folder), "--log-level", "debug"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, TMPDIR=str(unpack)),
+                            start_new_session=True)
+
+
+def stop_group(proc, signum=signal.SIGTERM):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signum)
+    try:
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def age(path, seconds):
+    then = time.time() - seconds
+    os.utime(str(path), (then, then), follow_symlinks=False)
+
+
+# The Python process gets three SIGTERMs from one systemd stop: its own and
+# the copies its two launchers forward, microseconds to milliseconds later.
+# More copies at 20 us intervals make them land at every point of the
+# handling of the first: with the handler that set the stop event itself,
+# the binary hung in about one try in four here (issue 17 item 9: in half
+# the tries on a Raspberry Pi). What the copies leave behind, when one
+# kills a launcher in its own clean-up (its signals back to the system's
+# defaults once its child has ended), the next start removes (below).
+FORWARDED_COPIES_SECONDS = 0.03
+FORWARDED_COPIES_EVERY = 20e-6
+STOP_TRIES = 16
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_binary_stops_when_sigterm_reaches_all_its_processes_at_once(arch, tmp_path):
+    for attempt in range(STOP_TRIES):
+        folder = tmp_path / str(attempt)
+        unpack = folder / "unpack"
+        unpack.mkdir(parents=True)
+        proc = start_pairing(arch, folder, unpack)
+        try:
+            read_until(proc, "pairing failed; retrying", timeout=60)
+            python = os.pidfd_open(descendants(proc.pid)[-1])  # no other process if its pid is reused
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # what systemd does (KillMode=control-group)
+                until = time.perf_counter() + FORWARDED_COPIES_SECONDS
+                while time.perf_counter() < until:
+                    try:
+                        signal.pidfd_send_signal(python, signal.SIGTERM)
+                    except ProcessLookupError:
+                        break  # it has ended
+                    pause = time.perf_counter() + FORWARDED_COPIES_EVERY
+                    while time.perf_counter() < pause:
+                        pass
+            finally:
+                os.close(python)
+            try:
+                proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                pytest.fail("try %d: still running 15 s after SIGTERM" % attempt)
+            # 0, or killed by a copy that came after Python gave its signals back to the system
+            assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_binary_removes_at_its_start_what_a_killed_run_left_unpacked(arch, tmp_path):
+    """A run killed outright (SIGKILL to all its processes) leaves its two
+    folders; the next start removes them once they are a minute old, and
+    nothing else: a younger folder, a folder of another kind, a link."""
+    unpack = tmp_path / "unpack"
+    unpack.mkdir()
+    killed = start_pairing(arch, tmp_path / "killed", unpack)
+    read_until(killed, "pairing failed; retrying", timeout=60)
+    stop_group(killed, signal.SIGKILL)
+    left = sorted(os.listdir(str(unpack)))
+    assert [name[:4] for name in left] == ["_MEI", "stat"], left
+    for name in left:
+        age(unpack / name, 120)
+    (unpack / "staticx-young1").mkdir()  # a start unpacking now would look like this
+    (unpack / "other-folder").mkdir()
+    age(unpack / "other-folder", 120)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "kept").write_text("x")
+    os.symlink(str(tmp_path / "elsewhere"), str(unpack / "staticx-link"))
+    age(unpack / "staticx-link", 120)
+    out = run([binary(arch), "--version"], env=dict(os.environ, TMPDIR=str(unpack)))
+    assert out.returncode == 0, out.stderr
+    assert sorted(os.listdir(str(unpack))) == ["other-folder", "staticx-link", "staticx-young1"]
+    assert (tmp_path / "elsewhere" / "kept").read_text() == "x"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_binary_leaves_the_unpacked_folders_of_a_running_instance_alone(arch, tmp_path):
+    """Old as they are, a running instance's folders are in use: another
+    start beside it leaves them, and the instance still stops cleanly."""
+    unpack = tmp_path / "unpack"
+    unpack.mkdir()
+    running = start_pairing(arch, tmp_path / "running", unpack)
+    try:
+        read_until(running, "pairing failed; retrying", timeout=60)
+        folders = sorted(os.listdir(str(unpack)))
+        files = sorted(os.path.join(top, name) for top, _, names in os.walk(str(unpack)) for name in names)
+        for name in folders:
+            age(unpack / name, 3600)
+        out = run([binary(arch), "--version"], env=dict(os.environ, TMPDIR=str(unpack)))
+        assert out.returncode == 0, out.stderr
+        assert sorted(os.path.join(top, name) for top, _, names in os.walk(str(unpack)) for name in names) == files
+        assert running.poll() is None
+    finally:
+        stop_group(running)
+    assert running.returncode in (0, -signal.SIGTERM), running.returncode  # -15: a forwarded copy came late
+    assert os.listdir(str(unpack)) == [], "left behind in TMPDIR: %s" % os.listdir(str(unpack))
+
+
 def test_pyz_is_a_small_zipapp_of_sources_with_python38_bytecode():
     assert os.path.isfile(PYZ), "%s is missing: run `make pyz`" % PYZ
     with open(PYZ, "rb") as handle:
