@@ -578,9 +578,10 @@ def parse_host_port(value) -> Optional[Tuple[str, Optional[int]]]:
         host, port = parts.hostname, parts.port
     except ValueError:  # a port that is no number, "[x"
         return None
+    host = (host or "").lower().rstrip(".")
     if not host or (port is not None and not 0 < port < 65536):
-        return None
-    return host.lower().rstrip("."), port
+        return None  # "." names no host
+    return host, port
 
 
 def _is_host_list(value) -> bool:
