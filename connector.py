@@ -111,8 +111,9 @@ class ExchangeLimits(NamedTuple):
 # the exchange: a peer that trickles a byte at a time never trips it, so
 # every exchange has a wall-clock deadline too. A held poll adds its hold to
 # both; a transfer's deadline is TRANSFER_BASE_SECONDS plus its size at
-# MIN_TRANSFER_RATE (transfer_deadline), and grows to the Content-Length of
-# a body read into a file (read_body). A call that names no kind gets
+# MIN_TRANSFER_RATE (transfer_deadline): the size we send, or, for a body
+# read into a file, what has arrived so far (read_body), never what the
+# peer declares. A call that names no kind gets
 # "call"'s, or connect + read when its own timeouts are longer.
 EXCHANGES = {
     "call": ExchangeLimits(5.0, 15.0, 30.0),  # an API call of the cloud or Moonraker not named below
@@ -1474,8 +1475,8 @@ class DeadlineWatch:
 
     def extend(self, seconds: float) -> None:
         """Gives the calling thread's exchange `seconds` from its start when
-        that is later than its deadline: a body read into a sink tells its
-        size (Content-Length) only once the answer has begun."""
+        that is later than its deadline: a body read into a sink gets the
+        time its bytes so far take at the minimum rate (read_body)."""
         watched = getattr(self._local, "current", None)
         if watched is None:
             return
@@ -1759,9 +1760,6 @@ def read_body(read: Callable[[int], bytes], headers, status: int, max_bytes: int
         if len(content) > max_bytes:
             raise _too_large(status, max_bytes)
         return content, len(content)
-    declared = headers.get("Content-Length")
-    if declared and declared.isdigit():  # a large body gets the time its size needs at the minimum rate
-        DEADLINES.extend(transfer_deadline(int(declared)))
     size = 0
     while True:
         chunk = read(READ_CHUNK)
@@ -1771,6 +1769,10 @@ def read_body(read: Callable[[int], bytes], headers, status: int, max_bytes: int
         size += len(chunk)
         if size > max_bytes:
             raise _too_large(status, max_bytes)
+        # The time what has come so far (and one chunk more) takes at the
+        # minimum rate: not what the peer declares, or a Content-Length of
+        # 2 GB trickled a byte at a time would hold the exchange for 12 hours.
+        DEADLINES.extend(transfer_deadline(size + READ_CHUNK))
         _local(sink.write, chunk)
         if progress is not None:
             _local(progress, size)
@@ -3964,9 +3966,10 @@ def _download_file(ctx: ActionContext, params: Dict[str, Any], local: TransferFi
     downloader = HttpClient(url, {"User-Agent": user_agent()}, _storage_error_message, ctx.log, "url",
                             transfer_guard(ctx.config))
     try:
-        # Without a size, the download's Content-Length extends the deadline.
+        # The deadline grows with what arrives (read_body), not with the
+        # size the command claims.
         downloader.request("GET", url, sink=writer, max_bytes=limit if size is None else size,
-                           **exchange_limits("transfer", size=size or 0), progress=progress)
+                           **exchange_limits("transfer"), progress=progress)
     except HttpError as exc:
         if exc.status is not None and 300 <= exc.status < 400:
             raise CommandFailed("download failed: the url answered %d (a redirect); redirects are not "

@@ -6,11 +6,13 @@ import base64
 import json
 import os
 import re
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import connector
+from rawserver import RawServer, Trickle, reply
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -254,10 +256,10 @@ def test_a_trickling_download_fails_at_its_minimum_rate_deadline(cloud, printer,
     moonraker.close()
 
 
-def test_a_body_read_into_a_sink_gets_the_time_its_content_length_needs(cloud, tmp_path, monkeypatch):
-    # A commands answer or a download of unknown size starts with the usual
-    # deadline (here 1 s) and gets, once its Content-Length is known, the
-    # time that size takes at the minimum rate (here 1 s + 120 kB at 50 KiB/s).
+def test_a_body_read_into_a_sink_gets_the_time_its_bytes_need_as_they_arrive(cloud, tmp_path, monkeypatch):
+    # A commands answer or a download starts with the usual deadline (here
+    # 1 s) and gets, as its bytes arrive, the time they take at the minimum
+    # rate (here 1 s + 120 kB at 50 KiB/s, in all).
     monkeypatch.setitem(connector.EXCHANGES, "call", connector.ExchangeLimits(0.5, 0.5, 1.0))
     monkeypatch.setattr(connector, "TRANSFER_BASE_SECONDS", 1.0)
     source = tmp_path / "answer.gcode"
@@ -271,6 +273,29 @@ def test_a_body_read_into_a_sink_gets_the_time_its_content_length_needs(cloud, t
     finally:
         client.close()
     assert response.size == 120000 and sink.read_bytes() == source.read_bytes()
+
+
+@pytest.mark.timeout(60)  # today's deadline from the declared size would be 5 hours
+def test_a_body_that_declares_a_huge_length_and_trickles_ends_at_the_minimum_rate(tmp_path, monkeypatch):
+    # A Content-Length of 1 GB, then a chunk at once and a byte every 50 ms:
+    # the deadline follows what arrived (1 s + 2 chunks at 50 KiB/s), not
+    # what was declared (1 s + 1 GB at 50 KiB/s).
+    monkeypatch.setattr(connector, "TRANSFER_BASE_SECONDS", 1.0)
+    body = b"x" * connector.READ_CHUNK + b"y" * 4000
+    server = RawServer(lambda exchange: Trickle(body[connector.READ_CHUNK:], interval=0.05,
+                                                head=reply(200, body[:connector.READ_CHUNK], length=10 ** 9)))
+    client = connector.HttpClient(server.url(""), {}, connector.generic_error_message, connector.Logger("error"),
+                                  "url")
+    started = time.monotonic()
+    try:
+        with open(str(tmp_path / "sink"), "wb") as handle, \
+                pytest.raises(connector.ExchangeTimeout, match="deadline"):
+            client.request("GET", server.url("/big"), sink=handle, max_bytes=2 * 10 ** 9,
+                           **connector.exchange_limits("transfer"))
+    finally:
+        client.close()
+        server.stop()
+    assert time.monotonic() - started < connector.transfer_deadline(3 * connector.READ_CHUNK) + 2.0
 
 
 def test_a_lone_surrogate_in_content_is_bad_base64_not_a_crash(tmp_path):
