@@ -70,6 +70,7 @@ $1"; }
 # folder this made is removed on exit (a failed first install leaves nothing).
 make_install_dir() { # DIR
     CREATED_DIR=""
+    check_writable "$1"
     [ ! -d "$1" ] || return 0
     CREATED_DIR=$1
     while [ ! -d "$(dirname "$CREATED_DIR")" ]; do CREATED_DIR=$(dirname "$CREATED_DIR"); done
@@ -122,37 +123,148 @@ free_kib() { # DIR: KiB free for an ordinary user (0 if df cannot tell)
     df -Pk "$1" 2>/dev/null | awk 'NR == 2 { print $4; exit }'
 }
 
-# How large an asset is expected to be, and how much room it needs to run:
-# the onefile binary unpacks about 2.5 times its size at every start.
-asset_kib() { # ASSET
-    case $1 in
-        *.pyz) echo 2048 ;;
-        *) echo 16384 ;;
-    esac
+# How large an asset is, as the release server says (the Content-Length of
+# a HEAD request, after GitHub's redirect), in KiB; nothing if it does not
+# say. Asked by the host's python3 whatever the downloader: a HEAD is not
+# a download try. (Where TLS cannot be verified, install-k1.sh's first
+# download, the size is asked unverified: it only decides whether to go on,
+# and the SHA256 check still applies to the file.)
+remote_kib() { # URL
+    pyhelp content-length "$1" "$CA_BUNDLE" "$ALLOW_UNVERIFIED_TLS" "$STALL_TIMEOUT" 2>/dev/null || true
 }
-unpack_kib() { # ASSET
+
+# Without a size from the server: more than any asset so far.
+fallback_kib() { # ASSET
     case $1 in
-        *.pyz) echo 0 ;;
-        *) echo 40960 ;;
+        *.pyz) echo 4096 ;;
+        *) echo 24576 ;;
     esac
 }
 
-# Whether DIR has room for ASSET: the download, a backup of the current
-# binary and the room the new one unpacks into.
-has_room() { # DIR ASSET
-    size=$(asset_kib "$2")
-    current=0
-    [ ! -f "${BIN:-}" ] || current=$(($(wc -c <"$BIN") / 1024 + 1))
-    [ "$current" -le "$size" ] || size=$current
-    ROOM_NEEDED=$((size + current + $(unpack_kib "$2") + 1024))
+# Room a start of ASSET needs: the onefile binary unpacks about 2.4 times
+# its size into the service's TMPDIR (the install's tmp folder) at every
+# start (12.4 MB -> 29.4 MB measured); the .pyz runs from its zip.
+unpack_kib() { # ASSET KIB
+    case $1 in
+        *.pyz) echo 0 ;;
+        *) echo $(($2 * 5 / 2)) ;;
+    esac
+}
+
+# Whether DIR has room to update to ASSET (at URL): the download and its
+# copy put in place beside the binary, a backup of the current binary, the
+# room the new one unpacks into, and 1 MiB for the config, state and logs.
+has_room() { # DIR ASSET URL
+    ROOM_ASSET=$(remote_kib "$3")
+    ROOM_SAID="as the release server says"
+    if [ -z "$ROOM_ASSET" ]; then
+        ROOM_ASSET=$(fallback_kib "$2")
+        ROOM_SAID="the release server gave no size; assumed"
+    fi
+    ROOM_BACKUP=0
+    [ ! -f "${BIN:-}" ] || ROOM_BACKUP=$(($(wc -c <"$BIN") / 1024 + 1))
+    ROOM_UNPACK=$(unpack_kib "$2" "$ROOM_ASSET")
+    ROOM_NEEDED=$((ROOM_ASSET * 2 + ROOM_BACKUP + ROOM_UNPACK + 1024))
     ROOM_FREE=$(free_kib "$1")
     [ -n "$ROOM_FREE" ] || return 0
     [ "$ROOM_FREE" -ge "$ROOM_NEEDED" ]
 }
 
+mib() { printf '%s.%s' "$(($1 / 1024))" "$(($1 % 1024 * 10 / 1024))"; }
+
 room_message() { # DIR ASSET
-    printf 'not enough free space in %s for %s: %s MiB free, %s MiB needed (the download, a backup of the current binary and room for it to unpack)' \
-        "$1" "$2" "$((ROOM_FREE / 1024))" "$((ROOM_NEEDED / 1024 + 1))"
+    printf 'not enough free space in %s for %s: %s MiB free, %s MiB needed (the download of %s MiB, %s, twice: in a scratch folder and put in place; a %s MiB backup of the current binary; %s MiB for it to unpack at every start; 1 MiB for the rest); free some space or move the install to a larger disk' \
+        "$1" "$2" "$(mib "$ROOM_FREE")" "$(mib "$ROOM_NEEDED")" "$(mib "$ROOM_ASSET")" "$ROOM_SAID" \
+        "$(mib "$ROOM_BACKUP")" "$(mib "$ROOM_UNPACK")"
+}
+
+# ------------------------------------------------------ the install's disk
+# Checked before anything is changed: the install folder must take writes,
+# must let programs run (a native binary runs from there, and the onefile
+# binary unpacks into its tmp folder, the service's TMPDIR, and runs from
+# there), and the service user must be able to write that tmp folder.
+mount_of() { # PATH: the mount point holding PATH (bind mounts too, which df misnames)
+    pyhelp mount-of "$1" 2>/dev/null || true
+}
+
+existing_parent() { # PATH: PATH, or its nearest folder that exists
+    p=$1
+    while [ ! -d "$p" ]; do p=$(dirname "$p"); done
+    printf '%s\n' "$p"
+}
+
+# Dies unless files can be made in DIR (or where it will be made).
+check_writable() { # DIR
+    at=$(existing_parent "$1")
+    probe=$at/.printer-connector-probe.$$
+    if why=$(mkdir "$probe" 2>&1); then
+        rmdir "$probe"
+        return 0
+    fi
+    mp=$(mount_of "$at")
+    case $why in
+        *[Rr]ead-only*)
+            err "$at is on a read-only file system ($mp): nothing was changed. Remount it read-write (mount -o remount,rw '$mp', and drop 'ro' from its line in /etc/fstab), or free a writable disk for $1" ;;
+        *)
+            err "cannot write in $at (${why##*: }): nothing was changed. $1 must be on a disk this script can write" ;;
+    esac
+}
+
+# Whether a program can run from DIR (a file system mounted noexec says no).
+can_exec_in() { # DIR
+    probe=$1/.printer-connector-exec.$$
+    if ! { printf '#!/bin/sh\nexit 0\n' >"$probe" && chmod 755 "$probe"; } 2>/dev/null; then
+        rm -f "$probe"
+        return 0
+    fi
+    rc=0
+    "$probe" 2>/dev/null || rc=$?
+    rm -f "$probe"
+    [ "$rc" -eq 0 ]
+}
+
+noexec_message() { # DIR
+    mp=$(mount_of "$1")
+    printf '%s is on a file system mounted noexec (%s): a native binary cannot run there, nor unpack itself into %s/tmp and run. Remount it with exec (mount -o remount,exec '"'"'%s'"'"', and drop noexec from its line in /etc/fstab), or install on another disk' \
+        "$1" "$mp" "$1" "$mp"
+}
+
+# For ASSET (a native binary, or the .pyz that python3 runs from its zip):
+# DIR and its tmp folder let it run, and the service user can write the
+# tmp folder (given to that user first, as the install leaves it). Sets
+# DISK_PROBLEM and fails if not.
+disk_fits_asset() { # ASSET
+    DISK_PROBLEM=""
+    case $1 in *.pyz) return 0 ;; esac
+    for d in "$DIR" "$DIR/tmp"; do
+        [ -d "$d" ] || continue
+        if ! can_exec_in "$d"; then
+            DISK_PROBLEM=$(noexec_message "$d")
+            return 1
+        fi
+    done
+}
+
+# The service's TMPDIR (DIR/tmp) exists, belongs to the service user and
+# that user can make files in it; dies with what is wrong otherwise. (The
+# binary unpacks there as the service user: a folder that user cannot
+# write, e.g. made by a run as root, stops every start.)
+check_service_tmp() {
+    tmp=$DIR/tmp
+    made_tmp=0
+    if [ ! -e "$tmp" ]; then
+        # (A first install: made for the check only; the service files make it again.)
+        mkdir "$tmp" 2>/dev/null || check_writable "$tmp"
+        made_tmp=1
+    fi
+    own_like_install "$tmp" 2>/dev/null || true
+    why=""
+    if [ "$LAYOUT" = systemd ] && [ -n "$SVC_USER" ] && [ "$(id -u)" -eq 0 ]; then
+        why=$(pyhelp user-can-write "$SVC_USER" "$tmp" 2>&1) || why=${why:-not writable}
+    fi
+    [ "$made_tmp" = 0 ] || rmdir "$tmp" 2>/dev/null || true
+    [ -n "$why" ] || return 0
+    err "the service user $SVC_USER cannot write $tmp, the connector's TMPDIR ($why): nothing was changed. Give it to $SVC_USER (chown $SVC_USER: '$tmp') and make sure $SVC_USER can reach it (every folder above it needs x for $SVC_USER); if it is a read-only mount, remount it read-write"
 }
 
 # Absolute path of the Python that runs helpers and .pyz artifacts.
@@ -164,11 +276,67 @@ python_path() {
 # JSON, HTTP and zip work is done by the host's python3 (Klipper, Moonraker
 # and the K1 firmware all ship one); this is the one place it is written.
 PYHELPER='
-import json, os, shlex, sys, urllib.error, urllib.request, zipfile
+import json, os, re, shlex, ssl, sys, urllib.error, urllib.request, zipfile
 
 def die(msg, code=1):
     sys.stderr.write(msg + "\n")
     sys.exit(code)
+
+def content_length(url, cafile, insecure, stall):
+    """The size of URL in KiB from a HEAD request, after redirects."""
+    def head(unverified):
+        ctx = None
+        if url.startswith("https:"):
+            ctx = ssl._create_unverified_context() if unverified else ssl.create_default_context(cafile=cafile or None)
+        req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "printer-connector-installer"})
+        with urllib.request.urlopen(req, timeout=float(stall), context=ctx) as resp:
+            return resp.getheader("Content-Length", "")
+    try:
+        try:
+            length = head(False)
+        except (ssl.SSLCertVerificationError, urllib.error.URLError) as e:
+            verify_failed = isinstance(getattr(e, "reason", e), ssl.SSLCertVerificationError)
+            if not (verify_failed and insecure == "1"):
+                raise
+            length = head(True)
+    except (OSError, ValueError, ssl.SSLError):
+        return
+    if length.isdigit():
+        print(int(length) // 1024 + 1)
+
+def mount_of(path):
+    """The longest mount point in /proc/self/mounts holding PATH."""
+    path, best = os.path.realpath(path), "/"
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 2:
+                continue
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best = point
+    print(best)
+
+def user_can_write(user, folder):
+    """Whether USER can make a file in FOLDER: tried in a child running as that user."""
+    import pwd
+    account = pwd.getpwnam(user)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            fd, probe = __import__("tempfile").mkstemp(prefix=".probe.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+            os._exit(0)
+        except OSError as e:
+            sys.stderr.write(e.strerror or str(e))
+            sys.stderr.flush()
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    sys.exit(1 if status else 0)
 
 def get_json(url):
     req = urllib.request.Request(url, headers={"User-Agent": "printer-connector-installer"})
@@ -279,7 +447,13 @@ def init_var(path, name):
 
 def main(argv):
     cmd, args = argv[0], argv[1:]
-    if cmd == "write-config":
+    if cmd == "mount-of":
+        mount_of(args[0])
+    elif cmd == "user-can-write":
+        user_can_write(*args)
+    elif cmd == "content-length":
+        content_length(*args)
+    elif cmd == "write-config":
         out, cloud_url, token, state_dir, printers = args
         if not cloud_url.startswith(("http://", "https://")):
             die("the cloud URL must start with http:// or https://, got: %s" % cloud_url, 2)
@@ -480,6 +654,7 @@ detect_install() {
     DIR=$(dirname "$BIN")
     LOG=$DIR/printer-connector.log
     [ -f "$BIN" ] || err "the service names $BIN, which does not exist"
+    check_writable "$DIR"
     return 0
 }
 
@@ -534,6 +709,10 @@ health_check() {
     say "waiting up to ${HEALTH_TIMEOUT}s for the first heartbeat"
     deadline=$(($(date +%s) + HEALTH_TIMEOUT))
     while [ "$(date +%s)" -lt "$deadline" ]; do
+        if [ "$UPDATE_PHASE" = swapped ] && [ ! -f "$(pending_path)" ]; then
+            warn "the new version failed to start again and again: the update guard put the previous one back"
+            return 1
+        fi
         if svc_log | grep -q 'msg="Heartbeat sent"' && svc_running; then
             say "heartbeat sent: the connector works"
             return 0
@@ -578,6 +757,9 @@ Environment=MALLOC_ARENA_MAX=2
 # killed run left there goes before the next start.
 Environment=$(systemd_value "TMPDIR=$DIR/tmp")
 ExecStartPre=/bin/sh -c 'rm -rf "\$\$TMPDIR"/_MEI* "\$\$TMPDIR"/staticx-*'
+# The update guard: an update not confirmed yet whose new version fails to
+# start again and again is taken back here, with no script run needed.
+ExecStartPre=-/bin/sh $(systemd_word "$(guard_path)") $(systemd_word "$BIN")
 # SIGTERM to the main process only: the static binary's launchers pass it
 # on to the Python process; the same signal to all three at once, soon
 # after a start, could hang the stop until SIGKILL. Whatever is left after
@@ -613,6 +795,7 @@ MALLOC_ARENA_MAX=2
 TMPDIR=$(sh_quote "$DIR/tmp")
 export MALLOC_ARENA_MAX TMPDIR
 EOF
+    guard_functions >>"$K1_INIT.tmp"
     cat >>"$K1_INIT.tmp" <<'EOF'
 CHILDFILE="$PIDFILE.child"
 
@@ -640,6 +823,8 @@ supervise() {
         rotate
         # What a killed onefile binary unpacked (no run of ours is alive now).
         rm -rf "$TMPDIR"/_MEI* "$TMPDIR"/staticx-*
+        # (In a subshell: nothing in it can end the supervisor.)
+        ( update_guard "$BIN" ) >>"$LOG" 2>&1 </dev/null
         if [ -n "$PYTHON" ]; then
             "$PYTHON" "$BIN" --config "$CONFIG" --log-level info >>"$LOG" 2>&1 </dev/null &
         else
@@ -704,6 +889,19 @@ stop() {
     echo "printer-connector stopped"
 }
 
+# One job in a session of its own, as systemd runs a restart: killing the
+# caller half-way (an update killed with SIGKILL) cannot leave it stopped.
+restart() {
+    if command -v setsid >/dev/null 2>&1; then
+        setsid sh "$0" restart-job </dev/null >/dev/null 2>&1 &
+        wait $! || true
+        echo "printer-connector restarted"
+    else
+        stop
+        start
+    fi
+}
+
 status() {
     if alive "$PIDFILE" && alive "$CHILDFILE"; then
         echo "printer-connector is running (pid $(cat "$CHILDFILE"))"
@@ -716,7 +914,8 @@ status() {
 case ${1:-} in
     start) start ;;
     stop) stop ;;
-    restart) stop; start ;;
+    restart) restart ;;
+    restart-job) stop; start ;;
     status) status ;;
     supervise) supervise ;;
     *) echo "usage: $0 start|stop|restart|status" >&2; exit 2 ;;
@@ -724,6 +923,117 @@ esac
 EOF
     chmod 755 "$K1_INIT.tmp"
     mv -f "$K1_INIT.tmp" "$K1_INIT"
+}
+
+# ------------------------------------------------------- the update guard
+# A dead-man's switch for updates, run before every start of the connector
+# (the unit's ExecStartPre=, the K1 supervisor's loop): the text below is
+# the guard itself, written into $DIR/update-guard and the K1 init script.
+guard_path() { printf '%s/update-guard\n' "$DIR"; }
+
+guard_functions() {
+    cat <<'EOF'
+# The update guard, a dead-man's switch (written by the printer-connector
+# installers), run before every start of the connector. An update not
+# confirmed yet is marked by update-pending beside the binary (the old and
+# the new version, a line each); update.sh removes the mark once the new
+# version has sent a heartbeat. Until then, starts that follow one another
+# within GUARD_WINDOW seconds on this boot are failures in a row: at the
+# start after GUARD_FAILURES of them, the previous binary goes back in
+# place before it starts, with no script run needed. (The connector does
+# not exit for trouble with the network, the cloud or Moonraker: a new
+# version that ends twice within minutes is broken.) A kill half-way is
+# finished at the next start (update-restoring). The start always goes on.
+GUARD_FAILURES=2
+GUARD_WINDOW=300
+
+update_guard() { # BIN
+    guard_bin=$1
+    guard_dir=$(dirname "$guard_bin")
+    if [ -f "$guard_dir/update-restoring" ]; then
+        guard_restore
+        return 0
+    fi
+    [ -f "$guard_dir/update-pending" ] || return 0
+    guard_now=$(cut -d . -f 1 /proc/uptime 2>/dev/null) || guard_now=""
+    guard_boot=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null) || guard_boot=unknown
+    guard_last=$(tail -n 1 "$guard_dir/update-starts" 2>/dev/null) || guard_last=""
+    guard_then=${guard_last##* }
+    case $guard_now:$guard_then in *[!0-9:]* | :* | *:) guard_then="" ;; esac
+    if [ -n "$guard_then" ] && [ "${guard_last% *}" = "$guard_boot" ] && [ "$guard_now" -ge "$guard_then" ] \
+        && [ "$((guard_now - guard_then))" -lt "$GUARD_WINDOW" ]; then
+        echo "$guard_boot $guard_now" >>"$guard_dir/update-starts"
+    else
+        echo "$guard_boot $guard_now" >"$guard_dir/update-starts"
+    fi
+    guard_count=$(($(wc -l <"$guard_dir/update-starts")))
+    if [ "$guard_count" -le "$GUARD_FAILURES" ]; then
+        echo "update guard: start $guard_count of an update not confirmed yet (after $GUARD_FAILURES failed starts the previous version comes back)"
+        return 0
+    fi
+    # One rename takes the update from update.sh: a run that would confirm
+    # it now finds no mark and counts it as failed.
+    mv "$guard_dir/update-pending" "$guard_dir/update-restoring" 2>/dev/null || return 0
+    guard_restore
+}
+
+guard_restore() {
+    guard_backup=$guard_dir/backups/$(basename "$guard_bin").1
+    guard_old=$(sed -n 1p "$guard_dir/update-restoring")
+    guard_new=$(sed -n 2p "$guard_dir/update-restoring")
+    if [ ! -f "$guard_backup" ]; then
+        echo "update guard: there is no backup ($guard_backup) to put back"
+        return 1
+    fi
+    if ! cmp -s "$guard_backup" "$guard_bin" 2>/dev/null; then
+        if ! { cp "$guard_backup" "$guard_bin.guard" && chmod 755 "$guard_bin.guard" && mv -f "$guard_bin.guard" "$guard_bin"; }; then
+            rm -f "$guard_bin.guard"
+            echo "update guard: could not put $guard_backup back (disk full?); trying again at the next start"
+            return 1
+        fi
+    fi
+    guard_info=$guard_dir/update-release_info.json
+    if [ -f "$guard_info" ] && cp "$guard_info" "$guard_dir/release_info.json.guard"; then
+        mv -f "$guard_dir/release_info.json.guard" "$guard_dir/release_info.json"
+    fi
+    rm -f "$guard_info"
+    mv -f "$guard_dir/update-restoring" "$guard_dir/update-restored"
+    rm -f "$guard_dir/update-starts"
+    echo "update guard: version ${guard_new:-new} failed $GUARD_FAILURES starts in a row: version ${guard_old:-old} is back in place"
+}
+EOF
+}
+
+write_guard() {
+    # shellcheck disable=SC2016  # "$1" is the guard's own argument
+    { printf '#!/bin/sh\n' && guard_functions && printf 'update_guard "$1"\n'; } >"$(guard_path).tmp" \
+        && chmod 755 "$(guard_path).tmp" && mv -f "$(guard_path).tmp" "$(guard_path)"
+}
+
+# Before an update swaps the binary: the guard in place (a service set up by
+# an older installer gets it now) and release_info.json kept for it to put
+# back (update-release_info.json).
+arm_guard() {
+    if [ "$LAYOUT" = systemd ]; then
+        # The guard runs as the service user and renames files in DIR.
+        own_like_install "$DIR" || return 1
+        write_guard || return 1
+        unit=$(unit_path)
+        if ! grep -q '^ExecStartPre=-/bin/sh .*update-guard' "$unit"; then
+            GUARD_LINE="ExecStartPre=-/bin/sh $(systemd_word "$(guard_path)") $(systemd_word "$BIN")" \
+                awk '{ print } /^ExecStart=/ { print ENVIRON["GUARD_LINE"] }' "$unit" >"$unit.tmp" \
+                && mv -f "$unit.tmp" "$unit" && systemctl daemon-reload || return 1
+        fi
+        if [ -f "$(release_info_path)" ]; then
+            cp -p "$(release_info_path)" "$DIR/update-release_info.json" || return 1
+        else
+            rm -f "$DIR/update-release_info.json"
+        fi
+    elif ! grep -q '^update_guard()' "$K1_INIT"; then
+        py=""
+        is_native "$BIN" || py=$(python_path)
+        write_init "$py"
+    fi
 }
 
 # --------------------------------------------------------------- Moonraker
@@ -881,11 +1191,16 @@ own_like_install() { # PATH...
 # An update in progress is marked on disk until it commits or is rolled
 # back: a run killed half-way (SIGKILL, the OOM killer) leaves the mark, and
 # the next run of any script puts the previous binary back first.
+# The update guard (above) reads the same mark; the file names are its.
 pending_path() { printf '%s/update-pending\n' "$DIR"; }
-pending_set() { # OLD_VERSION
-    printf '%s\n' "$1" >"$(pending_path).tmp" && mv -f "$(pending_path).tmp" "$(pending_path)"
+pending_set() { # OLD_VERSION NEW_VERSION
+    rm -f "$DIR/update-starts" "$DIR/update-restoring" "$DIR/update-restored"
+    printf '%s\n%s\n' "$1" "$2" >"$(pending_path).tmp" && mv -f "$(pending_path).tmp" "$(pending_path)"
 }
-pending_clear() { rm -f "$(pending_path)" "$(pending_path).tmp"; }
+pending_clear() {
+    rm -f "$(pending_path)" "$(pending_path).tmp" "$DIR/update-starts" "$DIR/update-restoring" "$DIR/update-restored" \
+        "$DIR/update-release_info.json"
+}
 
 # Scratch left by a killed run: the lock says no other run uses it.
 sweep_stale() {
@@ -894,15 +1209,27 @@ sweep_stale() {
             rm -rf "$stale" && say "removed $stale, left by a run that was cut short"
         fi
     done
-    rm -f "$BIN.new" "$(backup_path 1).tmp"
+    rm -f "$BIN.new" "$BIN.guard" "$(backup_path 1).tmp" "$(release_info_path).guard"
 }
 
 # Recovers from a run that was killed: an unfinished update is rolled back,
 # and a stopped service is started again.
 recover_interrupted() {
     sweep_stale
-    if [ -f "$(pending_path)" ]; then
-        old=$(cat "$(pending_path)")
+    if [ -f "$DIR/update-restored" ]; then
+        warn "the update to $(sed -n 2p "$DIR/update-restored") failed to start again and again: the update guard put $(sed -n 1p "$DIR/update-restored") back"
+        release_info_set "$(sed -n 1p "$DIR/update-restored")" "$(current_asset)" || true
+        pending_clear
+    fi
+    mark=$(pending_path)
+    [ ! -f "$DIR/update-restoring" ] || mark=$DIR/update-restoring
+    new=$(sed -n 2p "$mark" 2>/dev/null || true)
+    if [ "$mark" = "$(pending_path)" ] && [ -n "$new" ] && runs_healthy "$new"; then
+        say "an update was cut short before it was confirmed, but $new runs and sends heartbeats: confirming it"
+        release_info_set "$new" "$(current_asset)" || true
+        pending_clear
+    elif [ -f "$mark" ]; then
+        old=$(sed -n 1p "$mark")
         if [ -f "$(backup_path 1)" ] && [ "$(bin_version "$(backup_path 1)" || true)" = "$old" ]; then
             warn "an update was cut short before it was checked: putting $old back"
             swap_in "$(backup_path 1)" || err "could not restore $(backup_path 1) to $BIN; copy it back by hand"
@@ -920,6 +1247,17 @@ recover_interrupted() {
     fi
 }
 
+# Whether the service's latest start runs VERSION and has sent a heartbeat
+# (its "Connector running" line names the version).
+runs_healthy() { # VERSION
+    svc_running || return 1
+    LOG_MARK=0
+    svc_log | awk -v want="version=$1" '
+        /msg="Connector running"/ { ok = 0; beat = 0; for (i = 1; i <= NF; i++) if ($i == want) ok = 1 }
+        /msg="Heartbeat sent"/ { beat = 1 }
+        END { exit !(ok && beat) }'
+}
+
 service_installed() {
     if [ "$LAYOUT" = systemd ]; then [ -f "$(unit_path)" ]; else [ -f "$K1_INIT" ]; fi
 }
@@ -933,7 +1271,8 @@ service_installed() {
 swap_verified() { # NEWFILE VERSION ASSET
     backup_current || err "could not back up $BIN (disk full?); nothing was changed"
     own_like_install "$DIR/backups" "$(backup_path 1)" || true
-    pending_set "$CURRENT_VERSION" || err "could not write $(pending_path) (disk full?); nothing was changed"
+    arm_guard || err "could not set up the update guard in $DIR (disk full?); nothing was changed"
+    pending_set "$CURRENT_VERSION" "$2" || err "could not write $(pending_path) (disk full?); nothing was changed"
     UPDATE_PHASE=swapped
     if ! swap_in "$1"; then
         UPDATE_PHASE=""
@@ -941,12 +1280,9 @@ swap_verified() { # NEWFILE VERSION ASSET
         err "could not put the new binary in place (disk full?); nothing was changed"
     fi
     [ "$3" != printer-connector.pyz ] || [ "$LAYOUT" != k1 ] || k1_ca_bundle "$BIN"
-    # The binary unpacks into the service's TMPDIR as the service user: a
-    # folder that user cannot write (made by a run as root) stops every start.
-    if ! { mkdir -p "$DIR/tmp" && own_like_install "$DIR/tmp"; }; then
-        warn "could not give $DIR/tmp to ${SVC_USER:-root}"
-    fi
-    if release_info_set "$2" "$3" && svc_restart && health_check; then
+    # Confirmed by removing the mark: gone already, the update guard took
+    # the update back while the health check waited.
+    if release_info_set "$2" "$3" && svc_restart && health_check && rm "$(pending_path)" 2>/dev/null; then
         UPDATE_PHASE=""
         pending_clear
         return 0
@@ -1075,13 +1411,19 @@ stage_artifact() { # ASSETS...
     room_short=""
     for asset in "$@"; do
         sums_list "$STAGE" "$asset" || continue
-        if ! has_room "$DIR" "$asset"; then
+        if ! disk_fits_asset "$asset"; then
+            room_short=$DISK_PROBLEM
+            warn "not $asset: $DISK_PROBLEM"
+            continue
+        fi
+        if ! has_room "$DIR" "$asset" "$(asset_url "$NEW_VERSION" "$asset")"; then
             room_short=$(room_message "$DIR" "$asset")
             warn "$room_short"
             continue
         fi
         fetch_asset "$STAGE" "$NEW_VERSION" "$asset"
-        cp "$STAGE/$asset" "$NEW"
+        # (Moved, not copied: has_room counted two copies at most.)
+        mv -f "$STAGE/$asset" "$NEW"
         chmod 755 "$NEW"
         got=$(bin_version "$NEW" || true)
         if [ "$got" = "$NEW_VERSION" ]; then
@@ -1114,6 +1456,7 @@ install_connector() { # ASSETS...
             check_moonrakers "$PRINTERS" ;;
         *) err "$CONFIG exists but is not a connector config ($CONFIG_STATE); move it away first" ;;
     esac
+    check_service_tmp
     stage_artifact "$@"
 
     if [ "$CONFIG_STATE" = paired ] && [ -f "$BIN" ] && [ -z "$LEGACY_INIT" ] && service_installed; then
@@ -1204,6 +1547,7 @@ svc_stop_if_installed() {
 
 install_service() {
     if [ "$LAYOUT" = systemd ]; then
+        write_guard || err "could not write $(guard_path)"
         write_unit "$(exec_line "$BIN" "$CONFIG" "$LOG_LEVEL")"
         systemctl daemon-reload
         systemctl enable "$SERVICE" >/dev/null 2>&1 || systemctl enable "$SERVICE"
@@ -1248,6 +1592,10 @@ do_doctor() {
             problems=1
         fi
     fi
+    if [ -f "$DIR/update-restored" ]; then
+        warn "the update to $(sed -n 2p "$DIR/update-restored") failed to start: the update guard put $(sed -n 1p "$DIR/update-restored") back; run update.sh to clear this"
+        problems=1
+    fi
     if [ -f "$(pending_path)" ]; then
         warn "an update was cut short ($(pending_path)): run update.sh to put the previous version back"
         problems=1
@@ -1268,7 +1616,9 @@ do_update() {
     refuse_if_printing "$CONFIG"
     say "updating ${CURRENT_VERSION:-unknown} -> $target"
     asset=$(current_asset)
-    has_room "$DIR" "$asset" || err "$(room_message "$DIR" "$asset"); nothing was changed"
+    disk_fits_asset "$asset" || err "$DISK_PROBLEM; nothing was changed"
+    check_service_tmp
+    has_room "$DIR" "$asset" "$(asset_url "$target" "$asset")" || err "$(room_message "$DIR" "$asset"); nothing was changed"
     fetch_asset "$STAGE" "$target" "$asset"
     got=$(bin_version "$STAGE/$asset" || true)
     [ "$got" = "$target" ] || err "the downloaded $asset reports '${got:-nothing}' instead of $target; nothing was changed"
@@ -1400,7 +1750,7 @@ do_uninstall() {
         rm -f "$K1_INIT" "$ROOT/etc/init.d/printer-connector"
     fi
     if [ "$CONFIG_ONLY" = 1 ]; then
-        rm -rf "$CONFIG" "$DIR/state" "$DIR/tmp"
+        rm -rf "$CONFIG" "$DIR/state" "$DIR/tmp" "$(guard_path)"
         say "removed the service and $CONFIG; the binary is still in $DIR"
     else
         rm -rf "$DIR"

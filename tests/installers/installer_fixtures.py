@@ -113,6 +113,9 @@ class Release:
         # Files served at BASE/raw/NAME, as raw.githubusercontent.com serves
         # the repository's main branch (installers/bootstrap.sh).
         self.raw = {"bootstrap.sh": (SOURCES / "bootstrap.sh").read_bytes()}
+        self.heads = []
+        # Assets whose size HEAD does not say.
+        self.no_length = set()
         # Asset name -> "stall" (half the body, then silence until the
         # client gives up) or "truncate" (half the body, then the end).
         self.faults = {}
@@ -120,6 +123,18 @@ class Release:
         release = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                """The size of an asset, as GitHub answers (the installers' free-space check)."""
+                release.heads.append(self.path)
+                target = release.target(self.path)
+                if target is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                if target.name not in release.no_length:
+                    self.send_header("Content-Length", str(target.stat().st_size))
+                self.end_headers()
+
             def do_GET(self):
                 release.requests.append(self.path)
                 path = self.path.split("?")[0]
@@ -166,6 +181,15 @@ class Release:
         self.url = "%s://127.0.0.1:%d" % (scheme, self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def target(self, url_path):
+        """The file a /download/vX/ASSET (or /latest/download/ASSET) path names, if any."""
+        path = url_path.split("?")[0]
+        if path.startswith("/latest/download/") and self.latest:
+            path = "/download/v%s/%s" % (self.latest, path[len("/latest/download/"):])
+        parts = path.strip("/").split("/")
+        target = self.dir / parts[1] / parts[2] if len(parts) == 3 and parts[0] == "download" else None
+        return target if target is not None and target.is_file() else None
 
     def publish(self, version, assets, latest=True, bad_sums=()):
         """assets: name -> bytes. Names in bad_sums get a wrong checksum."""

@@ -1,0 +1,231 @@
+"""SIGKILL of update.sh (or of an installer re-run that upgrades) at every
+step, and the update guard, a dead-man's switch: whatever step the kill
+hits, a connector of the old or the new version runs again *without anyone
+running a script*, and the next run of a script recovers and cleans up.
+
+A step is held exactly: a stand-in for one command (mv, rm, curl,
+systemctl) first on PATH, which waits when its arguments match, so the
+test kills the script's whole process group at that point and no other.
+The systemctl stand-in restarts a crashed unit (Restart=always, after
+RestartSec=, ExecStartPre= and all) in a process of its own, as systemd
+does; the K1 layout's supervisor is the real init script."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from installer_fixtures import (INSTALLERS, PYZ, SERVICE, SHELLS, config_of, crashing_binary, heartbeats_of,
+                                host_asset, install_args, publish_connector, stock_k1_path, wait_until)
+
+ASSET = host_asset()
+# The guard's marks beside the binary: none may be left once a script ran.
+MARKS = ("update-pending", "update-pending.tmp", "update-starts", "update-restoring", "update-restored",
+         "update-release_info.json")
+
+
+def heartbeat_from(cloud, connector_id, version, since=0):
+    return [h for h in heartbeats_of(cloud, connector_id)[since:] if h["body"]["status"]["version"] == version]
+
+
+class Hold:
+    """COMMAND, found first on PATH, stops its caller for good on the
+    NTH call whose arguments match PATTERN (a sh case pattern): before
+    running the real command, or after it (after=True)."""
+
+    def __init__(self, tmp_path, command, pattern, nth=1, after=False, real=None):
+        self.dir = tmp_path / "hold"
+        self.dir.mkdir()
+        self.reached = self.dir / "reached"
+        real = real or subprocess.run(["sh", "-c", "command -v %s" % command], stdout=subprocess.PIPE,
+                                      check=True).stdout.decode().strip()
+        script = self.dir / command
+        script.write_text("""#!/bin/sh
+pattern='%(pattern)s'
+case "$*" in
+    $pattern)
+        n=$(($(cat '%(dir)s/count' 2>/dev/null || echo 0) + 1))
+        echo "$n" >'%(dir)s/count'
+        if [ "$n" -eq %(nth)d ]; then
+            %(run)s
+            : >'%(dir)s/reached'
+            exec sleep 600
+        fi ;;
+esac
+exec '%(real)s' "$@"
+""" % dict(pattern=pattern, dir=self.dir, nth=nth, real=real, run=("'%s' \"$@\"" % real) if after else ":"))
+        os.chmod(script, 0o755)
+
+    def path(self, rest):
+        return os.pathsep.join([str(self.dir), rest])
+
+
+def start_held(sandbox, shell, script, hold, *args, env=None):
+    cmd = SHELLS[shell] + [str(INSTALLERS / script)] + list(args)
+    full_env = dict(sandbox.env, **(env or {}))
+    full_env["PATH"] = hold.path(full_env["PATH"])
+    log = open(hold.dir / "output", "wb")
+    return subprocess.Popen(cmd, env=full_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_at(proc, hold):
+    """SIGKILL to the script's process group once it is held."""
+    try:
+        wait_until(lambda: hold.reached.exists() or proc.poll() is not None, 120, "the script reaching its step")
+        assert hold.reached.exists(), "the script ended before the step:\n" + (hold.dir / "output").read_text()
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def install(sandbox, cloud, printer, release, tmp_path):
+    publish_connector(release, "1.0.0", tmp_path)
+    result = sandbox.run("dash", "install-klipper.sh", *install_args(cloud, printer))
+    assert result.returncode == 0, result.output
+    return config_of(sandbox.klipper_dir / "config.json")
+
+
+def assert_recovered_and_clean(sandbox, cloud, connector_id, version, shell="bash"):
+    """A later run of update.sh finds the connector of VERSION working and
+    leaves no scratch and no mark behind."""
+    d = sandbox.klipper_dir
+    restored_by_guard = (d / "update-restored").exists()
+    beats = len(heartbeats_of(cloud, connector_id))
+    result = sandbox.run(shell, "update.sh", "--version", version, env={"PRINTER_CONNECTOR_HEALTH_TIMEOUT": "20"})
+    assert result.returncode == 0, result.output
+    assert "%s is up to date" % version in result.output
+    if restored_by_guard:
+        assert "the update guard put %s back" % version in result.output
+    assert not list(d.glob(".stage.*")) and not list(d.glob("*.new")) and not list(d.glob("*.guard"))
+    assert [m for m in MARKS if (d / m).exists()] == []
+    assert config_of(d / "release_info.json")["version"] == "v" + version
+    cloud.wait_for(lambda: heartbeat_from(cloud, connector_id, version, beats), 20, "a heartbeat from " + version)
+
+
+BIN = "*/" + ASSET
+# Every step of update.sh: (the command held, its arguments, which call,
+# held after it ran, whether the new release works, the version that
+# must run afterwards with no script run again).
+STEPS = {
+    "download": ("curl", "*/download/v1.1.0/" + ASSET, 1, False, False, "1.0.0"),
+    "backup": ("mv", "-f *backups/%s.1.tmp *backups/%s.1" % (ASSET, ASSET), 1, True, False, "1.0.0"),
+    "mark": ("mv", "-f */update-pending.tmp */update-pending", 1, True, False, "1.0.0"),
+    "swap": ("mv", "-f %s.new %s" % (BIN, BIN), 1, True, False, "1.0.0"),
+    "restart": ("systemctl", "restart " + SERVICE, 1, True, False, "1.0.0"),
+    "confirm": ("rm", "*/update-pending", 1, False, True, "1.1.0"),
+    "rollback-swap": ("mv", "-f %s.new %s" % (BIN, BIN), 2, False, False, "1.0.0"),
+    "rollback-restart": ("systemctl", "restart " + SERVICE, 2, True, False, "1.0.0"),
+}
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_sigkill_of_update_at_every_step_leaves_a_connector_running(sandbox, step, tmp_path, cloud, printer,
+                                                                    release):
+    command, pattern, nth, after, works, want = STEPS[step]
+    config = install(sandbox, cloud, printer, release, tmp_path)
+    old_pid = sandbox.service_pid()
+    if works:
+        publish_connector(release, "1.1.0", tmp_path)
+    else:
+        release.publish("1.1.0", {ASSET: crashing_binary("1.1.0")})
+    real = str(sandbox.bin / "systemctl") if command == "systemctl" else None
+    hold = Hold(tmp_path, command, pattern, nth, after, real=real)
+    # A short health check: the rollback steps come soon after the crash.
+    timeout = "2" if step.startswith("rollback") else "30"
+    kill_at(start_held(sandbox, "dash", "update.sh", hold, env={"PRINTER_CONNECTOR_HEALTH_TIMEOUT": timeout}), hold)
+    beats = len(heartbeats_of(cloud, config["connector_id"]))
+
+    if step in ("download", "backup", "mark", "swap"):
+        # Nothing was restarted: the old connector runs on, untouched...
+        assert sandbox.service_pid() == old_pid
+        # ...and when it restarts anyway (a reboot, a crash), the guard
+        # takes back a swapped-in release that fails.
+        subprocess.run(["systemctl", "restart", SERVICE], env=sandbox.env, check=True)
+    cloud.wait_for(lambda: sandbox.service_pid() and heartbeat_from(cloud, config["connector_id"], want, beats),
+                   45, "a heartbeat from %s with no script run (journal: %s)" % (want, sandbox.journal()[-1500:]))
+    assert sandbox.klipper_bin.read_bytes() == (release.dir / ("v" + want) / ASSET).read_bytes()
+    if step == "restart":
+        assert_the_guard_said_what_it_did(sandbox)
+    assert_recovered_and_clean(sandbox, cloud, config["connector_id"], want)
+
+
+def assert_the_guard_said_what_it_did(sandbox):
+    """In the journal, in --doctor, and in the next update.sh."""
+    journal = subprocess.run(["journalctl", "-u", SERVICE], env=sandbox.env, stdout=subprocess.PIPE).stdout.decode()
+    assert "update guard: start 1 of an update not confirmed yet" in journal
+    assert "update guard: version 1.1.0 failed 2 starts in a row: version 1.0.0 is back in place" in journal
+    assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v1.0.0"
+    doctor = sandbox.run("busybox", "update.sh", "--doctor")
+    assert doctor.returncode == 1
+    assert "the update to 1.1.0 failed to start: the update guard put 1.0.0 back" in doctor.output
+
+
+def test_update_stops_waiting_once_the_guard_took_the_update_back(sandbox, tmp_path, cloud, printer, release):
+    """With the default health check (90 s), a release that crashes at
+    every start is over in about two restarts, not 90 s."""
+    install(sandbox, cloud, printer, release, tmp_path)
+    release.publish("1.1.0", {ASSET: crashing_binary("1.1.0")})
+    started = time.monotonic()
+    result = sandbox.run("dash", "update.sh", env={"PRINTER_CONNECTOR_HEALTH_TIMEOUT": "90"})
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.output
+    assert "the update guard put the previous one back" in result.output
+    assert "update to 1.1.0 failed and was rolled back; 1.0.0 runs again" in result.output
+    assert took < 60, took
+    assert [m for m in MARKS if (sandbox.klipper_dir / m).exists()] == []
+
+
+def test_sigkill_of_an_installer_rerun_after_the_restart_leaves_a_connector_running(sandbox, tmp_path, cloud,
+                                                                                   printer, release):
+    config = install(sandbox, cloud, printer, release, tmp_path)
+    release.publish("1.1.0", {ASSET: crashing_binary("1.1.0")})
+    hold = Hold(tmp_path, "systemctl", "restart " + SERVICE, 1, True, real=str(sandbox.bin / "systemctl"))
+    kill_at(start_held(sandbox, "bash", "install-klipper.sh", hold), hold)
+    beats = len(heartbeats_of(cloud, config["connector_id"]))
+    cloud.wait_for(lambda: sandbox.service_pid() and heartbeat_from(cloud, config["connector_id"], "1.0.0", beats),
+                   45, "a heartbeat from 1.0.0 with no script run")
+    assert_recovered_and_clean(sandbox, cloud, config["connector_id"], "1.0.0", shell="dash")
+
+
+def test_k1_sigkill_of_update_during_the_health_check_leaves_a_connector_running(sandbox, tmp_path, cloud, printer,
+                                                                                 release):
+    """The K1 layout under a BusyBox-only PATH: the init script's
+    supervisor runs the guard before each start of the connector."""
+    k1 = stock_k1_path(tmp_path)
+    publish_connector(release, "1.0.0", tmp_path, pyz=True)
+    result = sandbox.run("busybox", "install-k1.sh", *install_args(cloud, printer), path=k1)
+    assert result.returncode == 0, result.output
+    config = config_of(sandbox.k1_dir / "config.json")
+    release.publish("1.1.0", {PYZ: crashing_binary("1.1.0")})
+    proc = subprocess.Popen([shutil.which("busybox"), "sh", str(INSTALLERS / "update.sh")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            env=dict(sandbox.env, PATH=k1))
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.decode(errors="replace"))
+            if "for the first heartbeat" in lines[-1]:
+                break
+        assert lines and "for the first heartbeat" in lines[-1], "".join(lines)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    beats = len(heartbeats_of(cloud, config["connector_id"]))
+    cloud.wait_for(lambda: sandbox.k1_child_pid() and heartbeat_from(cloud, config["connector_id"], "1.0.0", beats),
+                   45, "a heartbeat from 1.0.0 with no script run")
+    log = (sandbox.k1_dir / "printer-connector.log").read_text()
+    assert "update guard: version 1.1.0 failed 2 starts in a row: version 1.0.0 is back in place" in log
+
+    result = sandbox.run("busybox", "update.sh", "--version", "1.0.0", path=k1)
+    assert result.returncode == 0, result.output
+    assert "the update guard put 1.0.0 back" in result.output
+    assert not list(sandbox.k1_dir.glob(".stage.*"))
+    assert [m for m in MARKS if (sandbox.k1_dir / m).exists()] == []
