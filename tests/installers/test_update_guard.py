@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -229,3 +230,81 @@ def test_k1_sigkill_of_update_during_the_health_check_leaves_a_connector_running
     assert "the update guard put 1.0.0 back" in result.output
     assert not list(sandbox.k1_dir.glob(".stage.*"))
     assert [m for m in MARKS if (sandbox.k1_dir / m).exists()] == []
+
+
+# ------------------------------------------------- the guard on its own
+
+def write_guard(tmp_path, shell):
+    """The guard as write_guard (common.sh) writes it, in a folder of its own
+    beside a binary ("new") and its backup ("old")."""
+    d = tmp_path / "install dir"
+    (d / "backups").mkdir(parents=True)
+    (d / "bin").write_text("new\n")
+    (d / "backups" / "bin.1").write_text("old\n")
+    script = (INSTALLERS / "update.sh").read_text().rsplit('main "$@"', 1)[0]
+    subprocess.run(SHELLS[shell] + ["-c", script + '\nDIR=$1\nwrite_guard\n', "guard", str(d)], check=True)
+    return d
+
+
+def run_guard(d, shell):
+    result = subprocess.run(SHELLS[shell] + [str(d / "update-guard"), str(d / "bin")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=30)
+    return result.returncode, result.stdout.decode()
+
+
+def boot_id():
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def uptime():
+    return int(float(Path("/proc/uptime").read_text().split()[0]))
+
+
+@pytest.mark.parametrize("shell", ["dash", "busybox"])
+def test_guard_counts_quick_starts_on_this_boot_and_restores_after_two_failures(tmp_path, shell):
+    d = write_guard(tmp_path, shell)
+    (d / "update-pending").write_text("1.0.0\n1.1.0\n")
+    (d / "release_info.json").write_text('{"version": "v1.1.0"}\n')
+    (d / "update-release_info.json").write_text('{"version": "v1.0.0"}\n')
+    for start in (1, 2):
+        code, out = run_guard(d, shell)
+        assert code == 0 and "start %d of an update not confirmed yet" % start in out
+        assert (d / "bin").read_text() == "new\n"
+    code, out = run_guard(d, shell)
+    assert "version 1.1.0 failed 2 starts in a row: version 1.0.0 is back in place" in out
+    assert (d / "bin").read_text() == "old\n" and os.access(d / "bin", os.X_OK)
+    assert (d / "release_info.json").read_text() == '{"version": "v1.0.0"}\n'
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith("update-")) == ["update-guard", "update-restored"]
+    assert run_guard(d, shell) == (0, "")  # taken back: later starts are left alone
+
+
+@pytest.mark.parametrize("shell", ["dash", "busybox"])
+@pytest.mark.parametrize("earlier", ["another-boot 5", "%(boot)s %(long_ago)d", "torn line", "", "\0\0\0"])
+def test_guard_starts_counting_again_after_a_reboot_a_long_run_or_a_torn_count(tmp_path, shell, earlier):
+    d = write_guard(tmp_path, shell)
+    (d / "update-pending").write_text("1.0.0\n1.1.0\n")
+    lines = earlier % dict(boot=boot_id(), long_ago=uptime() - 301) if "%" in earlier else earlier
+    (d / "update-starts").write_text((lines + "\n") * 5)
+    code, out = run_guard(d, shell)
+    assert code == 0 and "start 1 of an update not confirmed yet" in out, out
+    assert (d / "bin").read_text() == "new\n"
+
+
+@pytest.mark.parametrize("shell", ["dash", "busybox"])
+def test_guard_finishes_a_restore_that_was_cut_short(tmp_path, shell):
+    d = write_guard(tmp_path, shell)
+    (d / "update-restoring").write_text("1.0.0\n1.1.0\n")
+    code, out = run_guard(d, shell)
+    assert "version 1.0.0 is back in place" in out
+    assert (d / "bin").read_text() == "old\n"
+    assert (d / "update-restored").exists() and not (d / "update-restoring").exists()
+
+
+@pytest.mark.parametrize("shell", ["dash", "busybox"])
+def test_guard_without_a_backup_says_so_and_the_start_goes_on(tmp_path, shell):
+    d = write_guard(tmp_path, shell)
+    (d / "backups" / "bin.1").unlink()
+    (d / "update-restoring").write_text("1.0.0\n1.1.0\n")
+    code, out = run_guard(d, shell)
+    assert "there is no backup (%s) to put back" % (d / "backups" / "bin.1") in out
+    assert code == 0 and (d / "bin").read_text() == "new\n"
