@@ -4937,6 +4937,19 @@ def webcam_candidates(moonraker: Moonraker) -> List[str]:
     return found + [url for url in fallbacks if url not in found]
 
 
+# An answer without a Content-Type is taken for a picture only when it starts
+# like one: a camera URL comes from Moonraker's webcam list, which any LAN
+# client Moonraker trusts may edit, and whatever it answers goes to the cloud.
+IMAGE_SIGNATURES = ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
+                    (b"BM", "image/bmp"))
+
+
+def _image_type(content: bytes) -> Optional[str]:
+    if content[:4] == b"RIFF" and content[8:12] == b"WEBP":
+        return "image/webp"
+    return next((ctype for magic, ctype in IMAGE_SIGNATURES if content.startswith(magic)), None)
+
+
 def fetch_webcam_image(moonraker: Moonraker, url: str) -> Tuple[bytes, str]:
     response = moonraker.http.request("GET", url, max_bytes=WEBCAM_MAX_BYTES, **exchange_limits("webcam_fetch"),
                                       headers={"Accept": "image/*"})
@@ -4946,7 +4959,11 @@ def fetch_webcam_image(moonraker: Moonraker, url: str) -> Tuple[bytes, str]:
     if ctype and not ctype.startswith("image/"):
         # A web UI answers unknown paths with its index page: not a picture.
         raise BadResponse("webcam %s: not an image (%s)" % (url, ctype))
-    return response.content, ctype or "image/jpeg"
+    if not ctype:
+        ctype = _image_type(response.content) or ""
+        if not ctype:
+            raise BadResponse("webcam %s: not an image (no Content-Type, and it does not start like one)" % url)
+    return response.content, ctype
 
 
 class Webcams:
