@@ -138,5 +138,5 @@ def _sweep():
 
 try:
     _sweep()
-except OSError:
-    pass  # a sweep that cannot look is no reason not to start
+except Exception:  # whatever stops the sweep (a bug, an odd /proc) is no reason not to start
+    pass
