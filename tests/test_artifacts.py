@@ -387,6 +387,29 @@ def test_binary_leaves_the_unpacked_folders_of_a_running_instance_alone(arch, tm
     assert os.listdir(str(unpack)) == [], "left behind in TMPDIR: %s" % os.listdir(str(unpack))
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+def test_binary_keeps_a_folder_whose_bootloader_may_still_be_unpacking_it(arch, tmp_path):
+    """A _MEI folder's name carries its bootloader's pid (in hex): while that
+    process lives, the folder may be half unpacked with nothing of it open
+    or mapped yet, and is kept however old; once it is gone, the folder goes."""
+    unpack = tmp_path / "unpack"
+    unpack.mkdir()
+    env = dict(os.environ, TMPDIR=str(unpack))
+    bootloader = subprocess.Popen(["sleep", "60"])
+    try:
+        folder = unpack / ("_MEI%08xAbCdEf" % bootloader.pid)
+        folder.mkdir()
+        (folder / "base_library.zip").write_bytes(b"")
+        age(folder, 600)
+        assert run([binary(arch), "--version"], env=env).returncode == 0
+        assert os.listdir(str(unpack)) == [folder.name]
+    finally:
+        bootloader.kill()
+        bootloader.wait()
+    assert run([binary(arch), "--version"], env=env).returncode == 0
+    assert os.listdir(str(unpack)) == []
+
+
 def test_pyz_is_a_small_zipapp_of_sources_with_python38_bytecode():
     assert os.path.isfile(PYZ), "%s is missing: run `make pyz`" % PYZ
     with open(PYZ, "rb") as handle:
