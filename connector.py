@@ -569,6 +569,9 @@ def _is_credential(value) -> bool:
     return isinstance(value, str) and not UNSAFE_CHARACTER.search(value)
 
 
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\Z")
+
+
 def parse_host_port(value) -> Optional[Tuple[str, Optional[int]]]:
     """("host", port or None) of "host", "host:port" or "[v6]:port"; None
     when value is not one of those."""
@@ -582,6 +585,11 @@ def parse_host_port(value) -> Optional[Tuple[str, Optional[int]]]:
     host = (host or "").lower().rstrip(".")
     if not host or (port is not None and not 0 < port < 65536):
         return None  # "." names no host
+    if not _HOST_NAME.match(host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return None  # "*.lan": no patterns, a host is named as it is
     return host, port
 
 

@@ -62,6 +62,8 @@ def test_optional_api_key_is_read(tmp_path):
     (dict(PAIRED, transfer_allow_hosts=["nas.lan:0"]), "transfer_allow_hosts: must be a list of"),
     (dict(PAIRED, transfer_allow_hosts=[""]), "transfer_allow_hosts: must be a list of"),
     (dict(PAIRED, transfer_allow_hosts=[7]), "transfer_allow_hosts: must be a list of"),
+    (dict(PAIRED, transfer_allow_hosts=["*.lan"]), "transfer_allow_hosts: must be a list of"),
+    (dict(PAIRED, transfer_allow_hosts=["nas..lan"]), "transfer_allow_hosts: must be a list of"),
     (dict(PAIRED, poll_commands_seconds="3"), "poll_commands_seconds: must be a number of seconds > 0"),
     (dict(PAIRED, pairing_token="PAIR_x"), "pairing_token: set together with connector credentials"),
     ({"moonraker": [{}]}, "pairing_token: missing"),
