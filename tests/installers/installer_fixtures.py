@@ -459,3 +459,58 @@ def heartbeats_of(cloud, connector_id):
 
 def config_of(path):
     return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------ a script held at one step
+
+class Hold:
+    """COMMAND, found first on PATH, stops its caller for good on the
+    NTH call whose arguments match PATTERN (a sh case pattern): before
+    running the real command, or after it (after=True)."""
+
+    def __init__(self, tmp_path, command, pattern, nth=1, after=False, real=None):
+        self.dir = tmp_path / "hold"
+        self.dir.mkdir()
+        self.reached = self.dir / "reached"
+        real = real or subprocess.run(["sh", "-c", "command -v %s" % command], stdout=subprocess.PIPE,
+                                      check=True).stdout.decode().strip()
+        script = self.dir / command
+        script.write_text("""#!/bin/sh
+pattern='%(pattern)s'
+case "$*" in
+    $pattern)
+        n=$(($(cat '%(dir)s/count' 2>/dev/null || echo 0) + 1))
+        echo "$n" >'%(dir)s/count'
+        if [ "$n" -eq %(nth)d ]; then
+            %(run)s
+            : >'%(dir)s/reached'
+            exec sleep 600
+        fi ;;
+esac
+exec '%(real)s' "$@"
+""" % dict(pattern=pattern, dir=self.dir, nth=nth, real=real, run=("'%s' \"$@\"" % real) if after else ":"))
+        os.chmod(script, 0o755)
+
+    def path(self, rest):
+        return os.pathsep.join([str(self.dir), rest])
+
+
+def start_held(sandbox, shell, script, hold, *args, env=None):
+    cmd = SHELLS[shell] + [str(INSTALLERS / script)] + list(args)
+    full_env = dict(sandbox.env, **(env or {}))
+    full_env["PATH"] = hold.path(full_env["PATH"])
+    with open(hold.dir / "output", "wb") as log:
+        return subprocess.Popen(cmd, env=full_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def kill_at(proc, hold):
+    """SIGKILL to the script's process group once it is held."""
+    try:
+        wait_until(lambda: hold.reached.exists() or proc.poll() is not None, 120, "the script reaching its step")
+        assert hold.reached.exists(), "the script ended before the step:\n" + (hold.dir / "output").read_text()
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)

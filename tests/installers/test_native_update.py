@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from installer_fixtures import (REPO, SERVICE, config_of, connector_source, heartbeats_of, host_asset, install_args,
-                                process_alive, wait_until)
+from installer_fixtures import (REPO, SERVICE, Hold, config_of, connector_source, heartbeats_of, host_asset,
+                                install_args, kill_at, process_alive, start_held, wait_until)
 
 pytestmark = pytest.mark.artifacts
 
@@ -136,6 +136,28 @@ def test_crashing_native_release_is_rolled_back_to_the_static_binary(sandbox, tm
     assert config_of(sandbox.klipper_dir / "release_info.json")["version"] == "v" + old
     cloud.wait_for(lambda: heartbeat_from(cloud, config["connector_id"], old, beats), 20,
                    "a heartbeat from the restored " + old)
+
+
+def test_update_guard_puts_the_static_binary_back_when_update_is_killed_after_the_restart(
+        sandbox, tmp_path, cloud, printer, release, static_releases):
+    """SIGKILL of update.sh right after it restarted the service onto a
+    crashing native release: with no script run again, the update guard
+    (ExecStartPre=, run as the service user) puts the static binary back
+    after two failed starts, and it sends heartbeats."""
+    (old, old_data), _ = static_releases
+    config = install_static(sandbox, cloud, printer, release, old, old_data, "dash")
+    broken = bumped(old, 3)
+    release.publish(broken, {host_asset(): crashing_native_binary(broken, tmp_path)})
+    hold = Hold(tmp_path, "systemctl", "restart " + SERVICE, 1, True, real=str(sandbox.bin / "systemctl"))
+    kill_at(start_held(sandbox, "dash", "update.sh", hold), hold)
+    beats = len(heartbeats_of(cloud, config["connector_id"]))
+    cloud.wait_for(lambda: sandbox.service_pid() and heartbeat_from(cloud, config["connector_id"], old, beats), 60,
+                   "a heartbeat from the static %s with no script run" % old)
+    assert sandbox.klipper_bin.read_bytes() == old_data
+    assert (sandbox.klipper_dir / "update-restored").exists()
+    result = sandbox.run("busybox", "update.sh", "--version", old)
+    assert result.returncode == 0, result.output
+    assert "the update guard put %s back" % old in result.output
 
 
 def test_static_binary_stops_at_once_soon_after_a_start(sandbox, cloud, printer, release, static_releases):

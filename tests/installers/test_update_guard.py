@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from installer_fixtures import (INSTALLERS, PYZ, SERVICE, SHELLS, config_of, crashing_binary, heartbeats_of,
-                                host_asset, install_args, publish_connector, stock_k1_path, wait_until)
+from installer_fixtures import (INSTALLERS, PYZ, SERVICE, SHELLS, Hold, config_of, crashing_binary, heartbeats_of,
+                                host_asset, install_args, kill_at, publish_connector, start_held, stock_k1_path,
+                                wait_until)
 
 ASSET = host_asset()
 # The guard's marks beside the binary: none may be left once a script ran.
@@ -32,59 +33,6 @@ def heartbeat_from(cloud, connector_id, version, since=0):
     return [h for h in heartbeats_of(cloud, connector_id)[since:] if h["body"]["status"]["version"] == version]
 
 
-class Hold:
-    """COMMAND, found first on PATH, stops its caller for good on the
-    NTH call whose arguments match PATTERN (a sh case pattern): before
-    running the real command, or after it (after=True)."""
-
-    def __init__(self, tmp_path, command, pattern, nth=1, after=False, real=None):
-        self.dir = tmp_path / "hold"
-        self.dir.mkdir()
-        self.reached = self.dir / "reached"
-        real = real or subprocess.run(["sh", "-c", "command -v %s" % command], stdout=subprocess.PIPE,
-                                      check=True).stdout.decode().strip()
-        script = self.dir / command
-        script.write_text("""#!/bin/sh
-pattern='%(pattern)s'
-case "$*" in
-    $pattern)
-        n=$(($(cat '%(dir)s/count' 2>/dev/null || echo 0) + 1))
-        echo "$n" >'%(dir)s/count'
-        if [ "$n" -eq %(nth)d ]; then
-            %(run)s
-            : >'%(dir)s/reached'
-            exec sleep 600
-        fi ;;
-esac
-exec '%(real)s' "$@"
-""" % dict(pattern=pattern, dir=self.dir, nth=nth, real=real, run=("'%s' \"$@\"" % real) if after else ":"))
-        os.chmod(script, 0o755)
-
-    def path(self, rest):
-        return os.pathsep.join([str(self.dir), rest])
-
-
-def start_held(sandbox, shell, script, hold, *args, env=None):
-    cmd = SHELLS[shell] + [str(INSTALLERS / script)] + list(args)
-    full_env = dict(sandbox.env, **(env or {}))
-    full_env["PATH"] = hold.path(full_env["PATH"])
-    log = open(hold.dir / "output", "wb")
-    return subprocess.Popen(cmd, env=full_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def kill_at(proc, hold):
-    """SIGKILL to the script's process group once it is held."""
-    try:
-        wait_until(lambda: hold.reached.exists() or proc.poll() is not None, 120, "the script reaching its step")
-        assert hold.reached.exists(), "the script ended before the step:\n" + (hold.dir / "output").read_text()
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-
-
 def install(sandbox, cloud, printer, release, tmp_path):
     publish_connector(release, "1.0.0", tmp_path)
     result = sandbox.run("dash", "install-klipper.sh", *install_args(cloud, printer))
@@ -92,12 +40,11 @@ def install(sandbox, cloud, printer, release, tmp_path):
     return config_of(sandbox.klipper_dir / "config.json")
 
 
-def assert_recovered_and_clean(sandbox, cloud, connector_id, version, shell="bash"):
+def assert_recovered_and_clean(sandbox, version, shell="bash"):
     """A later run of update.sh finds the connector of VERSION working and
-    leaves no scratch and no mark behind."""
+    leaves no scratch and no mark behind. (Its heartbeats were seen before.)"""
     d = sandbox.klipper_dir
     restored_by_guard = (d / "update-restored").exists()
-    beats = len(heartbeats_of(cloud, connector_id))
     result = sandbox.run(shell, "update.sh", "--version", version, env={"PRINTER_CONNECTOR_HEALTH_TIMEOUT": "20"})
     assert result.returncode == 0, result.output
     assert "%s is up to date" % version in result.output
@@ -106,7 +53,7 @@ def assert_recovered_and_clean(sandbox, cloud, connector_id, version, shell="bas
     assert not list(d.glob(".stage.*")) and not list(d.glob("*.new")) and not list(d.glob("*.guard"))
     assert [m for m in MARKS if (d / m).exists()] == []
     assert config_of(d / "release_info.json")["version"] == "v" + version
-    cloud.wait_for(lambda: heartbeat_from(cloud, connector_id, version, beats), 20, "a heartbeat from " + version)
+    assert sandbox.service_pid()
 
 
 BIN = "*/" + ASSET
@@ -137,14 +84,16 @@ def test_sigkill_of_update_at_every_step_leaves_a_connector_running(sandbox, ste
         release.publish("1.1.0", {ASSET: crashing_binary("1.1.0")})
     real = str(sandbox.bin / "systemctl") if command == "systemctl" else None
     hold = Hold(tmp_path, command, pattern, nth, after, real=real)
-    # A short health check: the rollback steps come soon after the crash.
-    timeout = "2" if step.startswith("rollback") else "30"
+    # A short health check: the rollback steps come soon after the crash;
+    # else the default, as owners run it (a loaded machine starts slowly).
+    timeout = "2" if step.startswith("rollback") else "90"
     kill_at(start_held(sandbox, "dash", "update.sh", hold, env={"PRINTER_CONNECTOR_HEALTH_TIMEOUT": timeout}), hold)
     beats = len(heartbeats_of(cloud, config["connector_id"]))
 
     if step in ("download", "backup", "mark", "swap"):
         # Nothing was restarted: the old connector runs on, untouched...
         assert sandbox.service_pid() == old_pid
+    if step in ("mark", "swap"):
         # ...and when it restarts anyway (a reboot, a crash), the guard
         # takes back a swapped-in release that fails.
         subprocess.run(["systemctl", "restart", SERVICE], env=sandbox.env, check=True)
@@ -153,7 +102,7 @@ def test_sigkill_of_update_at_every_step_leaves_a_connector_running(sandbox, ste
     assert sandbox.klipper_bin.read_bytes() == (release.dir / ("v" + want) / ASSET).read_bytes()
     if step == "restart":
         assert_the_guard_said_what_it_did(sandbox)
-    assert_recovered_and_clean(sandbox, cloud, config["connector_id"], want)
+    assert_recovered_and_clean(sandbox, want)
 
 
 def assert_the_guard_said_what_it_did(sandbox):
@@ -191,7 +140,7 @@ def test_sigkill_of_an_installer_rerun_after_the_restart_leaves_a_connector_runn
     beats = len(heartbeats_of(cloud, config["connector_id"]))
     cloud.wait_for(lambda: sandbox.service_pid() and heartbeat_from(cloud, config["connector_id"], "1.0.0", beats),
                    45, "a heartbeat from 1.0.0 with no script run")
-    assert_recovered_and_clean(sandbox, cloud, config["connector_id"], "1.0.0", shell="dash")
+    assert_recovered_and_clean(sandbox, "1.0.0", shell="dash")
 
 
 def test_k1_sigkill_of_update_during_the_health_check_leaves_a_connector_running(sandbox, tmp_path, cloud, printer,
