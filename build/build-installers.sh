@@ -6,7 +6,8 @@
 #                                        scripts that install the latest release
 #   build-installers.sh --release [OUT]  release assets, each pinned to the
 #                                        release of connector.py's __version__
-# Each file is written beside its place and renamed into it, so a test run
+# Each file is written beside its place (a name of its own per run: parallel
+# test workers build at once) and renamed into it, so a test run
 # never reads one half-written.
 set -eu
 
@@ -51,12 +52,12 @@ produce() { # SRC BOOTSTRAP COMMON VERSION OUT
         version != "" && $0 == "RELEASE_VERSION=\"\"" { print "RELEASE_VERSION=" version; pinned = 1; next }
         { print }
         END { exit !(found == 2 && (version == "" || pinned)) }
-    ' "$1" >"$5.tmp" || {
-        rm -f "$5.tmp"
+    ' "$1" >"$5.tmp.$$" || {
+        rm -f "$5.tmp.$$"
         err "$1 lacks a marker line (# >>> installers/bootstrap.sh, # >>> installers/lib/common.sh) or its RELEASE_VERSION=\"\""
     }
-    chmod 755 "$5.tmp"
-    mv -f "$5.tmp" "$5"
+    chmod 755 "$5.tmp.$$"
+    mv -f "$5.tmp.$$" "$5"
 }
 
 main() {
