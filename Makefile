@@ -49,14 +49,21 @@ demo: venv $(if $(filter klipper,$(PRINTER)),$(MR_VENV)/.stamp $(KL_VENV)/.stamp
 printer: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp
 	$(PY) sim/rig.py
 
+# The test files run in parallel (pytest-xdist), each whole in one worker:
+# its module fixtures (real Moonrakers, the Klipper rig) start once and its
+# tests keep their order. Most tests wait on processes and sockets, not on
+# the CPU, so more workers than CI's 2 cores pay; TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 4
+PYTEST := MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 # Everything CI checks. The host binary, the zipapp and the standalone
 # installers are built first so the tests can run them.
 test: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp deb-deps pyz binary installers
-	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The tests without the artifacts (quick loop while editing connector.py).
 test-fast: venv $(MR_VENV)/.stamp $(KL_VENV)/.stamp deb-deps installers
-	MOONRAKER_BIN=$(CURDIR)/$(MR_VENV)/bin/moonraker $(PY) -m pytest -q tests -m "not artifacts"
+	$(PYTEST) tests -m "not artifacts"
 
 # Coverage-guided fuzzing of the readers of peer answers (tests/fuzz/, atheris):
 # FUZZ_RUNS inputs per target from a fixed seed; a failing input is written
