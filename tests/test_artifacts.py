@@ -568,7 +568,8 @@ def test_integration_subset_passes_with_the_artifact(artifact):
              if os.path.isfile(os.path.join(REPO, "tests", name))]
     assert files, "none of the integration test files %s exists" % INTEGRATION_FILES
     env = dict(os.environ, CONNECTOR_CMD=command)
-    out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not artifacts",
+    # Two workers (pytest-xdist): the subset's tests mostly wait on the connector.
+    out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "-m", "not artifacts",
                "-k", subset] + files, env=env, cwd=REPO, timeout=1800)
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
