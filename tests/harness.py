@@ -15,7 +15,9 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -176,6 +178,47 @@ def run_command(cloud, connector, action, params=None, printer_id=None, timeout=
     """Sends one command through the cloud; returns the completion body the cloud received."""
     command_id = enqueue(cloud, connector, action, params, printer_id)
     return completions_of(cloud, command_id, timeout, "completion of %s (%s)" % (command_id, action))[-1]["body"]
+
+
+# -- a presigned-URL target ---------------------------------------------------
+
+class _StorageHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_PUT(self):
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.send_response(411)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.rfile.read(int(length))
+        self.server.uploads.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class Storage(ThreadingHTTPServer):
+    """A presigned-URL target like S3 on loopback: refuses chunked uploads
+    (411), keeps each upload ({"path", "headers", "body"}) in `uploads`."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _StorageHandler)
+        self.uploads = []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, path):
+        return "http://127.0.0.1:%d%s" % (self.server_address[1], path)
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
 
 
 # Intervals short enough for quick tests, long enough not to load the machine.

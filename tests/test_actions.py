@@ -7,12 +7,10 @@ import hashlib
 import io
 import os
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from harness import run_command
+from harness import Storage, run_command
 
 
 # -- print control ----------------------------------------------------------
@@ -214,34 +212,11 @@ def test_commands_run_one_at_a_time_in_order(cloud, paired, printer):
 
 # -- backups ----------------------------------------------------------------
 
-class StorageHandler(BaseHTTPRequestHandler):
-    """A presigned-URL target like S3: refuses chunked uploads."""
-    protocol_version = "HTTP/1.1"
-
-    def do_PUT(self):
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.send_response(411)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = self.rfile.read(int(length))
-        self.server.uploads.append({"path": self.path, "headers": dict(self.headers), "body": body})
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def storage():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StorageHandler)
-    server.uploads = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = Storage()
     yield server
-    server.shutdown()
+    server.stop()
 
 
 @pytest.fixture

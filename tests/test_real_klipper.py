@@ -12,15 +12,13 @@ import functools
 import io
 import os
 import tarfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
 import harness
-from harness import Connector, snapshots_of, start_paired, unpaired_config, wait_until
+from harness import Connector, Storage, snapshots_of, start_paired, unpaired_config, wait_until
 from sim.rig import KlipperRig
 
 COMMAND_TIMEOUT = 30.0
@@ -367,27 +365,11 @@ def test_homing_while_printing_fails_and_the_print_goes_on(cloud, connector, kli
 # Backups of real printer_data
 # --------------------------------------------------------------------------
 
-class StorageHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_PUT(self):
-        self.server.uploads.append(self.rfile.read(int(self.headers["Content-Length"])))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def storage():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StorageHandler)
-    server.uploads = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = Storage()
     yield server
-    server.shutdown()
-    server.server_close()
+    server.stop()
 
 
 def test_create_backup_archives_the_rigs_printer_data(cloud, connector, klipper, storage):
@@ -398,7 +380,7 @@ def test_create_backup_archives_the_rigs_printer_data(cloud, connector, klipper,
         "include": {"config": True, "database": True, "logs": True}}, timeout=60.0)
 
     assert body["status"] == "succeeded", body
-    with tarfile.open(fileobj=io.BytesIO(storage.uploads[-1]), mode="r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(storage.uploads[-1]["body"]), mode="r:gz") as tar:
         names = set(tar.getnames())
         printer_cfg = tar.extractfile("config/printer.cfg").read()
     assert {"config/printer.cfg", "config/moonraker.conf", "logs/klippy.log"} <= names
