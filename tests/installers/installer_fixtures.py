@@ -466,9 +466,11 @@ def config_of(path):
 class Hold:
     """COMMAND, found first on PATH, stops its caller for good on the
     NTH call whose arguments match PATTERN (a sh case pattern): before
-    running the real command, or after it (after=True)."""
+    running the real command, or after it (after=True). With pause=SECONDS
+    it only says so and waits that long before it goes on: the caller is
+    killed in the middle of that step."""
 
-    def __init__(self, tmp_path, command, pattern, nth=1, after=False, real=None):
+    def __init__(self, tmp_path, command, pattern, nth=1, after=False, real=None, pause=None):
         self.dir = tmp_path / "hold"
         self.dir.mkdir()
         self.reached = self.dir / "reached"
@@ -484,21 +486,22 @@ case "$*" in
         if [ "$n" -eq %(nth)d ]; then
             %(run)s
             : >'%(dir)s/reached'
-            exec sleep 600
+            %(wait)s
         fi ;;
 esac
 exec '%(real)s' "$@"
-""" % dict(pattern=pattern, dir=self.dir, nth=nth, real=real, run=("'%s' \"$@\"" % real) if after else ":"))
+""" % dict(pattern=pattern, dir=self.dir, nth=nth, real=real, run=("'%s' \"$@\"" % real) if after else ":",
+           wait=("'%s' %s" % (shutil.which("sleep"), pause)) if pause else "exec sleep 600"))
         os.chmod(script, 0o755)
 
     def path(self, rest):
         return os.pathsep.join([str(self.dir), rest])
 
 
-def start_held(sandbox, shell, script, hold, *args, env=None):
-    cmd = SHELLS[shell] + [str(INSTALLERS / script)] + list(args)
+def start_held(sandbox, shell, script, hold, *args, env=None, path=None):
+    cmd = [shutil.which(SHELLS[shell][0])] + SHELLS[shell][1:] + [str(INSTALLERS / script)] + list(args)
     full_env = dict(sandbox.env, **(env or {}))
-    full_env["PATH"] = hold.path(full_env["PATH"])
+    full_env["PATH"] = hold.path(path or full_env["PATH"])
     with open(hold.dir / "output", "wb") as log:
         return subprocess.Popen(cmd, env=full_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -257,3 +257,29 @@ def test_guard_without_a_backup_says_so_and_the_start_goes_on(tmp_path, shell):
     code, out = run_guard(d, shell)
     assert "there is no backup (%s) to put back" % (d / "backups" / "bin.1") in out
     assert code == 0 and (d / "bin").read_text() == "new\n"
+
+
+def test_k1_sigkill_of_update_in_the_middle_of_a_restart_leaves_a_connector_running(sandbox, tmp_path, cloud,
+                                                                                    printer, release):
+    """The init script's restart is a job in a session of its own: update.sh
+    killed while it waits for the old connector to stop (between the stop
+    and the start), the job still starts it again."""
+    k1 = stock_k1_path(tmp_path)
+    publish_connector(release, "1.0.0", tmp_path, pyz=True)
+    result = sandbox.run("busybox", "install-k1.sh", *install_args(cloud, printer), path=k1)
+    assert result.returncode == 0, result.output
+    config = config_of(sandbox.k1_dir / "config.json")
+    publish_connector(release, "1.1.0", tmp_path, pyz=True)
+    old_child = sandbox.k1_child_pid()
+    # The first "sleep 0.1" is the stop's wait for the old supervisor to end.
+    hold = Hold(tmp_path, "sleep", "0.1", 1, pause=3, real=os.path.join(k1, "sleep"))
+    kill_at(start_held(sandbox, "busybox", "update.sh", hold, path=k1), hold)
+    beats = len(heartbeats_of(cloud, config["connector_id"]))
+    cloud.wait_for(lambda: sandbox.k1_child_pid() not in (None, old_child)
+                   and heartbeat_from(cloud, config["connector_id"], "1.1.0", beats), 45,
+                   "a heartbeat from the restarted 1.1.0 with no script run")
+    result = sandbox.run("busybox", "update.sh", path=k1)
+    assert result.returncode == 0, result.output
+    assert "runs and sends heartbeats: confirming it" in result.output
+    assert [m for m in MARKS if (sandbox.k1_dir / m).exists()] == []
+
