@@ -5372,12 +5372,13 @@ def go_arch(machine: Optional[str] = None) -> str:
 
 
 def local_ip(cloud_url: str) -> Optional[str]:
-    """The address this host uses towards the cloud (no packet is sent; the
-    name lookup has the connect's bound, see resolve)."""
+    """The address this host uses towards the cloud (no packet is sent), or
+    None. Only a detail of the register body: its name lookup waits a
+    second at most (the register's own connect waits on the same lookup)."""
     parts = urlsplit(cloud_url)
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        infos = resolve(parts.hostname or "8.8.8.8", parts.port or 443, CONNECT_TIMEOUT)
+        infos = resolve(parts.hostname or "8.8.8.8", parts.port or 443, 1.0)
         address = next(info[4] for info in infos if info[0] == socket.AF_INET)
         probe.connect(address)
         return probe.getsockname()[0]
