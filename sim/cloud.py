@@ -1086,8 +1086,11 @@ def main(argv=None):
                         help="accept this pairing token (repeatable)")
     parser.add_argument("--no-extensions", action="store_true",
                         help="behave as today's cloud: no long-poll, capabilities ignored")
+    parser.add_argument("--snapshot-keepalive", type=int, default=SNAPSHOT_KEEPALIVE_SECONDS, metavar="SECONDS",
+                        help="X-Snapshot-Keepalive answered to quiet_snapshots (0: none; default %(default)s)")
     args = parser.parse_args(argv)
-    cloud = ReferenceCloud(args.host, args.port, extensions=not args.no_extensions)
+    cloud = ReferenceCloud(args.host, args.port, extensions=not args.no_extensions,
+                           snapshot_keepalive=args.snapshot_keepalive or None)
     for token in args.pairing_token:
         cloud.add_pairing_token(token)
     return serve_until_signalled(cloud, lambda: "reference cloud listening on %s" % cloud.url)
