@@ -175,7 +175,10 @@ class Rig:
         config = {"cloud_url": self.cloud.url, "pairing_token": token, "site_name": "Bench",
                   "state_dir": self.state_dir, "printer_data_root": self.printer_data,
                   "moonraker": [{"printer_id": 0, "name": "Sim", "base_url": self.printer.url,
-                                 "ui_port": self.printer.ui_port}]}
+                                 "ui_port": self.printer.ui_port}],
+                  # The backup's presigned storage is the bench's own server on
+                  # loopback, which transfer URLs may reach only when allowed.
+                  "transfer_allow_hosts": ["127.0.0.1"]}
         config.update(intervals or {})  # none: the connector's defaults
         config.update(subject.config)
         os.makedirs(workdir, exist_ok=True)
