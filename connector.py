@@ -273,7 +273,12 @@ class HttpError(ConnectorError):
     """Every failed HTTP exchange. `status` is the peer's answer code, None
     when it gave no usable answer. The subclasses say what went wrong; they
     are raised from the low-level exceptions of both transports in one place
-    (`http_error_of`, HTTP section)."""
+    (`http_error_of`, HTTP section). `connected`: False when the exchange
+    failed before a connection to the peer was made (its name unknown or
+    not looked up in time, the connect refused or timed out), so that
+    nothing of the request can have reached it."""
+
+    connected = True
 
     def __init__(self, message, status=None):
         super().__init__(message)
@@ -1838,7 +1843,9 @@ class Transport:
         except _LocalFailure as failure:
             raise failure.error from None
         except self.FAILURES as exc:
-            raise http_error_of(exc, watched) from None
+            error = http_error_of(exc, watched)
+            error.connected = watched.connected
+            raise error from None
         finally:
             DEADLINES.finish(watched)
 
@@ -5498,8 +5505,9 @@ def forget_pairing_key(config: Config) -> None:
 
 
 def may_have_reached_the_cloud(exc: HttpError) -> bool:
-    """No answer, or a gateway's: the cloud may have used the token."""
-    return isinstance(exc, TransportError) or exc.status in (502, 504)
+    """No answer after a connection was made, or a gateway's: the cloud may
+    have used the token."""
+    return (isinstance(exc, TransportError) and exc.connected) or exc.status in (502, 504)
 
 
 def register(config: Config, log: Logger, stop: threading.Event, attempts: Optional[int]) -> Any:

@@ -545,3 +545,22 @@ def test_an_interrupted_exchange_on_a_kept_connection_is_not_sent_again(server, 
     assert isinstance(raised[0], connector.TransportError), repr(raised[0])
     assert [e.request_line.split()[1] for e in peer.exchanges] == ["/quick", "/held"]
     assert peer.connections == 1
+
+
+# -- whether a failed exchange can have reached its peer ------------------------------
+
+def test_an_exchange_refused_at_the_connect_never_reached_its_peer(client):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    with pytest.raises(connector.TransportError, match="connection refused") as failure:
+        client("http://127.0.0.1:%d" % port).request("POST", "/api/v1/connectors/register")
+    assert not failure.value.connected and not connector.may_have_reached_the_cloud(failure.value)
+
+
+def test_an_exchange_whose_answer_did_not_come_may_have_reached_its_peer(server, client):
+    peer = server(lambda exchange: RawServer.HANG)
+    with pytest.raises(connector.AnswerTimeout) as failure:
+        client(peer.url()).request("POST", "/api/v1/connectors/register", timeout=(1.0, 0.3))
+    assert failure.value.connected and connector.may_have_reached_the_cloud(failure.value)

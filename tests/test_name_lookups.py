@@ -64,10 +64,11 @@ def client(base_url):
 def test_a_lookup_without_an_answer_fails_the_exchange_at_its_connect_timeout(stuck_resolver, server):
     peer = server()
     started = time.monotonic()
-    with pytest.raises(agent.ExchangeTimeout, match="name lookup of slow.test: no answer within 0.5 s"):
+    with pytest.raises(agent.ExchangeTimeout, match="name lookup of slow.test: no answer within 0.5 s") as failure:
         client("http://slow.test:%d" % peer.port).request("GET", "/", timeout=(0.5, 5.0))
     assert time.monotonic() - started < 0.5 + SLACK
     assert stuck_resolver.asked == ["slow.test"] and peer.connections == 0
+    assert not agent.may_have_reached_the_cloud(failure.value)  # nothing was sent: a register may say so
 
 
 def test_a_lookup_gets_no_more_than_what_is_left_of_the_exchanges_deadline(stuck_resolver, server):
@@ -180,6 +181,7 @@ def test_a_connector_whose_name_server_holds_its_queries_gives_up_at_the_connect
         # (a second at most), then the register's connect.
         running.wait_log("pairing failed; retrying.*name lookup of cloud.test: no answer within %g s"
                          % agent.CONNECT_TIMEOUT, timeout=agent.CONNECT_TIMEOUT + 10)
+        assert "may have reached the cloud" not in running.log
         assert time.monotonic() - asked < 1.0 + agent.CONNECT_TIMEOUT + 2 * SLACK
         dns.answer({"cloud.test": "127.0.0.1"})  # the held queries are answered too, late
         running.wait_log("Pairing successful", timeout=20)
