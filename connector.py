@@ -17,7 +17,7 @@ run twice. The wire contract is docs/PROTOCOL.md (cloud API and Moonraker).
 Sections, in dependency order (each uses only those before it): constants,
 errors, bounded JSON, unsafe text, config, logging, large transfers, HTTP,
 Moonraker client, cloud client, loops, durable state, actions, snapshots,
-commands, webcam, status watcher, pairing, agent, doctor, CLI.
+commands, webcam, status watcher, pairing, agent, doctor, installer, CLI.
 """
 
 import base64
@@ -6171,6 +6171,223 @@ class Doctor:
 
 
 # --------------------------------------------------------------------------
+# Installer
+# --------------------------------------------------------------------------
+# What the install, update and uninstall scripts (installers/) ask of the
+# binary they downloaded and verified, so that no JSON or HTTP is written in
+# their shell: `printer-connector installer COMMAND ARGS`, answers one a line
+# on stdout, a reason on stderr, exit 1 for a failure and 2 for bad input.
+
+INSTALLER_TIMEOUT = 5.0  # seconds for each question to Moonraker
+# Moonraker answers, but Klipper is not connected: nothing prints.
+KLIPPY_DOWN_STATUSES = (404, 503)
+
+
+def installer_fail(message: str, code: int = EXIT_FAILURE) -> None:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def parse_printer_lines(text: str) -> List[Dict[str, Any]]:
+    """The installers' --printer values, one a line: ID|Name|URL[|UI_PORT]."""
+    printers = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) not in (3, 4):
+            raise ConfigError('--printer wants "ID|Name|URL" or "ID|Name|URL|UI_PORT", got: %s' % line)
+        if not (parts[0].isdigit() and (len(parts) == 3 or parts[3].isdigit())):
+            raise ConfigError("--printer: the ID and UI_PORT must be numbers, got: %s" % line)
+        entry = {"printer_id": int(parts[0]), "name": parts[1], "base_url": parts[2].rstrip("/")}
+        if len(parts) == 4:
+            entry["ui_port"] = int(parts[3])
+        if not _is_http_url(entry["base_url"]):
+            raise ConfigError("--printer: the URL must start with http:// or https://, got: %s" % line)
+        if not entry["name"]:
+            raise ConfigError("--printer: the name is empty in: %s" % line)
+        printers.append(entry)
+    if not printers:
+        raise ConfigError("no printer given")
+    return printers
+
+
+def new_config(cloud_url: str, token: str, state_dir: str, printer_lines: str) -> Dict[str, Any]:
+    """A first install's config, checked as the connector will read it."""
+    if not _is_http_url(cloud_url):
+        raise ConfigError("the cloud URL must start with http:// or https://, got: %s" % cloud_url)
+    data = {"cloud_url": cloud_url.rstrip("/"), "pairing_token": token, "state_dir": state_dir,
+            "moonraker": parse_printer_lines(printer_lines)}
+    parse_config("the new config", data, environ={})
+    return data
+
+
+def write_json_file(path: str, data: Any, mode: int = 0o600) -> None:
+    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), mode)
+
+
+def config_state(path: str) -> Tuple[str, str]:
+    """(paired | unpaired | invalid, why) of the config at path."""
+    try:
+        config = load_config(path, environ={})
+    except ConfigError as exc:
+        return "invalid", str(exc)
+    return ("paired", "") if config.connector_secret else ("unpaired", "")
+
+
+def raw_config(path: str) -> Dict[str, Any]:
+    try:
+        return load_config(path, environ={}).raw
+    except ConfigError as exc:
+        installer_fail(str(exc), EXIT_USAGE)
+        raise  # not reached: installer_fail exits
+
+
+def ask_moonraker(url: str, path: str) -> Any:
+    moonraker = Moonraker(PrinterConfig(base_url=url.rstrip("/")), Logger("error", sys.stderr), user_agent())
+    try:
+        return moonraker.call("GET", path, timeout=(INSTALLER_TIMEOUT, INSTALLER_TIMEOUT),
+                              deadline=INSTALLER_TIMEOUT * 2)
+    finally:
+        moonraker.close()
+
+
+def print_state(url: str) -> str:
+    """printing, paused, standby, ...; klippy-down, unreachable or unknown."""
+    try:
+        result = ask_moonraker(url, "/printer/objects/query?print_stats")
+    except HttpStatusError as exc:
+        return "klippy-down" if exc.response.status in KLIPPY_DOWN_STATUSES else "unknown"
+    except HttpError:
+        return "unreachable"
+    status = result.get("status") if isinstance(result, dict) else None
+    stats = status.get("print_stats") if isinstance(status, dict) else None
+    state = stats.get("state") if isinstance(stats, dict) else None
+    return state if isinstance(state, str) and state else "unknown"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def installer():
+    """What the installer scripts ask of the binary (installers/)."""
+
+
+@installer.command("write-config")
+@click.argument("out")
+@click.argument("cloud_url")
+@click.argument("token")
+@click.argument("state_dir")
+@click.argument("printer_lines")
+def installer_write_config(out, cloud_url, token, state_dir, printer_lines):
+    """A new config (0600) for a connector to pair with TOKEN."""
+    try:
+        write_json_file(out, new_config(cloud_url, token, state_dir, printer_lines))
+    except ConfigError as exc:
+        installer_fail(str(exc), EXIT_USAGE)
+
+
+@installer.command("config-state")
+@click.argument("path")
+def installer_config_state(path):
+    """paired, unpaired or invalid (with why on stderr)."""
+    state, why = config_state(path)
+    if why:
+        click.echo(why, err=True)
+    click.echo(state)
+
+
+@installer.command("config-get")
+@click.argument("path")
+@click.argument("key")
+def installer_config_get(path, key):
+    """A top-level value of the config (empty when unset)."""
+    value = raw_config(path).get(key)
+    click.echo("" if value is None or isinstance(value, (dict, list)) else value)
+
+
+@installer.command("config-set")
+@click.argument("path")
+@click.argument("key")
+@click.argument("value")
+def installer_config_set(path, key, value):
+    """Sets a top-level string of the config, keeping the rest."""
+    data = dict(raw_config(path), **{key: value})
+    try:
+        parse_config(path, data, environ={})
+    except ConfigError as exc:
+        installer_fail(str(exc), EXIT_USAGE)
+    write_json_file(path, data)
+
+
+@installer.command("printer-urls")
+@click.argument("path")
+def installer_printer_urls(path):
+    """The Moonraker URL of each printer of the config."""
+    try:
+        config = load_config(path, environ={})
+    except ConfigError as exc:
+        installer_fail(str(exc), EXIT_USAGE)
+    for printer in config.moonraker:
+        click.echo(printer.base_url)
+
+
+@installer.command("moonraker-ok")
+@click.argument("url")
+def installer_moonraker_ok(url):
+    """Exit 0 if Moonraker answers /server/info at URL."""
+    try:
+        info = ask_moonraker(url, "/server/info")
+    except HttpError as exc:
+        installer_fail(str(exc))
+    if not isinstance(info, dict):
+        installer_fail("unexpected answer to /server/info")
+
+
+@installer.command("moonraker-version")
+@click.argument("url")
+def installer_moonraker_version(url):
+    """Moonraker's version at URL (empty when it does not say)."""
+    try:
+        info = ask_moonraker(url, "/server/info")
+    except HttpError:
+        info = None
+    version = info.get("moonraker_version") if isinstance(info, dict) else None
+    click.echo(version if isinstance(version, str) else "")
+
+
+@installer.command("print-state")
+@click.argument("url")
+def installer_print_state(url):
+    """print_stats.state at URL, or klippy-down, unreachable or unknown."""
+    click.echo(print_state(url))
+
+
+@installer.command("release-info-get")
+@click.argument("path")
+@click.argument("key")
+def installer_release_info_get(path, key):
+    """A value of Moonraker's release_info.json (empty when unreadable)."""
+    try:
+        with open(path, "rb") as handle:
+            info = decode_json(handle.read(CONFIG_MAX_BYTES))
+    except (OSError, BadJson):
+        info = None
+    value = info.get(key) if isinstance(info, dict) else None
+    click.echo(value if isinstance(value, str) else "")
+
+
+@installer.command("ca-bundle")
+@click.argument("out")
+def installer_ca_bundle(out):
+    """Writes the CA certificates the connector verifies TLS with."""
+    import certifi
+
+    try:
+        atomic_write(out, certifi.contents().encode("ascii"), 0o644)
+    except OSError as exc:
+        installer_fail("%s: %s" % (out, exc.strerror or exc))
+
+
+# --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------
 # The command line: parses the options, loads the config and runs the agent
@@ -6232,7 +6449,11 @@ def cli(config_path, log_level, once, doctor, service_name):
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    cli.main(args=argv, prog_name="printer-connector")
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["installer"]:
+        installer.main(args=args[1:], prog_name="printer-connector installer")
+    else:
+        cli.main(args=args, prog_name="printer-connector")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ init_settings() {
     SERVICE=printer-connector
     K1_INIT=$ROOT/etc/init.d/S99printer-connector
     LEGACY_INIT=""
+    HELPER=""
     CLEANUP_PATHS=""
     UPDATE_PHASE=""
     trap cleanup EXIT
@@ -130,7 +131,7 @@ free_kib() { # DIR: KiB free for an ordinary user (0 if df cannot tell)
 # download, the size is asked unverified: it only decides whether to go on,
 # and the SHA256 check still applies to the file.)
 remote_kib() { # URL
-    pyhelp content-length "$1" "$CA_BUNDLE" "$ALLOW_UNVERIFIED_TLS" "$STALL_TIMEOUT" 2>/dev/null || true
+    pyhost content-length "$1" "$CA_BUNDLE" "$ALLOW_UNVERIFIED_TLS" "$STALL_TIMEOUT" 2>/dev/null || true
 }
 
 # Without a size from the server: more than any asset so far.
@@ -184,7 +185,7 @@ room_message() { # DIR ASSET
 # binary unpacks into its tmp folder, the service's TMPDIR, and runs from
 # there), and the service user must be able to write that tmp folder.
 mount_of() { # PATH: the mount point holding PATH (bind mounts too, which df misnames)
-    pyhelp mount-of "$1" 2>/dev/null || true
+    pyhost mount-of "$1" 2>/dev/null || true
 }
 
 existing_parent() { # PATH: PATH, or its nearest folder that exists
@@ -260,7 +261,7 @@ check_service_tmp() {
     own_like_install "$tmp" 2>/dev/null || true
     why=""
     if [ "$LAYOUT" = systemd ] && [ -n "$SVC_USER" ] && [ "$(id -u)" -eq 0 ]; then
-        why=$(pyhelp user-can-write "$SVC_USER" "$tmp" 2>&1) || why=${why:-not writable}
+        why=$(pyhost user-can-write "$SVC_USER" "$tmp" 2>&1) || why=${why:-not writable}
     fi
     [ "$made_tmp" = 0 ] || rmdir "$tmp" 2>/dev/null || true
     [ -n "$why" ] || return 0
@@ -272,15 +273,15 @@ python_path() {
     command -v "$PY" 2>/dev/null || err "'$PY' is needed but was not found (set PRINTER_CONNECTOR_PYTHON)"
 }
 
-# ---------------------------------------------------------- python helper
-# JSON, HTTP and zip work is done by the host's python3 (Klipper, Moonraker
-# and the K1 firmware all ship one); this is the one place it is written.
-PYHELPER='
-import json, os, re, shlex, ssl, sys, urllib.error, urllib.request, zipfile
-
-def die(msg, code=1):
-    sys.stderr.write(msg + "\n")
-    sys.exit(code)
+# ------------------------------------------------ before a binary is at hand
+# What is asked before any binary of ours is at hand is asked of the host's
+# python3 (Klipper, Moonraker and the K1 firmware all ship one): where an
+# installation is, from its unit file or init script (the Go connector's
+# too), split as systemd and sh do; the install disk's mount and whether the
+# service user can write there; an asset's size. Everything else in JSON or
+# over HTTP is the downloaded binary's (helper, below).
+PYHOST='
+import os, re, shlex, ssl, sys, urllib.error, urllib.request
 
 def content_length(url, cafile, insecure, stall):
     """The size of URL in KiB from a HEAD request, after redirects."""
@@ -338,50 +339,6 @@ def user_can_write(user, folder):
     _, status = os.waitpid(pid, 0)
     sys.exit(1 if status else 0)
 
-def get_json(url):
-    req = urllib.request.Request(url, headers={"User-Agent": "printer-connector-installer"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        return json.loads(resp.read().decode("utf-8"))
-
-
-def write_json(path, data):
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o600)
-    os.rename(tmp, path)
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-def parse_printers(text):
-    printers = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        parts = line.split("|")
-        if len(parts) not in (3, 4):
-            die("--printer wants \"ID|Name|URL\" or \"ID|Name|URL|UI_PORT\", got: %s" % line, 2)
-        try:
-            pid = int(parts[0])
-            entry = {"printer_id": pid, "name": parts[1], "base_url": parts[2].rstrip("/")}
-            if len(parts) == 4:
-                entry["ui_port"] = int(parts[3])
-        except ValueError:
-            die("--printer: the ID and UI_PORT must be numbers, got: %s" % line, 2)
-        if not entry["base_url"].startswith(("http://", "https://")):
-            die("--printer: the URL must start with http:// or https://, got: %s" % line, 2)
-        if not entry["name"]:
-            die("--printer: the name is empty in: %s" % line, 2)
-        printers.append(entry)
-    if not printers:
-        die("no printer given", 2)
-    return printers
 
 SYSTEMD_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "s": " "}
 
@@ -445,95 +402,50 @@ def init_var(path, name):
                 return words[0] if words else ""
     return ""
 
-def main(argv):
-    cmd, args = argv[0], argv[1:]
-    if cmd == "mount-of":
-        mount_of(args[0])
-    elif cmd == "user-can-write":
-        user_can_write(*args)
-    elif cmd == "content-length":
-        content_length(*args)
-    elif cmd == "write-config":
-        out, cloud_url, token, state_dir, printers = args
-        if not cloud_url.startswith(("http://", "https://")):
-            die("the cloud URL must start with http:// or https://, got: %s" % cloud_url, 2)
-        write_json(out, {"cloud_url": cloud_url.rstrip("/"), "pairing_token": token,
-                         "state_dir": state_dir, "moonraker": parse_printers(printers)})
-    elif cmd == "config-state":
-        try:
-            cfg = read_json(args[0])
-        except (OSError, ValueError):
-            print("unreadable")
-            return
-        if cfg.get("connector_id") and cfg.get("connector_secret") and not cfg.get("pairing_token"):
-            print("paired")
-        elif cfg.get("pairing_token"):
-            print("unpaired")
-        else:
-            print("invalid")
-    elif cmd == "config-get":
-        cfg = read_json(args[0])
-        if args[1] == "printer-urls":
-            for p in cfg.get("moonraker") or []:
-                print(p.get("base_url", "http://127.0.0.1:7125"))
-        else:
-            value = cfg.get(args[1])
-            print("" if value is None else value)
-    elif cmd == "config-set":
-        cfg = read_json(args[0])
-        cfg[args[1]] = args[2]
-        write_json(args[0], cfg)
-    elif cmd == "moonraker-ok":
-        try:
-            info = get_json(args[0].rstrip("/") + "/server/info")
-        except Exception as e:
-            die(str(e))
-        if "result" not in info:
-            die("unexpected answer: %r" % (info,))
-    elif cmd == "moonraker-version":
-        try:
-            print(get_json(args[0].rstrip("/") + "/server/info")["result"].get("moonraker_version", ""))
-        except Exception:
-            print("")
-    elif cmd == "print-state":
-        url = args[0].rstrip("/") + "/printer/objects/query?print_stats"
-        try:
-            print(get_json(url)["result"]["status"]["print_stats"]["state"])
-        except urllib.error.HTTPError as e:
-            # Moonraker answers but Klipper is not connected: nothing prints.
-            print("klippy-down" if e.code in (404, 503) else "unknown")
-        except Exception:
-            print("unreachable")
-    elif cmd == "release-info":
-        out, repo, version, asset = args
-        owner, name = repo.split("/", 1)
-        write_json(out, {"project_name": name, "project_owner": owner,
-                         "version": version, "asset_name": asset})
-        os.chmod(out, 0o644)
-    elif cmd == "release-info-get":
-        try:
-            print(read_json(args[0]).get(args[1], ""))
-        except (OSError, ValueError):
-            print("")
-    elif cmd == "unit-fields":
-        for value in unit_fields(args[0]):
-            print(value)
-    elif cmd == "init-var":
-        print(init_var(args[0], args[1]))
-    elif cmd == "zip-extract":
-        try:
-            with zipfile.ZipFile(args[0]) as z, open(args[2], "wb") as f:
-                f.write(z.read(args[1]))
-        except (OSError, KeyError, zipfile.BadZipFile) as e:
-            die(str(e))
-    else:
-        die("unknown helper command " + cmd, 2)
+def print_unit_fields(path):
+    for value in unit_fields(path):
+        print(value)
 
-main(sys.argv[1:])
+def print_init_var(path, name):
+    print(init_var(path, name))
+
+COMMANDS = {"unit-fields": print_unit_fields, "init-var": print_init_var, "mount-of": mount_of,
+            "user-can-write": user_can_write, "content-length": content_length}
+COMMANDS[sys.argv[1]](*sys.argv[2:])
 '
 
-pyhelp() {
-    "$PY" -c "$PYHELPER" "$@"
+pyhost() {
+    "$PY" -c "$PYHOST" "$@"
+}
+
+# ------------------------------------------------------------ the helper
+# The JSON and Moonraker work is the binary's (printer-connector installer
+# COMMAND): HELPER is the first binary that has it of those pick_helper is
+# given, the newly downloaded and verified one first (a release from before
+# it has none). A onefile binary unpacks itself in TMPDIR: STAGE, on the
+# install's disk.
+pick_helper() { # BINARY...
+    for candidate in "$@"; do
+        if [ -f "$candidate" ] && run_staged "$candidate" installer --help >/dev/null 2>&1; then
+            HELPER=$candidate
+            return 0
+        fi
+    done
+    return 1
+}
+
+helper() { # COMMAND ARGS...
+    [ -n "$HELPER" ] || err "internal: no binary to ask (pick_helper first)"
+    run_staged "$HELPER" installer "$@"
+}
+
+# (A subshell: sh keeps an assignment before a function call, or not.)
+run_staged() { # BIN ARGS...
+    (
+        TMPDIR=$STAGE
+        export TMPDIR
+        run_bin "$@"
+    )
 }
 
 # ----------------------------------------------------------- the binary
@@ -617,7 +529,7 @@ unit_path() { printf '%s/etc/systemd/system/%s.service\n' "$ROOT" "$SERVICE"; }
 # does; a Python in front of the artifact is skipped), and SVC_USER from its
 # User= line.
 parse_unit() {
-    fields=$(pyhelp unit-fields "$1") || return 1
+    fields=$(pyhost unit-fields "$1") || return 1
     SVC_USER=$(printf '%s\n' "$fields" | sed -n 1p)
     BIN=$(printf '%s\n' "$fields" | sed -n 2p)
     CONFIG=$(printf '%s\n' "$fields" | sed -n 3p)
@@ -627,8 +539,8 @@ parse_unit() {
 # Our init script and the Go connector's both name BIN= and CONFIG=, read
 # back with sh's quoting rules.
 parse_init() {
-    BIN=$(pyhelp init-var "$1" BIN) || return 1
-    CONFIG=$(pyhelp init-var "$1" CONFIG) || return 1
+    BIN=$(pyhost init-var "$1" BIN) || return 1
+    CONFIG=$(pyhost init-var "$1" CONFIG) || return 1
     [ -n "$BIN" ] && [ -n "$CONFIG" ]
 }
 
@@ -1067,8 +979,8 @@ asvc_remove() { # FILE
 refuse_if_printing() { # CONFIG
     [ "${FORCE:-0}" = 1 ] && return 0
     [ -f "$1" ] || return 0
-    for url in $(pyhelp config-get "$1" printer-urls); do
-        print_state=$(pyhelp print-state "$url")
+    for url in $(helper printer-urls "$1"); do
+        print_state=$(helper print-state "$url")
         case $print_state in
             printing | paused)
                 err "a print is $print_state on $url; try again when it is done (or pass --force)" ;;
@@ -1302,38 +1214,44 @@ swap_verified() { # NEWFILE VERSION ASSET
 release_info_path() { printf '%s/release_info.json\n' "$DIR"; }
 
 # Keeps release_info.json (read by Moonraker's update manager) true. Its
-# version is the release's name, which is the tag: vX.Y.Z.
+# version is the release's name, which is the tag: vX.Y.Z. Every value is a
+# word checked here, so the JSON needs no escaping (and no binary: a
+# rollback may be to one that cannot write it).
 release_info_set() { # VERSION ASSET
     [ "$LAYOUT" = systemd ] || return 0
-    pyhelp release-info "$(release_info_path)" "$REPO" "v${1#v}" "$2"
+    case $REPO/$1/$2 in
+        */*/*/*/* | *[!A-Za-z0-9._/+-]*) err "not a repository, version and asset: $REPO $1 $2" ;;
+    esac
+    printf '{\n  "project_name": "%s",\n  "project_owner": "%s",\n  "version": "v%s",\n  "asset_name": "%s"\n}\n' \
+        "${REPO#*/}" "${REPO%%/*}" "${1#v}" "$2" >"$(release_info_path).tmp" \
+        && chmod 644 "$(release_info_path).tmp" && mv -f "$(release_info_path).tmp" "$(release_info_path)" \
+        || return 1
     own_like_install "$(release_info_path)" || true
 }
 
-# The X.Y.Z in release_info.json (empty without one).
+# The X.Y.Z in release_info.json (empty without one, or without a binary
+# that can read it).
 release_info_version() {
-    v=$(pyhelp release-info-get "$(release_info_path)" version)
+    v=""
+    [ -z "$HELPER" ] || v=$(helper release-info-get "$(release_info_path)" version 2>/dev/null || true)
     printf '%s\n' "${v#v}"
 }
 
-# The release asset this installation runs: from release_info.json, else by
-# architecture (systemd) or by kind (K1: a native binary or the .pyz).
+# The release asset this installation runs: by architecture (systemd, named
+# so: the file Moonraker's update manager replaces) or by kind (K1: a native
+# binary or the .pyz).
 current_asset() {
-    a=""
-    [ ! -f "$(release_info_path)" ] || a=$(pyhelp release-info-get "$(release_info_path)" asset_name)
-    if [ -z "$a" ]; then
-        if [ "$LAYOUT" = k1 ] && ! is_native "$BIN"; then
-            a=printer-connector.pyz
-        else
-            a=printer-connector-linux-$(detect_arch)
-        fi
+    if [ "$LAYOUT" = k1 ] && ! is_native "$BIN"; then
+        echo printer-connector.pyz
+    else
+        echo "printer-connector-linux-$(detect_arch)"
     fi
-    printf '%s\n' "$a"
 }
 
 # The K1's firmware Python has no usable certificate store; the connector's
 # .pyz carries certifi's, which verifies later downloads (update.sh).
 k1_ca_bundle() { # PYZ
-    if pyhelp zip-extract "$1" certifi/cacert.pem "$DIR/ca-bundle.pem.tmp" 2>/dev/null; then
+    if run_staged "$1" installer ca-bundle "$DIR/ca-bundle.pem.tmp" 2>/dev/null; then
         mv -f "$DIR/ca-bundle.pem.tmp" "$DIR/ca-bundle.pem"
     else
         rm -f "$DIR/ca-bundle.pem.tmp"
@@ -1346,8 +1264,8 @@ pair_once() {
     say "pairing with the cloud"
     rc=0
     run_bin "$BIN" --config "$CONFIG" --log-level "$LOG_LEVEL" --once >"$STAGE/pair.log" 2>&1 || rc=$?
-    if [ "$(pyhelp config-state "$CONFIG")" = paired ]; then
-        say "paired: connector id $(pyhelp config-get "$CONFIG" connector_id)"
+    if [ "$(helper config-state "$CONFIG" 2>/dev/null)" = paired ]; then
+        say "paired: connector id $(helper config-get "$CONFIG" connector_id)"
         [ "$rc" -eq 0 ] || warn "paired, but the first round reported a problem (exit $rc); the service will retry"
         return 0
     fi
@@ -1379,12 +1297,12 @@ gather_answers() {
 # Every printer's Moonraker must answer before anything is written.
 check_moonrakers() { # PRINTERS lines or a CONFIG path
     if [ -f "$1" ]; then
-        urls=$(pyhelp config-get "$1" printer-urls)
+        urls=$(helper printer-urls "$1")
     else
         urls=$(printf '%s\n' "$1" | cut -d '|' -f 3)
     fi
     for url in $urls; do
-        pyhelp moonraker-ok "$url" 2>"$STAGE/moonraker.err" \
+        helper moonraker-ok "$url" 2>"$STAGE/moonraker.err" \
             || err "Moonraker does not answer at $url ($(tail -n 1 "$STAGE/moonraker.err")); is it running?"
         say "Moonraker answers at $url"
     done
@@ -1437,27 +1355,44 @@ stage_artifact() { # ASSETS...
     err "release $NEW_VERSION has no artifact that runs here (tried: $*)"
 }
 
+# The Go connector's paired config (CONFIG_FROM, update.sh), copied to
+# CONFIG with our state folder once the new binary can read it.
+adopt_config() { # OLD_CONFIG
+    [ "$(helper config-state "$1" 2>/dev/null)" = paired ] \
+        || err "the old connector's $1 is not paired; install with install-k1.sh instead"
+    refuse_if_printing "$1"
+    cp "$1" "$CONFIG.tmp"
+    helper config-set "$CONFIG.tmp" state_dir "$DIR/state"
+    mv -f "$CONFIG.tmp" "$CONFIG"
+}
+
 # The shared installer. The caller sets LAYOUT, DIR, BIN, CONFIG, SVC_USER,
 # the OPT_* flags and the answers, and STAGE (scratch inside DIR).
 install_connector() { # ASSETS...
     check_path "the install folder" "$DIR"
     check_path "--config" "$CONFIG"
     if [ -f "$BIN" ] && [ -z "$LEGACY_INIT" ] && service_installed; then recover_interrupted; else sweep_stale; fi
+    # A new config's answers come first; what an existing config holds is
+    # for the downloaded binary to read, once it is verified.
+    [ -f "$CONFIG" ] || [ -n "${CONFIG_FROM:-}" ] || gather_answers
+    check_service_tmp
+    stage_artifact "$@"
+    pick_helper "$NEW" "$BIN" || err "$NEW_ASSET $NEW_VERSION cannot read configs (printer-connector installer); use a newer release"
+    [ -z "${CONFIG_FROM:-}" ] || adopt_config "$CONFIG_FROM"
     CONFIG_STATE=absent
-    [ ! -f "$CONFIG" ] || CONFIG_STATE=$(pyhelp config-state "$CONFIG")
+    [ ! -f "$CONFIG" ] || CONFIG_STATE=$(helper config-state "$CONFIG" 2>"$STAGE/config.err")
     case $CONFIG_STATE in
         paired)
             say "$CONFIG is paired already: upgrading in place, no new pairing"
             [ -z "$TOKEN" ] || warn "ignoring --pairing-token: already paired (uninstall.sh --config-only removes the pairing)"
             check_moonrakers "$CONFIG"
             [ ! -f "$BIN" ] || refuse_if_printing "$CONFIG" ;;
-        unpaired | absent)
+        unpaired)
             gather_answers
             check_moonrakers "$PRINTERS" ;;
-        *) err "$CONFIG exists but is not a connector config ($CONFIG_STATE); move it away first" ;;
+        absent) check_moonrakers "$PRINTERS" ;;
+        *) err "$CONFIG exists but is not a connector config ($(tail -n 1 "$STAGE/config.err")); move it away first" ;;
     esac
-    check_service_tmp
-    stage_artifact "$@"
 
     if [ "$CONFIG_STATE" = paired ] && [ -f "$BIN" ] && [ -z "$LEGACY_INIT" ] && service_installed; then
         upgrade_in_place
@@ -1469,7 +1404,7 @@ install_connector() { # ASSETS...
     [ "$LAYOUT" != k1 ] || [ "$NEW_ASSET" != printer-connector.pyz ] || k1_ca_bundle "$BIN"
     if [ "$CONFIG_STATE" != paired ]; then
         mkdir -p "$(dirname "$CONFIG")"
-        pyhelp write-config "$CONFIG.tmp" "$CLOUD_URL" "$TOKEN" "$DIR/state" "$PRINTERS"
+        helper write-config "$CONFIG.tmp" "$CLOUD_URL" "$TOKEN" "$DIR/state" "$PRINTERS"
         mv -f "$CONFIG.tmp" "$CONFIG"
         pair_once
     fi
@@ -1576,6 +1511,7 @@ do_check() {
 # Reports an installed binary whose version disagrees with release_info.json
 # (e.g. after an update through Moonraker went wrong).
 do_doctor() {
+    pick_helper "$BIN" || true
     problems=0
     say "binary: $BIN reports ${CURRENT_VERSION:-nothing (it does not run)}"
     [ -n "$CURRENT_VERSION" ] || problems=1
@@ -1613,7 +1549,6 @@ do_update() {
         say "printer-connector $CURRENT_VERSION is up to date"
         return 0
     fi
-    refuse_if_printing "$CONFIG"
     say "updating ${CURRENT_VERSION:-unknown} -> $target"
     asset=$(current_asset)
     disk_fits_asset "$asset" || err "$DISK_PROBLEM; nothing was changed"
@@ -1622,6 +1557,11 @@ do_update() {
     fetch_asset "$STAGE" "$target" "$asset"
     got=$(bin_version "$STAGE/$asset" || true)
     [ "$got" = "$target" ] || err "the downloaded $asset reports '${got:-nothing}' instead of $target; nothing was changed"
+    # Asked of the new binary, or of the installed one for a release before
+    # the installer commands.
+    pick_helper "$STAGE/$asset" "$BIN" \
+        || [ "${FORCE:-0}" = 1 ] || err "neither $target nor the installed binary can ask Moonraker whether a print runs; pass --force to go on anyway"
+    refuse_if_printing "$CONFIG"
     swap_verified "$STAGE/$asset" "$target" "$asset"
     say "updated to $target; the previous binary is kept in $(backup_path 1)"
 }
@@ -1652,8 +1592,8 @@ install_moonraker_entries() {
     conf_dir=$(moonraker_conf_dir)
     conf=$conf_dir/moonraker.conf
     [ -f "$conf" ] || { warn "no $conf: not registering with Moonraker's update manager"; return 0; }
-    url=$(pyhelp config-get "$CONFIG" printer-urls | head -n 1)
-    mr_version=$(pyhelp moonraker-version "$url")
+    url=$(helper printer-urls "$CONFIG" | head -n 1)
+    mr_version=$(helper moonraker-version "$url")
     if moonraker_too_old "$mr_version"; then
         warn "Moonraker $mr_version is older than 0.10.0, whose update manager first takes 'type: executable':"
         warn "not registering with it (update printer-connector with update.sh; update Moonraker and run this installer again to add it)"

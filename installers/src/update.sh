@@ -32,11 +32,8 @@ EOT
 # script of its own. Switch to our layout, keeping its paired config; the
 # install steps are the installer's, with no new pairing.
 migrate_legacy_k1() {
-    old_config=$CONFIG
-    [ "$(pyhelp config-state "$old_config")" = paired ] \
-        || err "the old connector's $old_config is not paired; install with install-k1.sh instead"
+    CONFIG_FROM=$CONFIG
     say "found the Go connector ($BIN, $LEGACY_INIT): switching to this connector, keeping its pairing"
-    refuse_if_printing "$old_config"
     # Its install had no CA bundle: same as a first install on a K1.
     ALLOW_UNVERIFIED_TLS=1
     DIR=$ROOT/usr/data/printer-connector
@@ -46,9 +43,6 @@ migrate_legacy_k1() {
     make_install_dir "$DIR"
     STAGE=$(mktemp -d "$DIR/.stage.XXXXXX")
     remove_on_exit "$STAGE"
-    cp "$old_config" "$CONFIG.tmp"
-    pyhelp config-set "$CONFIG.tmp" state_dir "$DIR/state"
-    mv -f "$CONFIG.tmp" "$CONFIG"
     TOKEN=""
     OPT_BIN=""
     LOG_LEVEL=info
@@ -57,7 +51,7 @@ migrate_legacy_k1() {
     else
         install_connector printer-connector.pyz
     fi
-    say "the old files in $(dirname "$old_config") can be deleted"
+    say "the old files in $(dirname "$CONFIG_FROM") can be deleted"
 }
 
 main() {

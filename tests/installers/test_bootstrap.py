@@ -3,12 +3,13 @@ fetches) and installers/bootstrap.sh: they run NAME.sh as a release
 publishes it, checked against that release's SHA256SUMS, with the caller's
 arguments."""
 
+import re
 import shutil
 import subprocess
 
 import pytest
 
-from installer_fixtures import (PYZ, SHELLS, SOURCES, bootstrap_env, config_of, install_args, installer_assets,
+from installer_fixtures import (PYZ, REPO, SHELLS, SOURCES, bootstrap_env, config_of, install_args, installer_assets,
                                 publish_connector, stock_k1_path)
 
 
@@ -114,3 +115,15 @@ def test_bootstrap_refuses_an_unknown_script(sandbox):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert result.returncode == 1
     assert b"no installer is named 'rm.sh'" in result.stdout
+
+
+def test_a_release_script_installs_its_own_release_not_the_latest(sandbox, tmp_path, cloud, printer, release):
+    own = re.search(r'^__version__ = "([^"]+)"', (REPO / "connector.py").read_text(), re.M).group(1)
+    subprocess.run(["sh", str(REPO / "build/build-installers.sh"), "--release", str(tmp_path / "assets")],
+                   check=True, stdout=subprocess.DEVNULL)
+    publish_connector(release, own, tmp_path, latest=False)
+    publish_connector(release, "99.0.0", tmp_path)
+    result = sandbox.run("dash", tmp_path / "assets/install-klipper.sh", *install_args(cloud, printer))
+    assert result.returncode == 0, result.output
+    assert "installed printer-connector %s" % own in result.output
+    assert "/latest/download/VERSION" not in release.requests
