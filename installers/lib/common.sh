@@ -1159,13 +1159,16 @@ recover_interrupted() {
     fi
 }
 
-# Whether the service's latest start runs VERSION and has sent a heartbeat
-# (its "Connector running" line names the version).
+# Whether the service's latest start runs VERSION and has sent a heartbeat:
+# after the update guard's last line (it runs before every start of an
+# update not confirmed yet), a "Connector running" line naming the version
+# and a heartbeat, in either order (the loops start before that line).
 runs_healthy() { # VERSION
     svc_running || return 1
     LOG_MARK=0
     svc_log | awk -v want="version=$1" '
-        /msg="Connector running"/ { ok = 0; beat = 0; for (i = 1; i <= NF; i++) if ($i == want) ok = 1 }
+        /^update guard: / { ok = 0; beat = 0 }
+        /msg="Connector running"/ { ok = 0; for (i = 1; i <= NF; i++) if ($i == want) ok = 1 }
         /msg="Heartbeat sent"/ { beat = 1 }
         END { exit !(ok && beat) }'
 }

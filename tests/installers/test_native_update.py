@@ -224,3 +224,32 @@ def test_update_gives_the_service_user_back_a_tmpdir_it_cannot_write(sandbox, cl
     assert result.returncode == 0, result.output
     assert os.stat(tmp).st_uid == os.stat(sandbox.klipper_dir).st_uid
     cloud.wait_for(lambda: heartbeat_from(cloud, config["connector_id"], new), 20, "a heartbeat from " + new)
+
+
+def test_update_is_refused_where_the_static_binary_could_not_unpack_and_run(sandbox, cloud, printer, release,
+                                                                            static_releases, tmp_path):
+    """The premise of the noexec check, with the real binary: from a noexec
+    TMPDIR it cannot run at all (staticx execs what it unpacked), so
+    update.sh refuses before anything changes and the old one runs on."""
+    (old, old_data), (new, new_data) = static_releases
+    install_static(sandbox, cloud, printer, release, old, old_data, "dash")
+    pid = sandbox.service_pid()
+    noexec = tmp_path / "noexec"
+    noexec.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,noexec", "tmpfs", str(noexec)], check=True)
+    try:
+        probe = subprocess.run([str(sandbox.klipper_bin), "--version"], env=dict(sandbox.env, TMPDIR=str(noexec)),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        assert probe.returncode != 0 and b"Permission denied" in probe.stdout, probe.stdout
+        tmp = sandbox.klipper_dir / "tmp"
+        subprocess.run(["mount", "--bind", str(noexec), str(tmp)], check=True)
+        release.publish(new, {host_asset(): new_data})
+        result = sandbox.run("dash", "update.sh")
+        assert result.returncode == 1, result.output
+        assert "%s is on a file system mounted noexec" % tmp in result.output
+        assert sandbox.klipper_bin.read_bytes() == old_data and sandbox.service_pid() == pid
+    finally:
+        sandbox.cleanup()
+        subprocess.run(["umount", "-l", str(sandbox.klipper_dir / "tmp")], check=False)
+        subprocess.run(["umount", "-l", str(noexec)], check=False)
+
