@@ -51,7 +51,8 @@ fetch_settings() {
 # ------------------------------------------------------ python downloader
 # Where there is neither curl nor a wget that checks certificates, the
 # host's python3 downloads (Klipper, Moonraker and the K1 firmware all ship
-# one), and computes SHA256 where no sha256sum or shasum is found.
+# one), and computes SHA256 where no sha256sum or shasum is found; it also
+# asks an asset's size (a HEAD request, whatever the downloader).
 PYFETCH='
 import hashlib, ssl, sys, time, urllib.error, urllib.request
 
@@ -59,14 +60,14 @@ def die(msg, code=1):
     sys.stderr.write(msg + "\n")
     sys.exit(code)
 
-def opener(url, timeout, cafile="", insecure=False):
+def opener(url, timeout, cafile="", insecure=False, method="GET"):
     ctx = None
     if url.startswith("https:"):
         if insecure:
             ctx = ssl._create_unverified_context()
         else:
             ctx = ssl.create_default_context(cafile=cafile or None)
-    req = urllib.request.Request(url, headers={"User-Agent": "printer-connector-installer"})
+    req = urllib.request.Request(url, method=method, headers={"User-Agent": "printer-connector-installer"})
     return urllib.request.urlopen(req, timeout=timeout, context=ctx)
 
 def download(url, out, cafile, mode, stall, total):
@@ -100,7 +101,26 @@ def sha256(path):
             h.update(block)
     print(h.hexdigest())
 
-{"download": download, "sha256": sha256}[sys.argv[1]](*sys.argv[2:])
+def content_length(url, cafile, insecure, stall):
+    """The size of URL in KiB from a HEAD request, after redirects; nothing
+    if the server does not say (or cannot be asked)."""
+    def head(unverified):
+        with opener(url, float(stall), cafile, unverified, "HEAD") as resp:
+            return resp.getheader("Content-Length", "")
+    try:
+        try:
+            length = head(False)
+        except (ssl.SSLCertVerificationError, urllib.error.URLError) as e:
+            verify_failed = isinstance(getattr(e, "reason", e), ssl.SSLCertVerificationError)
+            if not (verify_failed and insecure == "1"):
+                raise
+            length = head(True)
+    except (OSError, ValueError, ssl.SSLError):
+        return
+    if length.isdigit():
+        print(int(length) // 1024 + 1)
+
+{"download": download, "sha256": sha256, "content-length": content_length}[sys.argv[1]](*sys.argv[2:])
 '
 pyfetch() { "$PY" -c "$PYFETCH" "$@"; }
 

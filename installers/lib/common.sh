@@ -131,7 +131,7 @@ free_kib() { # DIR: KiB free for an ordinary user (0 if df cannot tell)
 # download, the size is asked unverified: it only decides whether to go on,
 # and the SHA256 check still applies to the file.)
 remote_kib() { # URL
-    pyhost content-length "$1" "$CA_BUNDLE" "$ALLOW_UNVERIFIED_TLS" "$STALL_TIMEOUT" 2>/dev/null || true
+    pyfetch content-length "$1" "$CA_BUNDLE" "$ALLOW_UNVERIFIED_TLS" "$STALL_TIMEOUT" 2>/dev/null || true
 }
 
 # Without a size from the server: more than any asset so far.
@@ -278,32 +278,11 @@ python_path() {
 # python3 (Klipper, Moonraker and the K1 firmware all ship one): where an
 # installation is, from its unit file or init script (the Go connector's
 # too), split as systemd and sh do; the install disk's mount and whether the
-# service user can write there; an asset's size. Everything else in JSON or
-# over HTTP is the downloaded binary's (helper, below).
+# service user can write there (an asset's size is asked with the downloads,
+# pyfetch). Everything else in JSON or over HTTP is the downloaded binary's
+# (helper, below).
 PYHOST='
-import os, re, shlex, ssl, sys, urllib.error, urllib.request
-
-def content_length(url, cafile, insecure, stall):
-    """The size of URL in KiB from a HEAD request, after redirects."""
-    def head(unverified):
-        ctx = None
-        if url.startswith("https:"):
-            ctx = ssl._create_unverified_context() if unverified else ssl.create_default_context(cafile=cafile or None)
-        req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "printer-connector-installer"})
-        with urllib.request.urlopen(req, timeout=float(stall), context=ctx) as resp:
-            return resp.getheader("Content-Length", "")
-    try:
-        try:
-            length = head(False)
-        except (ssl.SSLCertVerificationError, urllib.error.URLError) as e:
-            verify_failed = isinstance(getattr(e, "reason", e), ssl.SSLCertVerificationError)
-            if not (verify_failed and insecure == "1"):
-                raise
-            length = head(True)
-    except (OSError, ValueError, ssl.SSLError):
-        return
-    if length.isdigit():
-        print(int(length) // 1024 + 1)
+import os, re, shlex, sys
 
 def mount_of(path):
     """The longest mount point in /proc/self/mounts holding PATH."""
@@ -410,7 +389,7 @@ def print_init_var(path, name):
     print(init_var(path, name))
 
 COMMANDS = {"unit-fields": print_unit_fields, "init-var": print_init_var, "mount-of": mount_of,
-            "user-can-write": user_can_write, "content-length": content_length}
+            "user-can-write": user_can_write}
 COMMANDS[sys.argv[1]](*sys.argv[2:])
 '
 
