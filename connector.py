@@ -131,6 +131,7 @@ EXCHANGES = {
     "webcam_upload": ExchangeLimits(5.0, 60.0, None),
     "transfer": ExchangeLimits(5.0, 300.0, None),  # a file or a backup, either way (Moonraker takes its time)
     "websocket_handshake": ExchangeLimits(5.0, 5.0, 15.0),  # connect, TLS, the upgrade
+    "installer_question": ExchangeLimits(5.0, 5.0, 10.0),  # `installer moonraker-ok` and the like: an installer waits
 }
 TRANSFER_BASE_SECONDS = 60.0  # a transfer's handshakes and the peer's work
 MIN_TRANSFER_RATE = 50 * 1024  # bytes per second
@@ -6178,7 +6179,6 @@ class Doctor:
 # their shell: `printer-connector installer COMMAND ARGS`, answers one a line
 # on stdout, a reason on stderr, exit 1 for a failure and 2 for bad input.
 
-INSTALLER_TIMEOUT = 5.0  # seconds for each question to Moonraker
 # Moonraker answers, but Klipper is not connected: nothing prints.
 KLIPPY_DOWN_STATUSES = (404, 503)
 
@@ -6246,8 +6246,7 @@ def raw_config(path: str) -> Dict[str, Any]:
 def ask_moonraker(url: str, path: str) -> Any:
     moonraker = Moonraker(PrinterConfig(base_url=url.rstrip("/")), Logger("error", sys.stderr), user_agent())
     try:
-        return moonraker.call("GET", path, timeout=(INSTALLER_TIMEOUT, INSTALLER_TIMEOUT),
-                              deadline=INSTALLER_TIMEOUT * 2)
+        return moonraker.call("GET", path, **exchange_limits("installer_question"))
     finally:
         moonraker.close()
 

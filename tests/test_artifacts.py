@@ -548,7 +548,7 @@ def test_build_scripts_pass_shellcheck_and_parse_in_every_shell():
 # The integration tests of connector.py honour CONNECTOR_CMD (a shell-quoted
 # command in place of `python connector.py`): the ones of pairing, heartbeats,
 # commands and SIGTERM run against each artifact.
-INTEGRATION_FILES = ["test_pairing.py", "test_loops.py", "test_commands.py"]
+INTEGRATION_FILES = ["test_pairing.py", "test_loops.py", "test_actions.py"]
 INTEGRATION_SUBSET = "pairing or heartbeat or command or sigterm"
 
 
@@ -564,9 +564,9 @@ def test_integration_subset_passes_with_the_artifact(artifact):
             subset = "(%s) and not test_pairing_sends_the_device_and_printers" % subset
     else:
         command = "%s %s" % (shlex.quote(python38()), shlex.quote(PYZ))
-    files = [os.path.join(REPO, "tests", name) for name in INTEGRATION_FILES
-             if os.path.isfile(os.path.join(REPO, "tests", name))]
-    assert files, "none of the integration test files %s exists" % INTEGRATION_FILES
+    files = [os.path.join(REPO, "tests", name) for name in INTEGRATION_FILES]
+    missing = [name for name, path in zip(INTEGRATION_FILES, files) if not os.path.isfile(path)]
+    assert not missing, "integration test files named here do not exist: %s" % missing
     env = dict(os.environ, CONNECTOR_CMD=command)
     # Two workers (pytest-xdist): the subset's tests mostly wait on the connector.
     out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "-m", "not artifacts",
