@@ -786,6 +786,10 @@ class ReferenceCloud(Recorder):
         with self._lock:
             self._fault_hits = []
 
+    def faults_on(self):
+        """The endpoints (None: every endpoint) with a fault switched on."""
+        return self._faults.keys()
+
     def clear_faults(self):
         self._faults.clear()
         with self._lock:

@@ -4,6 +4,7 @@ per session on loopback, and connectors run as real processes against them
 
 import os
 import sys
+import warnings
 
 import pytest
 from hypothesis import settings
@@ -71,6 +72,10 @@ def klipper_rig(tmp_path_factory):
 
 @pytest.fixture
 def cloud(cloud_server):
+    leftover = cloud_server.faults_on()
+    if leftover:  # a test outside this fixture switched them on: say so, and do not let them spill here
+        cloud_server.clear_faults()
+        warnings.warn("faults left on the shared reference cloud by an earlier test: %s" % leftover)
     cloud_server.forget_fault_hits()  # counts of earlier tests' faults would satisfy this one's waits
     yield cloud_server
     cloud_server.clear_faults()
