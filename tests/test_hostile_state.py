@@ -18,6 +18,7 @@ import tracemalloc
 import pytest
 
 import connector
+from fakes import AnsweringClients, FakeCloud
 
 
 @pytest.fixture
@@ -363,18 +364,6 @@ def test_a_0_1_0_ledger_full_of_results_loads_small_and_is_compacted(tmp_path, l
 
 # -- item 1: commands refused at the door ----------------------------------------
 
-class FakeCloud:
-    def __init__(self):
-        self.completed = []
-
-    def complete(self, command_id, body):
-        self.completed.append((command_id, body))
-        return True
-
-    def push_snapshots(self, batch):
-        pass
-
-
 class CloudOnly:
     """The clients of a lane whose commands never reach a printer."""
 
@@ -612,26 +601,6 @@ def test_a_ledger_hard_linked_to_another_file_is_moved_aside_not_written(tmp_pat
     ledger.start("1", "pause", 1)
     assert ledger.get("planted") is None and other.read_bytes() == pause_done("planted")
     assert os.lstat(str(ledger_path(tmp_path))).st_nlink == 1
-
-
-class AnsweringMoonraker:
-    def __init__(self, answer):
-        self.answer = answer
-
-    def call(self, method, path, **kwargs):
-        return self.answer
-
-    def query_status(self):
-        raise connector.HttpError("no status in this test")
-
-
-class AnsweringClients:
-    def __init__(self, answer):
-        self.cloud = FakeCloud()
-        self.answer = AnsweringMoonraker(answer)
-
-    def moonraker(self, printer):
-        return self.answer
 
 
 def test_a_result_nested_as_deep_as_moonraker_may_answer_is_recorded_so_it_loads_again(tmp_path, log):

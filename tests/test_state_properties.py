@@ -12,6 +12,7 @@ import threading
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import connector
+from fakes import AnsweringClients, FakeCloud
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -140,41 +141,6 @@ def test_load_config_gives_a_config_or_one_config_error_for_any_bytes(raw):
             assert "\n" not in str(exc)
 
 
-class FakeCloud:
-    def __init__(self):
-        self.completed = []
-
-    def complete(self, command_id, body):
-        assert isinstance(command_id, str) and len(command_id) <= connector.COMMAND_ID_MAX_CHARS
-        json.dumps(body)  # whatever is sent can be encoded
-        self.completed.append((command_id, body))
-        return True
-
-
-class FakeMoonraker:
-    """Answers every call with a value hypothesis chose; no status for snapshots."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.calls = 0
-
-    def call(self, method, path, **kwargs):
-        self.calls += 1
-        return self.answer
-
-    def query_status(self):
-        raise connector.HttpError("no status in this test")
-
-
-class FakeClients:
-    def __init__(self, answer):
-        self.cloud = FakeCloud()
-        self.fake = FakeMoonraker(answer)
-
-    def moonraker(self, printer):
-        return self.fake
-
-
 class FakeAgent:
     def __init__(self, state_dir):
         self.config = connector.Config(path=os.path.join(state_dir, "config.json"), cloud_url="http://127.0.0.1:9",
@@ -207,7 +173,7 @@ def test_any_command_list_is_handled_within_bounds_and_reloads(polled, answer):
     with TempDir() as state_dir:
         agent = FakeAgent(state_dir)
         runner = command_runner(agent)
-        clients = FakeClients(answer)
+        clients = AnsweringClients(answer)
         for raw in polled:
             runner.dispatch(clients, raw)
         runner.flush(clients.cloud)
@@ -220,7 +186,7 @@ def test_any_command_list_is_handled_within_bounds_and_reloads(polled, answer):
             if command_id is not None:
                 assert again.get(command_id) is not None
         restarted = FakeAgent(state_dir)
-        clients = FakeClients(answer)
+        clients = AnsweringClients(answer)
         for raw in polled:  # all delivered again after a restart: nothing runs twice
             command_runner(restarted).dispatch(clients, raw)
-        assert clients.fake.calls == 0
+        assert clients.moonraker_fake.calls == 0
