@@ -5424,7 +5424,8 @@ POLLING_FIELDS = (("commands_seconds", "poll_commands_seconds"), ("snapshots_sec
 def read_registration(answer: Any) -> Registration:
     """The checked registration; BadResponse names the first thing wrong."""
     if not isinstance(answer, dict):
-        raise BadResponse("register: expected a JSON object, got %s" % type(answer).__name__)
+        size = " of %d items" % len(answer) if isinstance(answer, list) else ""
+        raise BadResponse("register: expected a JSON object, got %s%s" % (type(answer).__name__, size))
     connector = answer.get("connector")
     credentials = answer.get("credentials")
     connector_id = normalize_command_id(connector.get("id")) if isinstance(connector, dict) else None
