@@ -2533,11 +2533,6 @@ def snapshot_keepalive_of(response: HttpResponse) -> Optional[float]:
     return min(value, SNAPSHOT_KEEPALIVE_MAX) if value > 0 else None
 
 
-def long_poll_deadline(wait: float) -> float:
-    """A held poll's deadline: the hold, then an ordinary answer's time."""
-    return exchange_limits("held_poll", hold=wait)["deadline"]
-
-
 class Cloud:
     def __init__(self, config: Config, log: Logger):
         self.config = config

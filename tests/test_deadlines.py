@@ -18,7 +18,7 @@ MARGIN = 10.0  # a poll interval, a backoff step and a loaded machine
 def test_a_cloud_trickling_the_commands_answer_holds_the_commands_loop_only_until_the_deadline(cloud, paired):
     # The reference cloud speaks long-poll: the trickled answer is a held
     # poll's, whose deadline allows for the hold.
-    deadline = agent.long_poll_deadline(agent.LONG_POLL_WAIT_SECONDS)
+    deadline = agent.exchange_limits("held_poll", hold=agent.LONG_POLL_WAIT_SECONDS)["deadline"]
     cloud.set_fault("trickle", endpoint="commands", count=1)
     cloud.wait_for(lambda: any(h["mode"] == "trickle" for h in cloud.fault_hits), timeout=20)
     trickle_started = time.monotonic()

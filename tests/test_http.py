@@ -444,7 +444,6 @@ def test_every_kind_of_exchange_has_a_finite_deadline_no_shorter_than_its_connec
 def test_a_held_poll_gets_its_hold_on_its_read_timeout_and_its_deadline():
     plain, held = connector.exchange_limits("held_poll"), connector.exchange_limits("held_poll", hold=25)
     assert held["timeout"][1] == plain["timeout"][1] + 25 and held["deadline"] == plain["deadline"] + 25
-    assert connector.long_poll_deadline(25) == held["deadline"]
 
 
 def test_a_transfer_gets_the_deadline_of_its_size():
